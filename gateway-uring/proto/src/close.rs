@@ -1,0 +1,20 @@
+//! WebSocket close codes sent by the gateway. 1xxx are RFC 6455 codes, 4xxx are SAI-IM's own.
+
+/// Normal closure (client asked, or server shutdown of an idle connection).
+pub const NORMAL: u16 = 1000;
+/// The server is shutting down.
+pub const GOING_AWAY: u16 = 1001;
+/// The peer broke RFC 6455 (unmasked client frame, reserved bits, bad fragmentation, ...).
+pub const PROTOCOL_ERROR: u16 = 1002;
+/// A text frame that is not valid UTF-8.
+pub const INVALID_PAYLOAD: u16 = 1007;
+/// A frame or message larger than the configured limit.
+pub const MESSAGE_TOO_BIG: u16 = 1009;
+/// The server hit an internal error it cannot recover this connection from.
+pub const INTERNAL_ERROR: u16 = 1011;
+/// Another connection of the same user logged in and replaced this one (exclusive login).
+pub const REPLACED: u16 = 4001;
+/// No traffic for the idle timeout.
+pub const IDLE_TIMEOUT: u16 = 4002;
+/// The client fell too far behind: its outbound queue overflowed. It should reconnect and sync.
+pub const SLOW_CONSUMER: u16 = 4003;

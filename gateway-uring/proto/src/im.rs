@@ -1,0 +1,530 @@
+//! The SAI-IM frame protocol carried in WebSocket text messages.
+//!
+//! Every frame is a JSON object `{"frameType", "id", "ackSeq", "errMsg", "method", "formId", "data"}`
+//! with `frameType` 0 = data (the default when absent), 1 = ping, 2 = ack, 3 = data without ack,
+//! 9 = error. [`parse_request`] turns a client's text into a typed [`Request`] or a [`ProtoError`]
+//! carrying a stable [`ErrorCode`]; the `*_frame` functions build the server's frames.
+//! Message bodies (`msg`) stay raw JSON end to end: they are never parsed or re-encoded.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+
+/// `frameType` values.
+pub mod frame_type {
+    /// A data frame with a method.
+    pub const DATA: u8 = 0;
+    /// Application-level heartbeat.
+    pub const PING: u8 = 1;
+    /// Acknowledgement (server: message durable; client: push received).
+    pub const ACK: u8 = 2;
+    /// A data frame the sender wants no ack for.
+    pub const NO_ACK: u8 = 3;
+    /// An error.
+    pub const ERROR: u8 = 9;
+}
+
+/// Methods a client may call.
+pub mod method {
+    /// Send a message.
+    pub const CHAT: &str = "conversation.chat";
+    /// Fetch everything after the given per-conversation seqs.
+    pub const SYNC: &str = "conversation.sync";
+    /// Server-to-client message delivery.
+    pub const PUSH: &str = "push";
+}
+
+/// Conversation kinds (`chatType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatType {
+    /// `1`: a group conversation.
+    Group,
+    /// `2`: a one-to-one conversation.
+    Private,
+}
+
+impl ChatType {
+    /// The wire value.
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Self::Group => 1,
+            Self::Private => 2,
+        }
+    }
+
+    /// Parses the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Group),
+            2 => Some(Self::Private),
+            _ => None,
+        }
+    }
+}
+
+/// Stable error codes sent in `data.code` of error frames (and used by the HTTP API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The text is not a JSON object.
+    InvalidJson,
+    /// `frameType` is not 0, 1, 2 or 3.
+    UnknownFrameType,
+    /// `method` is absent or not one the server knows.
+    UnknownMethod,
+    /// A required field is absent.
+    MissingField,
+    /// A field has the wrong type or an invalid value.
+    InvalidField,
+    /// `recvId` names no user (or group).
+    RecipientNotFound,
+    /// `chatType` other than the supported ones.
+    UnsupportedChatType,
+    /// A binary WebSocket message; the protocol is JSON text.
+    UnsupportedMessageType,
+    /// A backend failed; the request may be retried.
+    Unavailable,
+    /// A bug on the server's side.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The stable snake_case string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::UnknownFrameType => "unknown_frame_type",
+            Self::UnknownMethod => "unknown_method",
+            Self::MissingField => "missing_field",
+            Self::InvalidField => "invalid_field",
+            Self::RecipientNotFound => "recipient_not_found",
+            Self::UnsupportedChatType => "unsupported_chat_type",
+            Self::UnsupportedMessageType => "unsupported_message_type",
+            Self::Unavailable => "service_unavailable",
+            Self::Internal => "internal_error",
+        }
+    }
+}
+
+/// A refused client frame: sent back as a `frameType` 9 error frame; the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoError {
+    /// The offending frame's `id`, when it could be read.
+    pub id: Option<String>,
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl ProtoError {
+    /// A new error.
+    pub fn new(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The error frame to send.
+    pub fn to_frame(&self) -> String {
+        error_frame(self.id.as_deref(), self.code, &self.message)
+    }
+}
+
+/// A validated `conversation.chat` payload.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// Private or group.
+    pub chat_type: ChatType,
+    /// Recipient user (private) or group id.
+    pub recv_id: String,
+    /// The client's id for this message; a resend with the same id is not stored twice.
+    pub client_msg_id: String,
+    /// The message body, an object, kept as raw JSON.
+    pub msg: Box<RawValue>,
+}
+
+/// A parsed client frame.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// `frameType` 1.
+    Ping,
+    /// `frameType` 2: the client received the push with this id.
+    Ack {
+        /// The push's id.
+        id: String,
+    },
+    /// `conversation.chat`.
+    Chat {
+        /// The frame id, echoed in the ack.
+        id: Option<String>,
+        /// False for `frameType` 3.
+        want_ack: bool,
+        /// The payload.
+        chat: ChatRequest,
+    },
+    /// `conversation.sync`: conversation id -> last seq the client has (empty: everything).
+    Sync {
+        /// The frame id, echoed in the reply.
+        id: Option<String>,
+        /// Known seqs.
+        conversations: BTreeMap<String, u64>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawFrame {
+    frame_type: Option<serde_json::Value>,
+    id: Option<serde_json::Value>,
+    method: Option<String>,
+    data: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawChat {
+    chat_type: Option<u8>,
+    recv_id: Option<String>,
+    client_msg_id: Option<String>,
+    msg: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct RawSync {
+    conversations: Option<BTreeMap<String, u64>>,
+}
+
+/// Longest accepted `id`, `recvId` or `clientMsgId`, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Parses one client text message.
+pub fn parse_request(text: &str) -> Result<Request, ProtoError> {
+    let raw: RawFrame = serde_json::from_str(text)
+        .map_err(|e| ProtoError::new(None, ErrorCode::InvalidJson, format!("invalid frame: {e}")))?;
+    let id = match raw.id {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s.len() <= MAX_ID_LEN => Some(s),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Some(_) => {
+            return Err(ProtoError::new(
+                None,
+                ErrorCode::InvalidField,
+                format!("id must be a string of at most {MAX_ID_LEN} bytes"),
+            ))
+        }
+    };
+    let frame_type = match raw.frame_type {
+        None | Some(serde_json::Value::Null) => frame_type::DATA,
+        Some(serde_json::Value::Number(n)) => match n.as_u64() {
+            Some(v) if v <= u8::MAX as u64 => v as u8,
+            _ => 255,
+        },
+        Some(_) => {
+            return Err(ProtoError::new(id, ErrorCode::InvalidField, "frameType must be a number"));
+        }
+    };
+    match frame_type {
+        frame_type::PING => Ok(Request::Ping),
+        frame_type::ACK => match id {
+            Some(id) => Ok(Request::Ack { id }),
+            None => Err(ProtoError::new(None, ErrorCode::MissingField, "ack frame needs an id")),
+        },
+        frame_type::DATA | frame_type::NO_ACK => {
+            let want_ack = frame_type == frame_type::DATA;
+            let Some(method) = raw.method else {
+                return Err(ProtoError::new(id, ErrorCode::UnknownMethod, "data frame needs a method"));
+            };
+            match method.as_str() {
+                method::CHAT => {
+                    let chat = parse_chat(id.as_ref(), raw.data.as_deref())?;
+                    Ok(Request::Chat { id, want_ack, chat })
+                }
+                method::SYNC => {
+                    let conversations = match raw.data {
+                        None => BTreeMap::new(),
+                        Some(d) => {
+                            let s: RawSync = serde_json::from_str(d.get()).map_err(|e| {
+                                ProtoError::new(id.clone(), ErrorCode::InvalidField, format!("data: {e}"))
+                            })?;
+                            s.conversations.unwrap_or_default()
+                        }
+                    };
+                    Ok(Request::Sync { id, conversations })
+                }
+                other => Err(ProtoError::new(
+                    id,
+                    ErrorCode::UnknownMethod,
+                    format!("unknown method {:?}", truncate(other, 64)),
+                )),
+            }
+        }
+        other => Err(ProtoError::new(
+            id,
+            ErrorCode::UnknownFrameType,
+            format!("unknown frameType {other}"),
+        )),
+    }
+}
+
+fn parse_chat(id: Option<&String>, data: Option<&RawValue>) -> Result<ChatRequest, ProtoError> {
+    let err = |code, m: String| ProtoError::new(id.cloned(), code, m);
+    let data = data.ok_or_else(|| err(ErrorCode::MissingField, "missing field data".into()))?;
+    let c: RawChat =
+        serde_json::from_str(data.get()).map_err(|e| err(ErrorCode::InvalidField, format!("data: {e}")))?;
+    let chat_type = c
+        .chat_type
+        .ok_or_else(|| err(ErrorCode::MissingField, "missing field data.chatType".into()))?;
+    let chat_type = ChatType::from_u8(chat_type)
+        .ok_or_else(|| err(ErrorCode::UnsupportedChatType, format!("unsupported chatType {chat_type}")))?;
+    let recv_id = c
+        .recv_id
+        .ok_or_else(|| err(ErrorCode::MissingField, "missing field data.recvId".into()))?;
+    let client_msg_id = c
+        .client_msg_id
+        .ok_or_else(|| err(ErrorCode::MissingField, "missing field data.clientMsgId".into()))?;
+    let msg = c
+        .msg
+        .ok_or_else(|| err(ErrorCode::MissingField, "missing field data.msg".into()))?;
+    for (name, v) in [("recvId", &recv_id), ("clientMsgId", &client_msg_id)] {
+        if v.is_empty() || v.len() > MAX_ID_LEN {
+            return Err(err(
+                ErrorCode::InvalidField,
+                format!("data.{name} must be 1 to {MAX_ID_LEN} bytes"),
+            ));
+        }
+    }
+    if !msg.get().trim_start().starts_with('{') {
+        return Err(err(ErrorCode::InvalidField, "data.msg must be an object".into()));
+    }
+    Ok(ChatRequest {
+        chat_type,
+        recv_id,
+        client_msg_id,
+        msg,
+    })
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
+}
+
+/// A message as delivered to a client (`data` of a push frame).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Push {
+    /// `si_<a>_<b>` for private chats (a < b), `sg_<groupId>` for groups.
+    pub conversation_id: String,
+    /// 1 group, 2 private.
+    pub chat_type: u8,
+    /// Sender.
+    pub send_id: String,
+    /// Recipient user or group.
+    pub recv_id: String,
+    /// Position in the conversation, from 1, gapless.
+    pub seq: u64,
+    /// Server-assigned id.
+    pub msg_id: String,
+    /// The sender's id for it.
+    pub client_msg_id: String,
+    /// Milliseconds since the Unix epoch, assigned when stored.
+    pub send_time: i64,
+    /// The body, as the sender sent it.
+    pub msg: Box<RawValue>,
+}
+
+/// `data` of the ack a sender gets once its message is durable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatAck {
+    /// Conversation the message went to.
+    pub conversation_id: String,
+    /// Its seq.
+    pub seq: u64,
+    /// Its server id.
+    pub msg_id: String,
+    /// When it was stored (ms since the epoch).
+    pub send_time: i64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutFrame<'a, T: Serialize> {
+    frame_type: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    err_msg: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<T>,
+}
+
+fn encode<T: Serialize>(f: OutFrame<'_, T>) -> String {
+    // Serializing these types cannot fail: no maps with non-string keys, no failing Serialize impls.
+    serde_json::to_string(&f).unwrap_or_else(|_| String::from("{\"frameType\":9}"))
+}
+
+/// `{"frameType":1}`: the answer to a ping.
+pub fn ping_frame() -> String {
+    String::from("{\"frameType\":1}")
+}
+
+/// `{"frameType":2,"id":..,"data":{..}}`.
+pub fn ack_frame<T: Serialize>(id: Option<&str>, data: &T) -> String {
+    encode(OutFrame {
+        frame_type: frame_type::ACK,
+        id,
+        method: None,
+        err_msg: None,
+        data: Some(data),
+    })
+}
+
+/// A data frame from the server: `{"frameType":0,"id":..,"method":..,"data":{..}}`.
+pub fn data_frame<T: Serialize>(id: Option<&str>, method: &str, data: &T) -> String {
+    encode(OutFrame {
+        frame_type: frame_type::DATA,
+        id,
+        method: Some(method),
+        err_msg: None,
+        data: Some(data),
+    })
+}
+
+/// `{"frameType":9,"id":..,"errMsg":..,"data":{"code":..}}`.
+pub fn error_frame(id: Option<&str>, code: ErrorCode, message: &str) -> String {
+    #[derive(Serialize)]
+    struct Code<'a> {
+        code: &'a str,
+    }
+    encode(OutFrame {
+        frame_type: frame_type::ERROR,
+        id,
+        method: None,
+        err_msg: Some(message),
+        data: Some(Code { code: code.as_str() }),
+    })
+}
+
+/// A client's frame, as the load generator and tests see the server's frames.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerFrame {
+    /// frameType.
+    pub frame_type: u8,
+    /// id.
+    pub id: Option<String>,
+    /// method.
+    pub method: Option<String>,
+    /// errMsg.
+    pub err_msg: Option<String>,
+    /// data, unparsed.
+    pub data: Option<Box<RawValue>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_request(text).unwrap_err().code
+    }
+
+    #[test]
+    fn parses_chat() {
+        let t = r#"{"frameType":0,"id":"c1","method":"conversation.chat","data":{"chatType":2,"recvId":"u2","clientMsgId":"m1","msg":{"mType":0,"content":"hi"}}}"#;
+        match parse_request(t).unwrap() {
+            Request::Chat { id, want_ack, chat } => {
+                assert_eq!(id.as_deref(), Some("c1"));
+                assert!(want_ack);
+                assert_eq!(chat.chat_type, ChatType::Private);
+                assert_eq!(chat.recv_id, "u2");
+                assert_eq!(chat.msg.get(), r#"{"mType":0,"content":"hi"}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sync_without_frame_type_or_data() {
+        assert!(matches!(
+            parse_request(r#"{"method":"conversation.sync","data":{"conversations":{"si_a_b":3}}}"#),
+            Ok(Request::Sync { conversations, .. }) if conversations["si_a_b"] == 3
+        ));
+        assert!(matches!(
+            parse_request(r#"{"method":"conversation.sync"}"#),
+            Ok(Request::Sync { conversations, .. }) if conversations.is_empty()
+        ));
+    }
+
+    #[test]
+    fn refusal_codes() {
+        assert_eq!(code("not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"frameType":7}"#), ErrorCode::UnknownFrameType);
+        assert_eq!(code(r#"{"frameType":"x"}"#), ErrorCode::InvalidField);
+        assert_eq!(code(r#"{"frameType":0,"method":"nope"}"#), ErrorCode::UnknownMethod);
+        assert_eq!(code(r#"{"frameType":0}"#), ErrorCode::UnknownMethod);
+        assert_eq!(code(r#"{"frameType":2}"#), ErrorCode::MissingField);
+        let base = r#"{"id":"x","method":"conversation.chat","data":{"chatType":2,"recvId":"u","clientMsgId":"m","msg":{}}}"#;
+        assert!(parse_request(base).is_ok());
+        for (from, to, want) in [
+            (r#""recvId":"u","#, "", ErrorCode::MissingField),
+            (r#""chatType":2"#, r#""chatType":5"#, ErrorCode::UnsupportedChatType),
+            (r#""msg":{}"#, r#""msg":"s""#, ErrorCode::InvalidField),
+            (r#""recvId":"u""#, r#""recvId":7"#, ErrorCode::InvalidField),
+            (r#""clientMsgId":"m""#, r#""clientMsgId":"""#, ErrorCode::InvalidField),
+        ] {
+            let t = base.replace(from, to);
+            let e = parse_request(&t).unwrap_err();
+            assert_eq!(e.code, want, "{t}");
+            assert_eq!(e.id.as_deref(), Some("x"), "{t}");
+        }
+    }
+
+    #[test]
+    fn frames_encode() {
+        assert_eq!(
+            error_frame(Some("a"), ErrorCode::UnknownMethod, "m"),
+            r#"{"frameType":9,"id":"a","errMsg":"m","data":{"code":"unknown_method"}}"#
+        );
+        let ack = ChatAck {
+            conversation_id: "c".into(),
+            seq: 3,
+            msg_id: "m".into(),
+            send_time: 5,
+        };
+        assert_eq!(
+            ack_frame(None, &ack),
+            r#"{"frameType":2,"data":{"conversationId":"c","seq":3,"msgId":"m","sendTime":5}}"#
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(s in ".{0,200}") {
+            let _ = parse_request(&s);
+        }
+
+        #[test]
+        fn arbitrary_json_frames_never_panic(ft in proptest::option::of(0i64..20), m in "[a-z.]{0,20}",
+                                             data in "[{}\\[\\]\",:a-z0-9]{0,40}") {
+            let t = match ft {
+                Some(f) => format!(r#"{{"frameType":{f},"method":"{m}","data":{data}}}"#),
+                None => format!(r#"{{"method":"{m}","data":{data}}}"#),
+            };
+            let _ = parse_request(&t);
+        }
+    }
+}

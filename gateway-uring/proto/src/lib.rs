@@ -1,0 +1,22 @@
+//! Sans-IO protocol core of SAI-IM, shared by the gateway and the load generator.
+//!
+//! Nothing here opens a socket or reads the clock: callers hand in bytes and `now`, and take out
+//! bytes, events and the next deadline. The gateway (`sai-gateway`) is a thin monoio driver of it.
+//!
+//! # Layout
+//! - [`handshake`]: the HTTP/1.1 upgrade request parser and the `101` / error responses.
+//! - [`frame`]: RFC 6455 frame header check + decode (two phases; "incomplete" is `Ok(None)`) and encode.
+//! - [`ws`]: [`ws::WsConn`], a WebSocket connection state machine (fragments, control frames, close
+//!   handshake, size limits) for either role.
+//! - [`im`]: the IM frame shape (`frameType`, `id`, `method`, `data`, ...), typed client requests and
+//!   the server frames built from them, with stable error codes.
+//! - [`pending`]: the bounded set of unacknowledged pushes of one connection in `rigor` ack mode,
+//!   with resend backoff.
+//! - [`close`]: the WebSocket close codes the server uses.
+
+pub mod close;
+pub mod frame;
+pub mod handshake;
+pub mod im;
+pub mod pending;
+pub mod ws;
