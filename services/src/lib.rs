@@ -1,1 +1,51 @@
-//! x
+//! SAI-IM services and the one-binary server.
+//!
+//! # Layout
+//! - [`users`]: registration (bcrypt), login, tokens ([`auth`]: HS256 JWT).
+//! - [`messages`]: send with per-conversation seq and idempotency, sync, history.
+//! - [`sqlite`]: the embedded storage adapter (reference implementation of `sai-storage`).
+//! - [`http`]: the HTTP JSON API (axum); [`grpc`]: the tonic services.
+//! - [`bridge`]: the gateway's [`sai_gateway::Backend`], handing work from monoio shards to the
+//!   tokio runtime the services run on.
+//! - [`config`] and [`server`]: settings (flags, environment, TOML) and [`server::run`], which
+//!   starts everything in one process.
+
+pub mod auth;
+pub mod bridge;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod messages;
+pub mod server;
+pub mod sqlite;
+pub mod users;
+
+use std::sync::Arc;
+
+/// Wall-clock time, injected so tests can control it.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// Every service, shared by the HTTP API, gRPC and the gateway bridge.
+pub struct Services {
+    /// Users and tokens.
+    pub users: Arc<users::UserService>,
+    /// Messages.
+    pub messages: Arc<messages::MessageService>,
+}

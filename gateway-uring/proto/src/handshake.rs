@@ -219,7 +219,10 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-
         assert_eq!(parse_request(v8.as_bytes()), Err(HandshakeError::Version));
         let plain = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         assert_eq!(parse_request(plain.as_bytes()), Err(HandshakeError::NotUpgrade));
-        assert_eq!(parse_request(b"\x00\x01garbage\r\n\r\n"), Err(HandshakeError::Malformed));
+        assert_eq!(
+            parse_request(b"\x00\x01garbage\r\n\r\n"),
+            Err(HandshakeError::Malformed)
+        );
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_REQUEST_BYTES));
         assert_eq!(parse_request(big.as_bytes()), Err(HandshakeError::TooLarge));
     }

@@ -128,7 +128,7 @@ impl ProtoError {
 
     /// The error frame to send.
     pub fn to_frame(&self) -> String {
-        error_frame(self.id.as_deref(), self.code, &self.message)
+        error_frame(self.id.as_deref(), self.code.as_str(), &self.message)
     }
 }
 
@@ -222,7 +222,11 @@ pub fn parse_request(text: &str) -> Result<Request, ProtoError> {
             _ => 255,
         },
         Some(_) => {
-            return Err(ProtoError::new(id, ErrorCode::InvalidField, "frameType must be a number"));
+            return Err(ProtoError::new(
+                id,
+                ErrorCode::InvalidField,
+                "frameType must be a number",
+            ));
         }
     };
     match frame_type {
@@ -234,7 +238,11 @@ pub fn parse_request(text: &str) -> Result<Request, ProtoError> {
         frame_type::DATA | frame_type::NO_ACK => {
             let want_ack = frame_type == frame_type::DATA;
             let Some(method) = raw.method else {
-                return Err(ProtoError::new(id, ErrorCode::UnknownMethod, "data frame needs a method"));
+                return Err(ProtoError::new(
+                    id,
+                    ErrorCode::UnknownMethod,
+                    "data frame needs a method",
+                ));
             };
             match method.as_str() {
                 method::CHAT => {
@@ -276,8 +284,12 @@ fn parse_chat(id: Option<&String>, data: Option<&RawValue>) -> Result<ChatReques
     let chat_type = c
         .chat_type
         .ok_or_else(|| err(ErrorCode::MissingField, "missing field data.chatType".into()))?;
-    let chat_type = ChatType::from_u8(chat_type)
-        .ok_or_else(|| err(ErrorCode::UnsupportedChatType, format!("unsupported chatType {chat_type}")))?;
+    let chat_type = ChatType::from_u8(chat_type).ok_or_else(|| {
+        err(
+            ErrorCode::UnsupportedChatType,
+            format!("unsupported chatType {chat_type}"),
+        )
+    })?;
     let recv_id = c
         .recv_id
         .ok_or_else(|| err(ErrorCode::MissingField, "missing field data.recvId".into()))?;
@@ -341,6 +353,17 @@ pub struct Push {
     pub msg: Box<RawValue>,
 }
 
+/// One page of `conversation.sync`, as the message service produces it.
+#[derive(Debug, Default)]
+pub struct SyncPage {
+    /// Messages, ascending seq within each conversation.
+    pub pushes: Vec<Push>,
+    /// Newest seq of each of the user's conversations.
+    pub heads: BTreeMap<String, u64>,
+    /// Nothing left after this page.
+    pub complete: bool,
+}
+
 /// `data` of the ack a sender gets once its message is durable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -401,8 +424,9 @@ pub fn data_frame<T: Serialize>(id: Option<&str>, method: &str, data: &T) -> Str
     })
 }
 
-/// `{"frameType":9,"id":..,"errMsg":..,"data":{"code":..}}`.
-pub fn error_frame(id: Option<&str>, code: ErrorCode, message: &str) -> String {
+/// `{"frameType":9,"id":..,"errMsg":..,"data":{"code":..}}`. `code` is a stable snake_case code:
+/// an [`ErrorCode`] or one a service defines (e.g. `recipient_not_found`).
+pub fn error_frame(id: Option<&str>, code: &str, message: &str) -> String {
     #[derive(Serialize)]
     struct Code<'a> {
         code: &'a str,
@@ -412,7 +436,7 @@ pub fn error_frame(id: Option<&str>, code: ErrorCode, message: &str) -> String {
         id,
         method: None,
         err_msg: Some(message),
-        data: Some(Code { code: code.as_str() }),
+        data: Some(Code { code }),
     })
 }
 
@@ -477,7 +501,8 @@ mod tests {
         assert_eq!(code(r#"{"frameType":0,"method":"nope"}"#), ErrorCode::UnknownMethod);
         assert_eq!(code(r#"{"frameType":0}"#), ErrorCode::UnknownMethod);
         assert_eq!(code(r#"{"frameType":2}"#), ErrorCode::MissingField);
-        let base = r#"{"id":"x","method":"conversation.chat","data":{"chatType":2,"recvId":"u","clientMsgId":"m","msg":{}}}"#;
+        let base =
+            r#"{"id":"x","method":"conversation.chat","data":{"chatType":2,"recvId":"u","clientMsgId":"m","msg":{}}}"#;
         assert!(parse_request(base).is_ok());
         for (from, to, want) in [
             (r#""recvId":"u","#, "", ErrorCode::MissingField),
@@ -496,7 +521,7 @@ mod tests {
     #[test]
     fn frames_encode() {
         assert_eq!(
-            error_frame(Some("a"), ErrorCode::UnknownMethod, "m"),
+            error_frame(Some("a"), ErrorCode::UnknownMethod.as_str(), "m"),
             r#"{"frameType":9,"id":"a","errMsg":"m","data":{"code":"unknown_method"}}"#
         );
         let ack = ChatAck {

@@ -284,6 +284,12 @@ impl WsConn {
         std::mem::take(&mut self.output)
     }
 
+    /// Drops queued output that was not written yet (only whole frames are ever queued, so the
+    /// stream stays well-formed). Used before closing a connection that fell behind.
+    pub fn discard_output(&mut self) {
+        self.output = Vec::new();
+    }
+
     /// Marks `n` output bytes as written.
     pub fn consume_output(&mut self, n: usize) {
         self.output.drain(..n.min(self.output.len()));
@@ -302,7 +308,9 @@ impl WsConn {
 
 fn finish(op: Opcode, payload: Vec<u8>) -> Result<Event, WsError> {
     match op {
-        Opcode::Text => String::from_utf8(payload).map(Event::Text).map_err(|_| WsError::InvalidUtf8),
+        Opcode::Text => String::from_utf8(payload)
+            .map(Event::Text)
+            .map_err(|_| WsError::InvalidUtf8),
         _ => Ok(Event::Binary(payload)),
     }
 }
@@ -329,7 +337,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn pair() -> (WsConn, WsConn) {
-        (WsConn::new(Role::Client, 1 << 16, 7), WsConn::new(Role::Server, 1 << 16, 0))
+        (
+            WsConn::new(Role::Client, 1 << 16, 7),
+            WsConn::new(Role::Server, 1 << 16, 0),
+        )
     }
 
     fn pump(from: &mut WsConn, to: &mut WsConn) {
@@ -361,7 +372,10 @@ mod tests {
         pump(&mut s, &mut c);
         assert_eq!(
             c.next_event().unwrap(),
-            Some(Event::Close { code: 4001, reason: "replaced".into() })
+            Some(Event::Close {
+                code: 4001,
+                reason: "replaced".into()
+            })
         );
         assert!(c.is_closed());
         pump(&mut c, &mut s);

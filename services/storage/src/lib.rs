@@ -128,7 +128,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Returns only once the message is durable.
     async fn append(&self, msg: NewMessage) -> StoreResult<Appended>;
     /// Messages with `seq > after_seq`, ascending, at most `limit`.
-    async fn messages_after(&self, conversation_id: &str, after_seq: u64, limit: u32) -> StoreResult<Vec<StoredMessage>>;
+    async fn messages_after(
+        &self,
+        conversation_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>>;
     /// Messages with `seq < before_seq` (all when `None`), newest first, at most `limit`.
     async fn messages_before(
         &self,

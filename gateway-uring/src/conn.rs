@@ -1,0 +1,394 @@
+//! One WebSocket connection on a shard: upgrade, then a reader task and a writer task around a
+//! sans-IO [`WsConn`].
+//!
+//! The reader parses frames and handles requests one at a time (so a client's messages are
+//! stored in the order it sent them); everything to send, from any task, is appended to the
+//! `WsConn` output buffer and the writer is woken. The writer takes the whole buffer per wakeup
+//! and writes it with one syscall: pushes and acks produced in the same wakeup share a write.
+//!
+//! # Memory per connection
+//! A `read_buffer_bytes` buffer (4 KiB by default) held while a read is in flight, the `WsConn`
+//! input (empty between frames) and output (empty once flushed; bounded by
+//! `max_outbound_bytes`, past which the connection is closed with 4003), the rigor pending set
+//! (bounded by `PendingConfig::capacity`) and this struct.
+
+use crate::shard::Shard;
+use crate::AckMode;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, Splitable};
+use monoio::net::TcpStream;
+use sai_proto::close;
+use sai_proto::handshake::{self, HandshakeError, UpgradeRequest};
+use sai_proto::im::{self, ErrorCode, Push, Request};
+use sai_proto::pending::Pending;
+use sai_proto::ws::{Event, Role, WsConn};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// A live, authenticated connection.
+pub(crate) struct Conn {
+    pub id: u64,
+    pub user: String,
+    ws: RefCell<WsConn>,
+    /// Wakes the writer; `notify_one` keeps a permit, so a wake is never lost.
+    wake: tokio::sync::Notify,
+    /// Shard clock (ms) of the last inbound bytes; the idle deadline derives from it.
+    pub last_active: Cell<u64>,
+    pending: RefCell<Pending>,
+    /// Cancels the in-flight read when the connection must be dropped.
+    canceller: RefCell<Option<Canceller>>,
+    /// Set once a close frame has been sent: drop the socket at this shard time if still open.
+    force_close_at: Cell<Option<u64>>,
+    /// The reader has finished (or was aborted): the writer flushes what it can and exits.
+    done: Cell<bool>,
+    rigor: bool,
+    max_outbound: usize,
+}
+
+impl Conn {
+    /// Queues a text frame and wakes the writer. Past the outbound bound the queue is dropped
+    /// and the connection closed with 4003: the client reconnects and syncs, nothing is lost.
+    fn enqueue(&self, shard: &Shard, text: &str) -> bool {
+        let mut ws = self.ws.borrow_mut();
+        if ws.close_sent() {
+            return false;
+        }
+        if ws.output().len() + text.len() > self.max_outbound {
+            ws.discard_output();
+            drop(ws);
+            self.close_with(
+                shard,
+                close::SLOW_CONSUMER,
+                "outbound queue overflow: reconnect and sync",
+            );
+            return false;
+        }
+        ws.send_text(text);
+        drop(ws);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Sends a push frame (tracked for resend in rigor mode).
+    pub fn push(&self, shard: &Shard, push: &Push) {
+        let id = self.pending.borrow_mut().allocate();
+        let frame = im::data_frame(Some(&id.to_string()), im::method::PUSH, push);
+        if self.rigor {
+            if self.enqueue(shard, &frame) {
+                self.pending.borrow_mut().track(id, frame, shard.now());
+                shard.rigor_active.borrow_mut().insert(self.id);
+            }
+        } else {
+            self.enqueue(shard, &frame);
+        }
+    }
+
+    /// Starts the close handshake with `code`; the socket is dropped after the grace period if
+    /// the peer does not finish it.
+    pub fn close_with(&self, shard: &Shard, code: u16, reason: &str) {
+        {
+            let mut ws = self.ws.borrow_mut();
+            if ws.close_sent() {
+                return;
+            }
+            ws.close(code, reason);
+        }
+        self.arm_close_timer(shard);
+    }
+
+    fn arm_close_timer(&self, shard: &Shard) {
+        self.wake.notify_one();
+        if self.force_close_at.get().is_none() {
+            let at = shard.now_ms() + shard.shared.cfg.close_grace.as_millis() as u64;
+            self.force_close_at.set(Some(at));
+            shard.schedule(self.id, at);
+        }
+    }
+
+    /// Drops the connection now: cancels the read, lets the writer exit.
+    pub fn abort(&self) {
+        self.done.set(true);
+        if let Some(c) = self.canceller.borrow_mut().take() {
+            c.cancel();
+        }
+        self.wake.notify_one();
+    }
+
+    /// The wheel fired for this connection.
+    pub fn on_timer(&self, shard: &Shard, now_ms: u64) {
+        if let Some(at) = self.force_close_at.get() {
+            if now_ms >= at {
+                self.abort();
+            } else {
+                shard.schedule(self.id, at);
+            }
+            return;
+        }
+        let idle_at = self.last_active.get() + shard.shared.cfg.idle_timeout.as_millis() as u64;
+        if now_ms >= idle_at {
+            self.close_with(shard, close::IDLE_TIMEOUT, "idle timeout");
+        } else {
+            shard.schedule(self.id, idle_at);
+        }
+    }
+
+    /// Resends due rigor pushes; returns true when nothing is pending any more.
+    pub fn resend_due(&self, shard: &Shard, now: Instant) -> bool {
+        let mut out = Vec::new();
+        self.pending.borrow_mut().poll(now, &mut out);
+        for frame in out {
+            self.enqueue(shard, &frame);
+        }
+        self.pending.borrow().is_empty()
+    }
+}
+
+/// Serves one accepted TCP connection to the end.
+pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let cfg = &shard.shared.cfg;
+    let (req, acc) = match monoio::time::timeout(cfg.handshake_timeout, read_request(&mut stream)).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) | Err(_) => return,
+        Ok(Err(e)) => {
+            respond(
+                &mut stream,
+                handshake::response_error(e.status(), e.code(), &e.to_string()),
+            )
+            .await;
+            return;
+        }
+    };
+    if req.path != cfg.path {
+        let body = handshake::response_error(404, "not_found", "no WebSocket endpoint at this path");
+        respond(&mut stream, body).await;
+        return;
+    }
+    let (user, protocol) = match authenticate(&shard, &req) {
+        Ok(v) => v,
+        Err(r) => {
+            respond(&mut stream, handshake::response_error(401, r.code, &r.message)).await;
+            return;
+        }
+    };
+    let (res, _) = stream
+        .write_all(handshake::response_101(&req.key, Some(&protocol)))
+        .await;
+    if res.is_err() {
+        return;
+    }
+    let mut ws = WsConn::new(Role::Server, cfg.max_frame_bytes, 0);
+    ws.feed(&acc[req.len..]);
+    let canceller = Canceller::new();
+    let handle = canceller.handle();
+    let conn = Rc::new(Conn {
+        id: shard.next_conn_id(),
+        user,
+        ws: RefCell::new(ws),
+        wake: tokio::sync::Notify::new(),
+        last_active: Cell::new(shard.now_ms()),
+        pending: RefCell::new(Pending::new(cfg.pending)),
+        canceller: RefCell::new(Some(canceller)),
+        force_close_at: Cell::new(None),
+        done: Cell::new(false),
+        rigor: cfg.ack_mode == AckMode::Rigor,
+        max_outbound: cfg.max_outbound_bytes,
+    });
+    shard.register(&conn);
+    let (mut rd, wr) = stream.into_split();
+    monoio::spawn(write_loop(conn.clone(), wr));
+    // Bytes that arrived with the upgrade request.
+    process_input(&shard, &conn).await;
+    let mut buf = Vec::with_capacity(cfg.read_buffer_bytes);
+    while !conn.done.get() && !conn.ws.borrow().is_closed() {
+        let (res, b) = rd.cancelable_read(buf, handle.clone()).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                conn.last_active.set(shard.now_ms());
+                conn.ws.borrow_mut().feed(&buf[..n]);
+                buf.clear();
+                process_input(&shard, &conn).await;
+            }
+        }
+    }
+    conn.done.set(true);
+    conn.wake.notify_one();
+    shard.unregister(&conn);
+}
+
+async fn read_request(stream: &mut TcpStream) -> Result<Option<(UpgradeRequest, Vec<u8>)>, HandshakeError> {
+    let mut acc = Vec::new();
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let (res, b) = stream.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => {
+                acc.extend_from_slice(&buf[..n]);
+                buf.clear();
+            }
+        }
+        if let Some(req) = handshake::parse_request(&acc)? {
+            return Ok(Some((req, acc)));
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, bytes: Vec<u8>) {
+    let _ = stream.write_all(bytes).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The first offered subprotocol that is a valid token wins and is echoed back.
+fn authenticate(shard: &Shard, req: &UpgradeRequest) -> Result<(String, String), crate::AuthRefusal> {
+    let mut refusal = crate::AuthRefusal {
+        code: "missing_token",
+        message: "send the token in Sec-WebSocket-Protocol".into(),
+    };
+    for p in &req.protocols {
+        match shard.shared.backend.authenticate(p) {
+            Ok(user) => return Ok((user, p.clone())),
+            Err(r) => refusal = r,
+        }
+    }
+    Err(refusal)
+}
+
+/// Handles every complete event buffered in the connection.
+async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    loop {
+        let ev = conn.ws.borrow_mut().next_event();
+        match ev {
+            Ok(Some(Event::Text(t))) => handle_text(shard, conn, &t).await,
+            Ok(Some(Event::Binary(_))) => {
+                let e = im::error_frame(
+                    None,
+                    ErrorCode::UnsupportedMessageType.as_str(),
+                    "binary messages are not supported; send JSON text frames",
+                );
+                conn.enqueue(shard, &e);
+            }
+            Ok(Some(Event::Ping | Event::Pong | Event::Close { .. })) => conn.wake.notify_one(),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(conn = conn.id, error = %e, "protocol error, closing");
+                conn.arm_close_timer(shard);
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
+    let req = match im::parse_request(text) {
+        Ok(r) => r,
+        Err(e) => {
+            conn.enqueue(shard, &e.to_frame());
+            return;
+        }
+    };
+    let backend = &shard.shared.backend;
+    match req {
+        Request::Ping => {
+            conn.enqueue(shard, &im::ping_frame());
+        }
+        Request::Ack { id } => {
+            if conn.rigor {
+                conn.pending.borrow_mut().ack(&id);
+            }
+        }
+        Request::Chat { id, want_ack, chat } => match backend.send(&conn.user, chat).await {
+            Ok(d) => {
+                if want_ack && shard.shared.cfg.ack_mode != AckMode::None {
+                    conn.enqueue(shard, &im::ack_frame(id.as_deref(), &d.ack));
+                }
+                if let Some(push) = &d.push {
+                    for r in &d.recipients {
+                        shard.deliver(r, push);
+                    }
+                }
+            }
+            Err(e) => {
+                conn.enqueue(shard, &im::error_frame(id.as_deref(), e.code, &e.message));
+            }
+        },
+        Request::Sync { id, conversations } => sync(shard, conn, id, conversations).await,
+    }
+}
+
+/// Pushes everything after the client's seqs, page by page, waiting for the writer to drain
+/// between pages, then answers with the conversations' newest seqs.
+async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known: BTreeMap<String, u64>) {
+    let cfg = &shard.shared.cfg;
+    let mut pushed = 0usize;
+    let heads = loop {
+        let page = match shard
+            .shared
+            .backend
+            .sync(&conn.user, known.clone(), cfg.sync_page)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                conn.enqueue(shard, &im::error_frame(id.as_deref(), e.code, &e.message));
+                return;
+            }
+        };
+        let n = page.pushes.len();
+        for p in &page.pushes {
+            let seq = known.entry(p.conversation_id.clone()).or_insert(0);
+            *seq = (*seq).max(p.seq);
+            conn.push(shard, p);
+        }
+        pushed += n;
+        if page.complete || n == 0 {
+            break page.heads;
+        }
+        while conn.ws.borrow().output().len() > cfg.max_outbound_bytes / 2 && !conn.done.get() {
+            monoio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if conn.done.get() || conn.ws.borrow().close_sent() {
+            return;
+        }
+    };
+    #[derive(serde::Serialize)]
+    struct SyncDone<'a> {
+        conversations: &'a BTreeMap<String, u64>,
+        pushed: usize,
+    }
+    let done = SyncDone {
+        conversations: &heads,
+        pushed,
+    };
+    conn.enqueue(shard, &im::data_frame(id.as_deref(), im::method::SYNC, &done));
+}
+
+async fn write_loop(conn: Rc<Conn>, mut wr: monoio::net::tcp::TcpOwnedWriteHalf) {
+    loop {
+        let out = conn.ws.borrow_mut().take_output();
+        if out.is_empty() {
+            if conn.done.get() {
+                break;
+            }
+            if conn.ws.borrow().close_sent() {
+                // Our close frame is out: half-close and wait for the peer (or the grace timer).
+                let _ = wr.shutdown().await;
+                while !conn.done.get() {
+                    conn.wake.notified().await;
+                }
+                break;
+            }
+            conn.wake.notified().await;
+            continue;
+        }
+        let (res, _) = wr.write_all(out).await;
+        if res.is_err() {
+            conn.abort();
+            break;
+        }
+    }
+}

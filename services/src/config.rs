@@ -1,0 +1,199 @@
+//! Settings: defaults, then a TOML file (`--config`), then environment variables and flags
+//! (flags win over the environment; both win over the file).
+
+use clap::{Args, Parser, Subcommand};
+use sai_gateway::{AckMode, GatewayConfig};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The `sai-im` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sai-im",
+    version,
+    about = "SAI-IM: instant messaging in one binary (gateway + services + embedded storage)"
+)]
+pub struct Cli {
+    /// TOML config file; keys are the long flag names with `_` for `-`.
+    #[arg(long, env = "SAI_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Settings that override the file.
+    #[command(flatten)]
+    pub overrides: Overrides,
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+}
+
+/// Flags and environment variables, each overriding the config file.
+#[derive(Debug, Default, Args)]
+pub struct Overrides {
+    /// WebSocket gateway address (path /ws).
+    #[arg(long, env = "SAI_WS_LISTEN", global = true)]
+    pub ws_listen: Option<SocketAddr>,
+    /// HTTP JSON API address.
+    #[arg(long, env = "SAI_HTTP_LISTEN", global = true)]
+    pub http_listen: Option<SocketAddr>,
+    /// gRPC address.
+    #[arg(long, env = "SAI_GRPC_LISTEN", global = true)]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Where the SQLite database and the JWT secret live.
+    #[arg(long, env = "SAI_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// none | only | rigor.
+    #[arg(long, env = "SAI_ACK_MODE", global = true)]
+    pub ack_mode: Option<AckMode>,
+    /// Close WebSocket connections idle this long.
+    #[arg(long, env = "SAI_IDLE_TIMEOUT_SECS", global = true)]
+    pub idle_timeout_secs: Option<u64>,
+    /// Gateway threads (default: number of cores).
+    #[arg(long, env = "SAI_SHARDS", global = true)]
+    pub shards: Option<usize>,
+    /// Largest inbound WebSocket message in bytes (default 65536).
+    #[arg(long, env = "SAI_MAX_FRAME_BYTES", global = true)]
+    pub max_frame_bytes: Option<usize>,
+    /// bcrypt cost for new passwords (default 12; 4 is the minimum, for tests).
+    #[arg(long, env = "SAI_BCRYPT_COST", global = true)]
+    pub bcrypt_cost: Option<u32>,
+    /// Token lifetime in seconds (default 7 days).
+    #[arg(long, env = "SAI_TOKEN_TTL_SECS", global = true)]
+    pub token_ttl_secs: Option<i64>,
+    /// JWT signing secret; when unset one is generated and kept in the data dir.
+    #[arg(long, env = "SAI_JWT_SECRET", global = true, hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+}
+
+/// The effective settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// WebSocket gateway address.
+    pub ws_listen: SocketAddr,
+    /// HTTP address.
+    pub http_listen: SocketAddr,
+    /// gRPC address.
+    pub grpc_listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Ack mode name.
+    #[serde(deserialize_with = "de_ack_mode")]
+    pub ack_mode: AckMode,
+    /// Idle timeout in seconds.
+    pub idle_timeout_secs: u64,
+    /// Gateway shards; 0 = number of cores.
+    pub shards: usize,
+    /// Largest inbound WebSocket message.
+    pub max_frame_bytes: usize,
+    /// Most bytes queued for one WebSocket connection.
+    pub max_outbound_bytes: usize,
+    /// bcrypt cost.
+    pub bcrypt_cost: u32,
+    /// Token lifetime in seconds.
+    pub token_ttl_secs: i64,
+    /// JWT secret (generated and stored in the data dir when absent).
+    pub jwt_secret: Option<String>,
+}
+
+fn de_ack_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<AckMode, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let ip = std::net::Ipv4Addr::LOCALHOST;
+        Self {
+            ws_listen: (ip, 8080).into(),
+            http_listen: (ip, 8081).into(),
+            grpc_listen: (ip, 8082).into(),
+            data_dir: PathBuf::from("./data"),
+            ack_mode: AckMode::Only,
+            idle_timeout_secs: 60,
+            shards: 0,
+            max_frame_bytes: 64 * 1024,
+            max_outbound_bytes: 1024 * 1024,
+            bcrypt_cost: 12,
+            token_ttl_secs: 7 * 24 * 3600,
+            jwt_secret: None,
+        }
+    }
+}
+
+impl Config {
+    /// File (if any) + overrides, validated.
+    pub fn load(file: Option<&std::path::Path>, o: Overrides) -> Result<Self, String> {
+        let mut c = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = o.$f { c.$f = v; })* };
+        }
+        set!(
+            ws_listen,
+            http_listen,
+            grpc_listen,
+            data_dir,
+            ack_mode,
+            idle_timeout_secs,
+            shards,
+            max_frame_bytes,
+            bcrypt_cost,
+            token_ttl_secs
+        );
+        if o.jwt_secret.is_some() {
+            c.jwt_secret = o.jwt_secret;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err("bcrypt_cost must be 4 to 31".into());
+        }
+        if self.idle_timeout_secs == 0 {
+            return Err("idle_timeout_secs must be at least 1".into());
+        }
+        if self.max_frame_bytes < 128 {
+            return Err("max_frame_bytes must be at least 128".into());
+        }
+        if self.max_outbound_bytes < self.max_frame_bytes {
+            return Err("max_outbound_bytes must be at least max_frame_bytes".into());
+        }
+        if self.token_ttl_secs <= 0 {
+            return Err("token_ttl_secs must be positive".into());
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err("jwt_secret must be at least 16 bytes".into());
+        }
+        Ok(())
+    }
+
+    /// The gateway's part.
+    pub fn gateway(&self) -> GatewayConfig {
+        let mut g = GatewayConfig {
+            ack_mode: self.ack_mode,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_frame_bytes: self.max_frame_bytes,
+            max_outbound_bytes: self.max_outbound_bytes,
+            ..GatewayConfig::default()
+        };
+        if self.shards > 0 {
+            g.shards = self.shards;
+        }
+        g
+    }
+}

@@ -1,0 +1,340 @@
+//! Test harness: starts the real `sai-im` binary on free ports with its own data dir, and talks
+//! to it over real TCP with a real WebSocket client (tungstenite) and HTTP client (ureq).
+#![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub struct Server {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    pub ws: String,
+    pub http: String,
+    pub grpc: String,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+impl Server {
+    /// Starts with extra flags, e.g. `["--ack-mode", "rigor"]`.
+    pub fn start(extra: &[&str]) -> Server {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let data_dir = std::env::temp_dir().join(format!("sai-im-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut s = Server {
+            child: None,
+            data_dir,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            ws: String::new(),
+            http: String::new(),
+            grpc: String::new(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sai-im"))
+            .args([
+                "--ws-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--bcrypt-cost", "4", "--shards", "2"])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sai-im");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("server ready line");
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("no {k} in {line}"))
+                .to_string()
+        };
+        self.ws = field("ws");
+        self.http = format!("http://{}", field("http"));
+        self.grpc = format!("http://{}", field("grpc"));
+        self.child = Some(child);
+    }
+
+    /// Stops the process: gracefully (SIGTERM) or by SIGKILL.
+    pub fn stop(&mut self, graceful: bool) {
+        if let Some(mut c) = self.child.take() {
+            if graceful {
+                let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+                let deadline = Instant::now() + Duration::from_secs(15);
+                while Instant::now() < deadline {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        assert!(status.success(), "graceful exit failed: {status}");
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                panic!("server did not stop within 15 s of SIGTERM");
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops and starts again on the same data dir (new ports).
+    pub fn restart(&mut self, graceful: bool) {
+        self.stop(graceful);
+        self.spawn();
+    }
+
+    pub fn secret(&self) -> Vec<u8> {
+        std::fs::read_to_string(self.data_dir.join("jwt.secret"))
+            .unwrap()
+            .trim()
+            .as_bytes()
+            .to_vec()
+    }
+
+    // ---- HTTP ----
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(20)))
+            .build()
+            .into()
+    }
+
+    pub fn post(&self, path: &str, body: &Value, token: Option<&str>) -> (u16, Value) {
+        let mut req = Self::agent().post(format!("{}{path}", self.http));
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.send_json(body).expect("http");
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_json().unwrap_or(Value::Null),
+        )
+    }
+
+    pub fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let mut resp = Self::agent()
+            .post(format!("{}{path}", self.http))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .expect("http");
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_json().unwrap_or(Value::Null),
+        )
+    }
+
+    pub fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = Self::agent().get(format!("{}{path}", self.http));
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.call().expect("http");
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_json().unwrap_or(Value::Null),
+        )
+    }
+
+    /// Registers and logs in; returns (userId, token).
+    pub fn user(&self, name: &str) -> (String, String) {
+        let (st, v) = self.post(
+            "/v1/users/register",
+            &json!({"username": name, "password": "correct horse", "nickname": name}),
+            None,
+        );
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = self.post(
+            "/v1/users/login",
+            &json!({"username": name, "password": "correct horse"}),
+            None,
+        );
+        assert_eq!(st, 200, "{v}");
+        (
+            v["userId"].as_str().unwrap().to_string(),
+            v["token"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub fn connect(&self, token: &str) -> Client {
+        Client::connect(&self.ws, token).unwrap_or_else(|e| panic!("connect: {e}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop(false);
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    Status(u16, Value),
+    Other(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl Client {
+    pub fn connect(addr: &str, token: &str) -> Result<Client, ConnectError> {
+        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        if !token.is_empty() {
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", token.parse().unwrap());
+        }
+        let stream = TcpStream::connect(addr).map_err(|e| ConnectError::Other(e.to_string()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        match tungstenite::client(req, stream) {
+            Ok((ws, resp)) => {
+                let echoed = resp
+                    .headers()
+                    .get("Sec-WebSocket-Protocol")
+                    .map(|v| v.to_str().unwrap().to_string());
+                assert_eq!(echoed.as_deref(), Some(token), "token must be echoed");
+                Ok(Client { ws, next_id: 0 })
+            }
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null));
+                Err(ConnectError::Status(
+                    resp.status().as_u16(),
+                    body.unwrap_or(Value::Null),
+                ))
+            }
+            Err(e) => Err(ConnectError::Other(e.to_string())),
+        }
+    }
+
+    pub fn set_timeout(&mut self, d: Duration) {
+        self.ws.get_ref().set_read_timeout(Some(d)).unwrap();
+    }
+
+    pub fn send(&mut self, v: &Value) {
+        self.ws.send(Message::text(v.to_string())).unwrap();
+    }
+
+    pub fn send_text(&mut self, t: &str) {
+        self.ws.send(Message::text(t.to_string())).unwrap();
+    }
+
+    /// Sends a private chat message; returns the frame id.
+    pub fn chat(&mut self, to: &str, client_msg_id: &str, content: &str) -> String {
+        self.next_id += 1;
+        let id = format!("c{}", self.next_id);
+        self.send(&json!({
+            "frameType": 0, "id": id, "method": "conversation.chat",
+            "data": {"chatType": 2, "recvId": to, "clientMsgId": client_msg_id,
+                     "msg": {"mType": 0, "content": content}}
+        }));
+        id
+    }
+
+    /// Next JSON frame (skips WebSocket control frames). Panics on timeout or close.
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return serde_json::from_str(t.as_str()).unwrap(),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(other) => panic!("unexpected message {other:?}"),
+                Err(e) => panic!("recv failed: {e}"),
+            }
+        }
+    }
+
+    /// Next JSON frame or `None` if nothing arrives within `d`.
+    pub fn try_recv(&mut self, d: Duration) -> Option<Value> {
+        self.set_timeout(d);
+        let r = loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => break Some(serde_json::from_str(t.as_str()).unwrap()),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(other) => panic!("unexpected message {other:?}"),
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    break None
+                }
+                Err(e) => panic!("recv failed: {e}"),
+            }
+        };
+        self.set_timeout(Duration::from_secs(10));
+        r
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    pub fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
+                Ok(Message::Close(None)) => return (1005, String::new()),
+                Ok(_) => continue,
+                Err(e) => panic!("connection ended without a close frame: {e}"),
+            }
+        }
+    }
+
+    /// Acks a push (rigor mode).
+    pub fn ack(&mut self, push: &Value) {
+        self.send(&json!({"frameType": 2, "id": push["id"]}));
+    }
+
+    /// Sends conversation.sync and collects pushes until the sync reply.
+    pub fn sync(&mut self, known: Value) -> (Vec<Value>, Value) {
+        self.send(&json!({"frameType": 0, "id": "sync1", "method": "conversation.sync",
+                          "data": {"conversations": known}}));
+        let mut pushes = Vec::new();
+        loop {
+            let f = self.recv();
+            if f["method"] == "push" {
+                pushes.push(f);
+            } else {
+                assert_eq!(f["method"], "conversation.sync", "{f}");
+                assert_eq!(f["id"], "sync1");
+                return (pushes, f);
+            }
+        }
+    }
+}
+
+pub fn close_code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
