@@ -480,3 +480,98 @@ fn sending_to_yourself_is_refused() {
     assert_eq!(e["frameType"], 9);
     assert_eq!(e["data"]["code"], "invalid_recipient");
 }
+
+fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[test]
+fn grpc_services_work_against_the_same_storage() {
+    use pb::message_service_client::MessageServiceClient;
+    use pb::user_service_client::UserServiceClient;
+    use sai_services::grpc::pb;
+
+    let s = Server::start(&[]);
+    let (alice, ta) = s.user("alice");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut users = UserServiceClient::connect(s.grpc.clone()).await.unwrap();
+        let bob = users
+            .register(pb::RegisterRequest {
+                username: "bob".into(),
+                password: "password1".into(),
+                nickname: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user_id;
+        let dup = users
+            .register(pb::RegisterRequest {
+                username: "bob".into(),
+                password: "password1".into(),
+                nickname: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(dup.code(), tonic::Code::AlreadyExists);
+        assert!(dup.message().starts_with("username_taken:"), "{}", dup.message());
+        let login = users
+            .login(pb::LoginRequest {
+                username: "bob".into(),
+                password: "password1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(login.user_id, bob);
+
+        let mut msgs = MessageServiceClient::connect(s.grpc.clone()).await.unwrap();
+        let sent = msgs
+            .send(authed(
+                &login.token,
+                pb::SendRequest {
+                    chat_type: 2,
+                    recv_id: alice.clone(),
+                    client_msg_id: "g1".into(),
+                    msg_json: r#"{"mType":0,"content":"over grpc"}"#.into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((sent.seq, sent.duplicate), (1, false));
+        let unauth = msgs
+            .send(tonic::Request::new(pb::SendRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(unauth.code(), tonic::Code::Unauthenticated);
+
+        let page = msgs
+            .sync(authed(&ta, pb::SyncRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.complete);
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(page.messages[0].msg_json, r#"{"mType":0,"content":"over grpc"}"#);
+        assert_eq!(page.heads[&sent.conversation_id], 1);
+        let me = users
+            .get_me(authed(&ta, pb::GetMeRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(me.username, "alice");
+    });
+    // What gRPC stored is what the WebSocket side syncs.
+    let mut a = s.connect(&ta);
+    let (pushes, _) = a.sync(json!({}));
+    assert_eq!(pushes.len(), 1);
+    assert_eq!(pushes[0]["data"]["msg"]["content"], "over grpc");
+}

@@ -146,3 +146,5 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Whether `user_id` belongs to the conversation.
     async fn is_member(&self, conversation_id: &str, user_id: &str) -> StoreResult<bool>;
 }
+
+pub mod conformance;
