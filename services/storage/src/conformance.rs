@@ -4,6 +4,8 @@
 //! Concurrency checks (many appends racing on one conversation) need a runtime to spawn on, so
 //! they take the racing futures' outcome from the caller: see [`check_concurrent_appends`].
 
+#![allow(clippy::expect_used)] // Every check is an assertion: failing loudly is its job.
+
 use crate::{Appended, MessageStore, NewMessage, StoreError, User, UserStore};
 use std::collections::BTreeSet;
 
