@@ -22,8 +22,9 @@ use sai_proto::im::{self, ErrorCode, Push, Request};
 use sai_proto::pending::Pending;
 use sai_proto::ws::{Event, Role, WsConn};
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A live, authenticated connection.
@@ -35,7 +36,9 @@ pub(crate) struct Conn {
     wake: tokio::sync::Notify,
     /// Shard clock (ms) of the last inbound bytes; the idle deadline derives from it.
     pub last_active: Cell<u64>,
-    pending: RefCell<Pending>,
+    pending: RefCell<Pending<(Arc<str>, u64)>>,
+    /// Highest acked push seq per conversation since the last flush (rigor mode).
+    received: RefCell<HashMap<Arc<str>, u64>>,
     /// Cancels the in-flight read when the connection must be dropped.
     canceller: RefCell<Option<Canceller>>,
     /// Set once a close frame has been sent: drop the socket at this shard time if still open.
@@ -76,11 +79,41 @@ impl Conn {
         let frame = im::data_frame(Some(&id.to_string()), im::method::PUSH, push);
         if self.rigor {
             if self.enqueue(shard, &frame) {
-                self.pending.borrow_mut().track(id, frame, shard.now());
+                let tag = (Arc::from(push.conversation_id.as_str()), push.seq);
+                self.pending.borrow_mut().track(id, frame, tag, shard.now());
                 shard.rigor_active.borrow_mut().insert(self.id);
             }
         } else {
             self.enqueue(shard, &frame);
+        }
+    }
+
+    /// Sends a notification frame (not tracked: notifications are not stored messages).
+    pub fn notify(&self, shard: &Shard, frame: &str) {
+        self.enqueue(shard, frame);
+    }
+
+    /// The client acked push `id`.
+    fn acked(&self, shard: &Shard, id: &str) {
+        let Some((conv, seq)) = self.pending.borrow_mut().ack(id) else {
+            return;
+        };
+        let mut r = self.received.borrow_mut();
+        let e = r.entry(conv).or_insert(0);
+        *e = (*e).max(seq);
+        shard.acked.borrow_mut().insert(self.id);
+    }
+
+    /// Writes the received positions gathered since the last flush.
+    pub fn flush_received(&self, shard: &Shard) {
+        let acked: Vec<(String, u64)> = self
+            .received
+            .borrow_mut()
+            .drain()
+            .map(|(c, s)| (c.to_string(), s))
+            .collect();
+        if !acked.is_empty() {
+            monoio::spawn(shard.shared.backend.mark_received(&self.user, acked));
         }
     }
 
@@ -189,6 +222,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         wake: tokio::sync::Notify::new(),
         last_active: Cell::new(shard.now_ms()),
         pending: RefCell::new(Pending::new(cfg.pending)),
+        received: RefCell::new(HashMap::new()),
         canceller: RefCell::new(Some(canceller)),
         force_close_at: Cell::new(None),
         done: Cell::new(false),
@@ -298,18 +332,40 @@ async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
         }
         Request::Ack { id } => {
             if conn.rigor {
-                conn.pending.borrow_mut().ack(&id);
+                conn.acked(shard, &id);
             }
         }
+        Request::MarkRead {
+            id,
+            conversation_id,
+            read_seq,
+        } => match backend.mark_read(&conn.user, conversation_id.clone(), read_seq).await {
+            Ok(read_seq) => {
+                if shard.shared.cfg.ack_mode != AckMode::None {
+                    #[derive(serde::Serialize)]
+                    #[serde(rename_all = "camelCase")]
+                    struct Marked<'a> {
+                        conversation_id: &'a str,
+                        read_seq: u64,
+                    }
+                    let data = Marked {
+                        conversation_id: &conversation_id,
+                        read_seq,
+                    };
+                    conn.enqueue(shard, &im::ack_frame(id.as_deref(), &data));
+                }
+            }
+            Err(e) => {
+                conn.enqueue(shard, &im::error_frame(id.as_deref(), e.code, &e.message));
+            }
+        },
         Request::Chat { id, want_ack, chat } => match backend.send(&conn.user, chat).await {
             Ok(d) => {
                 if want_ack && shard.shared.cfg.ack_mode != AckMode::None {
                     conn.enqueue(shard, &im::ack_frame(id.as_deref(), &d.ack));
                 }
                 if let Some(push) = &d.push {
-                    for r in &d.recipients {
-                        shard.deliver(r, push);
-                    }
+                    shard.deliver(&d.recipients, push);
                 }
             }
             Err(e) => {

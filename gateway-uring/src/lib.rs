@@ -153,6 +153,36 @@ pub trait Backend: Send + Sync + 'static {
         known: BTreeMap<String, u64>,
         limit: u32,
     ) -> LocalBoxFuture<Result<SyncPage, BackendError>>;
+    /// `conversation.markChat`: returns the read seq now in force (never lower than before).
+    fn mark_read(
+        &self,
+        user: &str,
+        conversation_id: String,
+        read_seq: u64,
+    ) -> LocalBoxFuture<Result<u64, BackendError>>;
+    /// The user's client acknowledged these pushes (conversation, highest seq), in rigor mode.
+    fn mark_received(&self, user: &str, acked: Vec<(String, u64)>) -> LocalBoxFuture<()>;
+}
+
+/// Sends server frames (notifications such as read receipts and friend requests) to whichever
+/// connection a user has, from any thread. Offline users get nothing: notifications are not
+/// stored messages.
+#[derive(Clone)]
+pub struct Notifier {
+    index: Arc<index::UserIndex>,
+    inboxes: Vec<shard::Inbox>,
+}
+
+impl Notifier {
+    /// Queues `frame` (a complete JSON text frame) for `user` if online. Returns whether it was.
+    pub fn notify(&self, user: &str, frame: Arc<str>) -> bool {
+        let Some(r) = self.index.lookup(user) else {
+            return false;
+        };
+        self.inboxes
+            .get(r.shard)
+            .is_some_and(|i| i.send(shard::ShardMsg::Notify { conn: r.conn, frame }).is_ok())
+    }
 }
 
 /// A running gateway.
@@ -177,6 +207,14 @@ impl Gateway {
     /// Users with a live connection.
     pub fn online_users(&self) -> usize {
         self.index.len()
+    }
+
+    /// A handle that sends frames to online users from any thread.
+    pub fn notifier(&self) -> Notifier {
+        Notifier {
+            index: self.index.clone(),
+            inboxes: self.inboxes.clone(),
+        }
     }
 
     /// Closes every connection with 1001, stops accepting and joins the shard threads.

@@ -30,6 +30,21 @@ pub enum ShardMsg {
         /// The message.
         push: Arc<Push>,
     },
+    /// Push one message to several of this shard's connections (group fan-out: one channel
+    /// message per shard, not per member).
+    DeliverMany {
+        /// Target connections.
+        conns: Vec<u64>,
+        /// The message.
+        push: Arc<Push>,
+    },
+    /// Send a notification frame as is.
+    Notify {
+        /// Target connection.
+        conn: u64,
+        /// The frame.
+        frame: Arc<str>,
+    },
     /// Exclusive login: close this connection with 4001.
     Kick {
         /// Target connection.
@@ -58,6 +73,9 @@ pub(crate) struct Shard {
     wheel: RefCell<TimerWheel>,
     /// Connections with unacked rigor pushes, polled each tick.
     pub rigor_active: RefCell<HashSet<u64>>,
+    /// Connections whose client acked pushes since the last tick; their received positions are
+    /// written once per tick, not once per ack.
+    pub acked: RefCell<HashSet<u64>>,
     next_conn: Cell<u64>,
     epoch: Instant,
     tick_ms: u64,
@@ -113,21 +131,43 @@ impl Shard {
     pub fn unregister(&self, c: &Conn) {
         self.conns.borrow_mut().remove(&c.id);
         self.rigor_active.borrow_mut().remove(&c.id);
+        self.acked.borrow_mut().remove(&c.id);
+        c.flush_received(self);
         self.shared.index.remove_if(&c.user, c.id);
     }
 
-    /// Pushes a message to `user` wherever it is connected; offline users get it on sync.
-    pub fn deliver(&self, user: &str, push: &Arc<Push>) {
-        let Some(r) = self.shared.index.lookup(user) else {
+    /// Pushes a message to each online recipient, batched per shard: one inbox message per shard
+    /// however many members live there. Offline users get it on sync.
+    pub fn deliver(&self, recipients: &[String], push: &Arc<Push>) {
+        if let [user] = recipients {
+            if let Some(r) = self.shared.index.lookup(user) {
+                let msg = ShardMsg::Deliver {
+                    conn: r.conn,
+                    push: push.clone(),
+                };
+                self.send_to(r.shard, msg);
+            }
             return;
-        };
-        self.send_to(
-            r.shard,
-            ShardMsg::Deliver {
-                conn: r.conn,
-                push: push.clone(),
-            },
-        );
+        }
+        let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); self.shared.inboxes.len()];
+        for user in recipients {
+            if let Some(r) = self.shared.index.lookup(user) {
+                if let Some(v) = by_shard.get_mut(r.shard) {
+                    v.push(r.conn);
+                }
+            }
+        }
+        for (shard, conns) in by_shard.into_iter().enumerate() {
+            if !conns.is_empty() {
+                self.send_to(
+                    shard,
+                    ShardMsg::DeliverMany {
+                        conns,
+                        push: push.clone(),
+                    },
+                );
+            }
+        }
     }
 
     fn send_to(&self, shard: usize, msg: ShardMsg) {
@@ -150,6 +190,18 @@ impl Shard {
                     c.push(self, &push);
                 }
             }
+            ShardMsg::DeliverMany { conns, push } => {
+                for conn in conns {
+                    if let Some(c) = self.conn(conn) {
+                        c.push(self, &push);
+                    }
+                }
+            }
+            ShardMsg::Notify { conn, frame } => {
+                if let Some(c) = self.conn(conn) {
+                    c.notify(self, &frame);
+                }
+            }
             ShardMsg::Kick { conn } => {
                 if let Some(c) = self.conn(conn) {
                     c.close_with(self, close::REPLACED, "replaced by a new login");
@@ -166,6 +218,12 @@ impl Shard {
         for id in fired {
             if let Some(c) = self.conn(id) {
                 c.on_timer(self, now_ms);
+            }
+        }
+        let acked: Vec<u64> = self.acked.borrow_mut().drain().collect();
+        for id in acked {
+            if let Some(c) = self.conn(id) {
+                c.flush_received(self);
             }
         }
         let active: Vec<u64> = self.rigor_active.borrow().iter().copied().collect();
@@ -279,6 +337,7 @@ fn run_shard(
             conns: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS, 0)),
             rigor_active: RefCell::new(HashSet::new()),
+            acked: RefCell::new(HashSet::new()),
             next_conn: Cell::new(0),
             epoch: Instant::now(),
             tick_ms,

@@ -85,4 +85,26 @@ impl Backend for InProcessBackend {
         let user = user.to_string();
         self.run(async move { services.messages.sync(&user, &known, limit).await })
     }
+
+    fn mark_read(
+        &self,
+        user: &str,
+        conversation_id: String,
+        read_seq: u64,
+    ) -> LocalBoxFuture<Result<u64, BackendError>> {
+        let services = self.services.clone();
+        let user = user.to_string();
+        self.run(async move { services.messages.mark_read(&user, &conversation_id, read_seq).await })
+    }
+
+    fn mark_received(&self, user: &str, acked: Vec<(String, u64)>) -> LocalBoxFuture<()> {
+        let services = self.services.clone();
+        let user = user.to_string();
+        let done = self.run(async move { services.messages.mark_received(&user, &acked).await });
+        Box::pin(async move {
+            if let Err(e) = done.await {
+                tracing::warn!(code = e.code, "recording received pushes failed");
+            }
+        })
+    }
 }

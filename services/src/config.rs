@@ -67,6 +67,12 @@ pub struct Overrides {
     /// Token lifetime in seconds (default 7 days).
     #[arg(long, env = "SAI_TOKEN_TTL_SECS", global = true)]
     pub token_ttl_secs: Option<i64>,
+    /// Private chat only between friends (`chat.require_friendship`, default true).
+    #[arg(long, env = "SAI_REQUIRE_FRIENDSHIP", global = true)]
+    pub require_friendship: Option<bool>,
+    /// Most members of a group (default 2000).
+    #[arg(long, env = "SAI_MAX_GROUP_MEMBERS", global = true)]
+    pub max_group_members: Option<u32>,
     /// JWT signing secret; when unset one is generated and kept in the data dir.
     #[arg(long, env = "SAI_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -101,6 +107,40 @@ pub struct Config {
     pub token_ttl_secs: i64,
     /// JWT secret (generated and stored in the data dir when absent).
     pub jwt_secret: Option<String>,
+    /// Chat policy (`[chat]` table).
+    pub chat: ChatConfig,
+    /// Groups (`[group]` table).
+    pub group: GroupConfig,
+}
+
+/// `[chat]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Private chat only between friends.
+    pub require_friendship: bool,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            require_friendship: true,
+        }
+    }
+}
+
+/// `[group]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Most members of a group.
+    pub max_members: u32,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        Self { max_members: 2000 }
+    }
 }
 
 fn de_ack_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<AckMode, D::Error> {
@@ -124,6 +164,8 @@ impl Default for Config {
             bcrypt_cost: 12,
             token_ttl_secs: 7 * 24 * 3600,
             jwt_secret: None,
+            chat: ChatConfig::default(),
+            group: GroupConfig::default(),
         }
     }
 }
@@ -153,6 +195,12 @@ impl Config {
             bcrypt_cost,
             token_ttl_secs
         );
+        if let Some(v) = o.require_friendship {
+            c.chat.require_friendship = v;
+        }
+        if let Some(v) = o.max_group_members {
+            c.group.max_members = v;
+        }
         if o.jwt_secret.is_some() {
             c.jwt_secret = o.jwt_secret;
         }
@@ -172,6 +220,9 @@ impl Config {
         }
         if self.max_outbound_bytes < self.max_frame_bytes {
             return Err("max_outbound_bytes must be at least max_frame_bytes".into());
+        }
+        if self.group.max_members < 2 {
+            return Err("group.max_members must be at least 2".into());
         }
         if self.token_ttl_secs <= 0 {
             return Err("token_ttl_secs must be positive".into());

@@ -154,7 +154,7 @@ impl MessageService for MessageGrpc {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::HistoryResponse {
-            messages: msgs.into_iter().map(to_pb).collect(),
+            messages: msgs.into_iter().map(|m| to_pb(m.push)).collect(),
         }))
     }
 }

@@ -6,6 +6,21 @@
 //! | `POST /v1/users/login` | - | `{"username","password"}` | `{"token","userId","expiresAt"}` |
 //! | `GET /v1/users/me` | bearer | - | `{"userId","username","nickname","createdAt"}` |
 //! | `GET /v1/conversations/{id}/messages` | bearer | `beforeSeq`, `limit` | `{"messages":[..]}` newest first |
+//! | `GET /v1/conversations` | bearer | `offset`, `limit` | `{"conversations":[..]}` newest activity first |
+//! | `POST /v1/conversations/{id}/read` | bearer | `{"readSeq"}` | `{"conversationId","readSeq"}` |
+//! | `GET /v1/conversations/{id}/messages/{seq}/reads` | bearer | - | `{"readCount","unreadCount","readerIds"}` |
+//! | `POST /v1/friends/requests` | bearer | `{"toUserId","message"}` | `{"requestId"}` |
+//! | `GET /v1/friends/requests` | bearer | - | `{"requests":[..]}` incoming, pending |
+//! | `POST /v1/friends/requests/{id}/accept` and `/reject` | bearer | - | `{"requestId","status"}` |
+//! | `GET /v1/friends` | bearer | - | `{"friends":[..]}` |
+//! | `DELETE /v1/friends/{userId}` | bearer | - | 204 |
+//! | `POST /v1/groups` | bearer | `{"name","memberIds"}` | `{"groupId"}` |
+//! | `GET /v1/groups` | bearer | - | `{"groups":[..]}` |
+//! | `GET /v1/groups/{id}` | bearer | - | the group |
+//! | `GET /v1/groups/{id}/members` | bearer | - | `{"members":[..]}` |
+//! | `POST /v1/groups/{id}/members` | bearer | `{"userIds"}` | `{"added":[..]}` |
+//! | `DELETE /v1/groups/{id}/members/{userId}` | bearer | - | 204 |
+//! | `PUT /v1/groups/{id}/members/{userId}/role` | bearer | `{"role"}` | 204 |
 //! | `GET /healthz` | - | - | `{"status":"ok"}` |
 
 use crate::error::ServiceError;
@@ -15,7 +30,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -51,7 +66,23 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/users/register", post(register))
         .route("/v1/users/login", post(login))
         .route("/v1/users/me", get(me))
+        .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{id}/messages", get(history))
+        .route("/v1/conversations/{id}/read", post(mark_read))
+        .route("/v1/conversations/{id}/messages/{seq}/reads", get(reads))
+        .route("/v1/friends/requests", post(request_friend).get(incoming_requests))
+        .route("/v1/friends/requests/{id}/accept", post(accept_request))
+        .route("/v1/friends/requests/{id}/reject", post(reject_request))
+        .route("/v1/friends", get(friends))
+        .route("/v1/friends/{user_id}", axum::routing::delete(unfriend))
+        .route("/v1/groups", post(create_group).get(my_groups))
+        .route("/v1/groups/{id}", get(group))
+        .route("/v1/groups/{id}/members", get(group_members).post(add_members))
+        .route(
+            "/v1/groups/{id}/members/{user_id}",
+            axum::routing::delete(remove_member),
+        )
+        .route("/v1/groups/{id}/members/{user_id}/role", put(set_role))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .fallback(|| async {
             ApiError(ServiceError::NotFound {
@@ -164,4 +195,228 @@ async fn history(
     let limit = query_u64(&q, "limit")?.map(|l| u32::try_from(l).unwrap_or(u32::MAX));
     let msgs = s.messages.history(&user_id, &id, before, limit).await?;
     Ok(Json(json!({ "messages": msgs })).into_response())
+}
+
+async fn conversations(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let offset = query_u64(&q, "offset")?.unwrap_or(0);
+    let limit = query_u64(&q, "limit")?.unwrap_or(50);
+    let list = s
+        .messages
+        .conversations(
+            &user_id,
+            u32::try_from(offset).unwrap_or(u32::MAX),
+            u32::try_from(limit).unwrap_or(u32::MAX),
+        )
+        .await?;
+    Ok(Json(json!({ "conversations": list })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReadBody {
+    read_seq: Option<u64>,
+}
+
+async fn mark_read(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let b: ReadBody = parse_body(&body)?;
+    let read_seq = b
+        .read_seq
+        .ok_or_else(|| ApiError(ServiceError::invalid("missing_field", "missing field readSeq")))?;
+    let now = s.messages.mark_read(&user_id, &id, read_seq).await?;
+    Ok(Json(json!({ "conversationId": id, "readSeq": now })).into_response())
+}
+
+async fn reads(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    Path((id, seq)): Path<(String, String)>,
+) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let seq: u64 = seq.parse().map_err(|_| {
+        ApiError(ServiceError::invalid(
+            "invalid_query",
+            "seq must be a non-negative integer",
+        ))
+    })?;
+    let r = s.messages.reads(&user_id, &id, seq).await?;
+    Ok(Json(r).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FriendRequestBody {
+    to_user_id: Option<String>,
+    #[serde(default)]
+    message: String,
+}
+
+async fn request_friend(State(s): State<Arc<Services>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let b: FriendRequestBody = parse_body(&body)?;
+    let to = required(&b.to_user_id, "toUserId")?;
+    let id = s.social.request_friend(&user_id, to, &b.message).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "requestId": id }))).into_response())
+}
+
+async fn incoming_requests(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let reqs: Vec<_> = s
+        .social
+        .incoming(&user_id)
+        .await?
+        .into_iter()
+        .map(|r| {
+            json!({"requestId": r.request_id, "fromUserId": r.from_user, "message": r.message,
+                   "status": r.status, "createdAt": r.created_at})
+        })
+        .collect();
+    Ok(Json(json!({ "requests": reqs })).into_response())
+}
+
+async fn answer(s: &Services, headers: &HeaderMap, id: &str, accept: bool) -> ApiResult {
+    let user_id = caller(s, headers)?;
+    s.social.answer(&user_id, id, accept).await?;
+    let status = if accept { "accepted" } else { "rejected" };
+    Ok(Json(json!({ "requestId": id, "status": status })).into_response())
+}
+
+async fn accept_request(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    answer(&s, &headers, &id, true).await
+}
+
+async fn reject_request(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    answer(&s, &headers, &id, false).await
+}
+
+async fn friends(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let mut out = Vec::new();
+    for f in s.social.friends(&user_id).await? {
+        let u = s.users.get(&f.user_id).await?;
+        out.push(json!({"userId": f.user_id, "username": u.username, "nickname": u.nickname, "since": f.since}));
+    }
+    Ok(Json(json!({ "friends": out })).into_response())
+}
+
+async fn unfriend(State(s): State<Arc<Services>>, headers: HeaderMap, Path(other): Path<String>) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    s.social.unfriend(&user_id, &other).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateGroupBody {
+    name: Option<String>,
+    #[serde(default)]
+    member_ids: Vec<String>,
+}
+
+async fn create_group(State(s): State<Arc<Services>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let b: CreateGroupBody = parse_body(&body)?;
+    let name = required(&b.name, "name")?;
+    let id = s.social.create_group(&user_id, name, &b.member_ids).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "groupId": id }))).into_response())
+}
+
+fn group_json(g: &sai_storage::Group, role: &str) -> serde_json::Value {
+    json!({"groupId": g.group_id, "name": g.name, "ownerId": g.owner_id, "memberCount": g.member_count,
+           "createdAt": g.created_at, "conversationId": crate::social::group_conversation_id(&g.group_id),
+           "role": role})
+}
+
+fn member_json(m: &sai_storage::GroupMember) -> serde_json::Value {
+    json!({"userId": m.user_id, "role": m.role, "joinedAt": m.joined_at})
+}
+
+async fn my_groups(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let groups: Vec<_> = s
+        .social
+        .groups_of(&user_id)
+        .await?
+        .iter()
+        .map(|(g, m)| group_json(g, &m.role))
+        .collect();
+    Ok(Json(json!({ "groups": groups })).into_response())
+}
+
+async fn group(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let (g, me) = s.social.group_for(&user_id, &id).await?;
+    Ok(Json(group_json(&g, &me.role)).into_response())
+}
+
+async fn group_members(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    s.social.group_for(&user_id, &id).await?;
+    let members: Vec<_> = s.social.members(&id).await?.iter().map(member_json).collect();
+    Ok(Json(json!({ "members": members })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AddMembersBody {
+    user_ids: Option<Vec<String>>,
+}
+
+async fn add_members(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let b: AddMembersBody = parse_body(&body)?;
+    let ids = b
+        .user_ids
+        .ok_or_else(|| ApiError(ServiceError::invalid("missing_field", "missing field userIds")))?;
+    let added: Vec<_> = s
+        .social
+        .add_members(&user_id, &id, &ids)
+        .await?
+        .iter()
+        .map(member_json)
+        .collect();
+    Ok(Json(json!({ "added": added })).into_response())
+}
+
+async fn remove_member(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    Path((id, target)): Path<(String, String)>,
+) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    s.social.remove_member(&user_id, &id, &target).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct RoleBody {
+    role: Option<String>,
+}
+
+async fn set_role(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    Path((id, target)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let user_id = caller(&s, &headers)?;
+    let b: RoleBody = parse_body(&body)?;
+    let role = required(&b.role, "role")?;
+    s.social.set_role(&user_id, &id, &target, role).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`users`]: registration (bcrypt), login, tokens ([`auth`]: HS256 JWT).
-//! - [`messages`]: send with per-conversation seq and idempotency, sync, history.
+//! - [`messages`]: send with per-conversation seq and idempotency, sync, history, read state,
+//!   read receipts ([`receipts`]: the bitmap codec) and the conversation list.
+//! - [`social`]: friend requests, friendships, groups.
 //! - [`sqlite`]: the embedded storage adapter (reference implementation of `sai-storage`).
 //! - [`http`]: the HTTP JSON API (axum); [`grpc`]: the tonic services.
 //! - [`bridge`]: the gateway's [`sai_gateway::Backend`], handing work from monoio shards to the
@@ -17,11 +19,14 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod messages;
+pub mod receipts;
 pub mod server;
+pub mod social;
 pub mod sqlite;
 pub mod users;
 
-use std::sync::Arc;
+use serde::Serialize;
+use std::sync::{Arc, OnceLock};
 
 /// Wall-clock time, injected so tests can control it.
 pub trait Clock: Send + Sync + 'static {
@@ -48,4 +53,28 @@ pub struct Services {
     pub users: Arc<users::UserService>,
     /// Messages.
     pub messages: Arc<messages::MessageService>,
+    /// Friends and groups.
+    pub social: Arc<social::SocialService>,
+}
+
+/// Where notifications (read receipts, friend requests) go: the gateway's [`sai_gateway::Notifier`]
+/// once the gateway runs. Notifications are best effort: an offline user gets nothing (what they
+/// announce can always be fetched over HTTP).
+#[derive(Default)]
+pub struct Notifications {
+    gateway: OnceLock<sai_gateway::Notifier>,
+}
+
+impl Notifications {
+    /// Connects the gateway (once).
+    pub fn attach(&self, n: sai_gateway::Notifier) {
+        let _ = self.gateway.set(n);
+    }
+
+    /// Sends `{"frameType":0,"method":<method>,"data":<data>}` to `user` if online.
+    pub fn send<T: Serialize>(&self, user: &str, method: &str, data: &T) {
+        if let Some(g) = self.gateway.get() {
+            g.notify(user, Arc::from(sai_proto::im::data_frame(None, method, data)));
+        }
+    }
 }

@@ -1,10 +1,14 @@
-//! The message service: send (seq + idempotency), sync after seqs, and history pages.
+//! The message service: send (seq + idempotency), sync after seqs, history pages, read state,
+//! read receipts and the conversation list.
 
 use crate::error::ServiceError;
+use crate::receipts::{self, RoaringCodec};
+use crate::social::{group_conversation_id, SocialService};
 use crate::users::UserService;
-use crate::Clock;
-use sai_proto::im::{ChatAck, ChatType, Push, SyncPage};
-use sai_storage::{Appended, MessageStore, NewMessage, StoredMessage};
+use crate::{Clock, Notifications};
+use sai_proto::im::{method, ChatAck, ChatType, Push, SyncPage};
+use sai_storage::{Appended, ConversationSummary, MemberState, MessageStore, NewMessage, StoredMessage};
+use serde::Serialize;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +17,8 @@ use std::sync::Arc;
 pub const DEFAULT_PAGE: u32 = 100;
 /// Largest page of history.
 pub const MAX_PAGE: u32 = 500;
+/// Largest page of the conversation list.
+pub const MAX_CONVERSATIONS_PAGE: u32 = 200;
 
 /// What a send produced.
 #[derive(Debug)]
@@ -26,11 +32,72 @@ pub struct Sent {
     pub recipients: Vec<String>,
 }
 
+/// A message as history shows it: the push fields plus its delivery state.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryMessage {
+    /// The message.
+    #[serde(flatten)]
+    pub push: Push,
+    /// Private chats, the caller's own messages: `sent`, `received` or `read`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'static str>,
+    /// Groups: how many members have read it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_count: Option<u64>,
+}
+
+/// Who has read one message.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reads {
+    /// Members (other than the sender, and who could see it) that read it.
+    pub read_count: u64,
+    /// Those that have not.
+    pub unread_count: u64,
+    /// The readers.
+    pub reader_ids: Vec<String>,
+}
+
+/// A conversation list entry.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationEntry {
+    /// Conversation id.
+    pub conversation_id: String,
+    /// 1 group, 2 private.
+    pub chat_type: u8,
+    /// Private: the other user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<String>,
+    /// Group: its id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Newest message.
+    pub last_message: Option<Push>,
+    /// Newest seq.
+    pub max_seq: u64,
+    /// The caller's read position.
+    pub read_seq: u64,
+    /// Messages after `read_seq` not sent by the caller.
+    pub unread: u64,
+}
+
+/// Chat policy.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatPolicy {
+    /// Private chat only between friends.
+    pub require_friendship: bool,
+}
+
 /// Messages.
 pub struct MessageService {
     store: Arc<dyn MessageStore>,
     users: Arc<UserService>,
+    social: Arc<SocialService>,
+    notes: Arc<Notifications>,
     clock: Arc<dyn Clock>,
+    policy: ChatPolicy,
 }
 
 /// `si_<a>_<b>` with `a < b`.
@@ -40,6 +107,13 @@ pub fn private_conversation_id(a: &str, b: &str) -> String {
     } else {
         format!("si_{b}_{a}")
     }
+}
+
+/// The other user of a private conversation id.
+fn peer_of(conversation_id: &str, me: &str) -> Option<String> {
+    let rest = conversation_id.strip_prefix("si_")?;
+    let (a, b) = rest.split_once('_')?;
+    Some(if a == me { b } else { a }.to_string())
 }
 
 /// A stored message as a push.
@@ -61,10 +135,31 @@ pub fn to_push(m: StoredMessage) -> Result<Push, ServiceError> {
     })
 }
 
+fn not_a_member() -> ServiceError {
+    ServiceError::Forbidden {
+        code: "not_a_member",
+        message: "you are not a member of this conversation".into(),
+    }
+}
+
 impl MessageService {
     /// A service over `store`.
-    pub fn new(store: Arc<dyn MessageStore>, users: Arc<UserService>, clock: Arc<dyn Clock>) -> Self {
-        Self { store, users, clock }
+    pub fn new(
+        store: Arc<dyn MessageStore>,
+        users: Arc<UserService>,
+        social: Arc<SocialService>,
+        notes: Arc<Notifications>,
+        clock: Arc<dyn Clock>,
+        policy: ChatPolicy,
+    ) -> Self {
+        Self {
+            store,
+            users,
+            social,
+            notes,
+            clock,
+            policy,
+        }
     }
 
     /// Stores a message from `sender` and says whom to push it to.
@@ -76,25 +171,50 @@ impl MessageService {
         client_msg_id: &str,
         msg: &RawValue,
     ) -> Result<Sent, ServiceError> {
-        if chat_type != ChatType::Private {
-            return Err(ServiceError::invalid(
-                "unsupported_chat_type",
-                "only private chat (chatType 2) is supported",
-            ));
-        }
-        if recv_id == sender {
-            return Err(ServiceError::invalid(
-                "invalid_recipient",
-                "cannot send a message to yourself",
-            ));
-        }
-        if !self.users.exists(recv_id).await? {
-            return Err(ServiceError::NotFound {
-                code: "recipient_not_found",
-                message: "recipient does not exist".into(),
-            });
-        }
-        let conversation_id = private_conversation_id(sender, recv_id);
+        let (conversation_id, members, recipients) = match chat_type {
+            ChatType::Private => {
+                if recv_id == sender {
+                    return Err(ServiceError::invalid(
+                        "invalid_recipient",
+                        "cannot send a message to yourself",
+                    ));
+                }
+                if !self.users.exists(recv_id).await? {
+                    return Err(ServiceError::NotFound {
+                        code: "recipient_not_found",
+                        message: "recipient does not exist".into(),
+                    });
+                }
+                if self.policy.require_friendship && !self.social.are_friends(sender, recv_id).await? {
+                    return Err(ServiceError::Forbidden {
+                        code: "not_friends",
+                        message: "private chat requires friendship".into(),
+                    });
+                }
+                (
+                    private_conversation_id(sender, recv_id),
+                    vec![sender.to_string(), recv_id.to_string()],
+                    vec![recv_id.to_string()],
+                )
+            }
+            ChatType::Group => {
+                if !self.social.group_exists(recv_id).await? {
+                    return Err(ServiceError::NotFound {
+                        code: "recipient_not_found",
+                        message: "group does not exist".into(),
+                    });
+                }
+                let members = self.social.members(recv_id).await?;
+                if !members.iter().any(|m| m.user_id == sender) {
+                    return Err(ServiceError::Forbidden {
+                        code: "not_a_member",
+                        message: "only members can send to a group".into(),
+                    });
+                }
+                let recipients = members.into_iter().map(|m| m.user_id).filter(|u| u != sender).collect();
+                (group_conversation_id(recv_id), Vec::new(), recipients)
+            }
+        };
         let appended = self
             .store
             .append(NewMessage {
@@ -106,7 +226,7 @@ impl MessageService {
                 msg_id: uuid::Uuid::new_v4().simple().to_string(),
                 send_time: self.clock.now_ms(),
                 body: msg.get().to_string(),
-                members: vec![sender.to_string(), recv_id.to_string()],
+                members,
             })
             .await?;
         let (stored, fresh) = match appended {
@@ -127,15 +247,11 @@ impl MessageService {
             send_time: stored.send_time,
         };
         let push = if fresh { Some(to_push(stored)?) } else { None };
-        Ok(Sent {
-            ack,
-            push,
-            recipients: vec![recv_id.to_string()],
-        })
+        Ok(Sent { ack, push, recipients })
     }
 
     /// Up to `limit` messages the user lacks, given the last seq it has per conversation
-    /// (conversations absent from `known` start at 0; unknown ids are ignored).
+    /// (conversations absent from `known` start where the user joined; unknown ids are ignored).
     pub async fn sync(&self, user: &str, known: &BTreeMap<String, u64>, limit: u32) -> Result<SyncPage, ServiceError> {
         let heads = self.store.conversations_of(user).await?;
         let mut page = SyncPage {
@@ -144,7 +260,7 @@ impl MessageService {
         };
         let mut room = limit;
         for h in heads {
-            let from = known.get(&h.conversation_id).copied().unwrap_or(0);
+            let from = known.get(&h.conversation_id).copied().unwrap_or(0).max(h.joined_seq);
             if h.max_seq > from {
                 if room == 0 {
                     page.complete = false;
@@ -164,6 +280,20 @@ impl MessageService {
         Ok(page)
     }
 
+    async fn member_states(
+        &self,
+        user: &str,
+        conversation_id: &str,
+    ) -> Result<(Vec<MemberState>, MemberState), ServiceError> {
+        let states = self.store.member_states(conversation_id).await?;
+        let me = states
+            .iter()
+            .find(|s| s.user_id == user)
+            .cloned()
+            .ok_or_else(not_a_member)?;
+        Ok((states, me))
+    }
+
     /// A page of history, newest first, for a member of the conversation.
     pub async fn history(
         &self,
@@ -171,7 +301,7 @@ impl MessageService {
         conversation_id: &str,
         before_seq: Option<u64>,
         limit: Option<u32>,
-    ) -> Result<Vec<Push>, ServiceError> {
+    ) -> Result<Vec<HistoryMessage>, ServiceError> {
         let limit = limit.unwrap_or(DEFAULT_PAGE);
         if limit == 0 || limit > MAX_PAGE {
             return Err(ServiceError::invalid(
@@ -179,13 +309,154 @@ impl MessageService {
                 format!("limit must be 1 to {MAX_PAGE}"),
             ));
         }
-        if !self.store.is_member(conversation_id, user).await? {
-            return Err(ServiceError::Forbidden {
-                code: "not_a_member",
-                message: "you are not a member of this conversation".into(),
+        let (states, me) = self.member_states(user, conversation_id).await?;
+        let msgs = self.store.messages_before(conversation_id, before_seq, limit).await?;
+        let peer = states.iter().find(|s| s.user_id != user);
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs.into_iter().filter(|m| m.seq > me.joined_seq) {
+            let (status, read_count) = if m.chat_type == ChatType::Group.as_u8() {
+                let count = match self.store.read_record(conversation_id, m.seq).await? {
+                    Some(r) => receipts::decode(r.format, &r.bytes)
+                        .map_err(|e| {
+                            tracing::error!(error = %e, "corrupt read record");
+                            ServiceError::Internal
+                        })?
+                        .len(),
+                    None => 0,
+                };
+                (None, Some(count))
+            } else if m.send_id == user {
+                let status = match peer {
+                    Some(p) if p.read_seq >= m.seq => "read",
+                    Some(p) if p.received_seq >= m.seq => "received",
+                    _ => "sent",
+                };
+                (Some(status), None)
+            } else {
+                (None, None)
+            };
+            out.push(HistoryMessage {
+                push: to_push(m)?,
+                status,
+                read_count,
             });
         }
-        let msgs = self.store.messages_before(conversation_id, before_seq, limit).await?;
-        msgs.into_iter().map(to_push).collect()
+        Ok(out)
+    }
+
+    /// Marks the conversation read up to `read_seq` (never backwards, clamped to the newest
+    /// seq). Private chats push a `conversation.read` receipt to the other member; groups record
+    /// the reader in each newly read message's bitmap. Returns the read seq in force.
+    pub async fn mark_read(&self, user: &str, conversation_id: &str, read_seq: u64) -> Result<u64, ServiceError> {
+        let group_id = conversation_id.strip_prefix("sg_");
+        let slot = match group_id {
+            Some(g) => Some(self.social.member(g, user).await?.ok_or_else(not_a_member)?.slot),
+            None => None,
+        };
+        let codec = RoaringCodec;
+        let (old, new) = self
+            .store
+            .mark_read(
+                conversation_id,
+                user,
+                read_seq,
+                slot.map(|s| (s, &codec as &dyn sai_storage::ReadBitmapCodec)),
+            )
+            .await?
+            .ok_or_else(not_a_member)?;
+        if new > old && group_id.is_none() {
+            if let Some(peer) = peer_of(conversation_id, user) {
+                self.notes.send(
+                    &peer,
+                    method::READ,
+                    &serde_json::json!({"conversationId": conversation_id, "readerId": user, "readSeq": new}),
+                );
+            }
+        }
+        Ok(new)
+    }
+
+    /// Records pushes the user's client acknowledged.
+    pub async fn mark_received(&self, user: &str, acked: &[(String, u64)]) -> Result<(), ServiceError> {
+        for (conv, seq) in acked {
+            self.store.mark_received(conv, user, *seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Who has read message `seq`.
+    pub async fn reads(&self, user: &str, conversation_id: &str, seq: u64) -> Result<Reads, ServiceError> {
+        let (states, me) = self.member_states(user, conversation_id).await?;
+        let msg = self
+            .store
+            .message(conversation_id, seq)
+            .await?
+            .filter(|m| m.seq > me.joined_seq)
+            .ok_or_else(|| ServiceError::NotFound {
+                code: "message_not_found",
+                message: "no such message".into(),
+            })?;
+        // Members other than the sender who could see the message.
+        let eligible: Vec<&MemberState> = states
+            .iter()
+            .filter(|s| s.user_id != msg.send_id && s.joined_seq < seq)
+            .collect();
+        let reader_ids: Vec<String> = match conversation_id.strip_prefix("sg_") {
+            Some(group_id) => {
+                let bitmap = match self.store.read_record(conversation_id, seq).await? {
+                    Some(r) => receipts::decode(r.format, &r.bytes).map_err(|e| {
+                        tracing::error!(error = %e, "corrupt read record");
+                        ServiceError::Internal
+                    })?,
+                    None => Default::default(),
+                };
+                let members = self.social.members(group_id).await?;
+                members
+                    .into_iter()
+                    .filter(|m| bitmap.contains(m.slot) && eligible.iter().any(|s| s.user_id == m.user_id))
+                    .map(|m| m.user_id)
+                    .collect()
+            }
+            None => eligible
+                .iter()
+                .filter(|s| s.read_seq >= seq)
+                .map(|s| s.user_id.clone())
+                .collect(),
+        };
+        Ok(Reads {
+            read_count: reader_ids.len() as u64,
+            unread_count: (eligible.len() - reader_ids.len()) as u64,
+            reader_ids,
+        })
+    }
+
+    /// The user's conversations, newest activity first.
+    pub async fn conversations(
+        &self,
+        user: &str,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<ConversationEntry>, ServiceError> {
+        if limit == 0 || limit > MAX_CONVERSATIONS_PAGE {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be 1 to {MAX_CONVERSATIONS_PAGE}"),
+            ));
+        }
+        let rows: Vec<ConversationSummary> = self.store.conversation_summaries(user, offset, limit).await?;
+        rows.into_iter()
+            .map(|c| {
+                Ok(ConversationEntry {
+                    peer_id: peer_of(&c.conversation_id, user),
+                    group_id: c.conversation_id.strip_prefix("sg_").map(str::to_string),
+                    conversation_id: c.conversation_id,
+                    chat_type: c.chat_type,
+                    last_message: c.last_message.map(to_push).transpose()?,
+                    max_seq: c.max_seq,
+                    read_seq: c.read_seq,
+                    unread: c.unread,
+                })
+            })
+            .collect()
     }
 }

@@ -3,10 +3,11 @@
 use crate::auth::JwtKeys;
 use crate::bridge::InProcessBackend;
 use crate::config::Config;
-use crate::messages::MessageService;
+use crate::messages::{ChatPolicy, MessageService};
+use crate::social::SocialService;
 use crate::sqlite::SqliteStore;
 use crate::users::UserService;
-use crate::{Services, SystemClock};
+use crate::{Notifications, Services, SystemClock};
 use sai_gateway::Gateway;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -71,8 +72,30 @@ pub async fn run(
         cfg.bcrypt_cost,
         cfg.token_ttl_secs,
     )?);
-    let messages = Arc::new(MessageService::new(store.clone(), users.clone(), clock));
-    let services = Arc::new(Services { users, messages });
+    let notes = Arc::new(Notifications::default());
+    let social = Arc::new(SocialService::new(
+        store.clone(),
+        users.clone(),
+        notes.clone(),
+        clock.clone(),
+        cfg.group.max_members,
+    ));
+    let policy = ChatPolicy {
+        require_friendship: cfg.chat.require_friendship,
+    };
+    let messages = Arc::new(MessageService::new(
+        store.clone(),
+        users.clone(),
+        social.clone(),
+        notes.clone(),
+        clock,
+        policy,
+    ));
+    let services = Arc::new(Services {
+        users,
+        messages,
+        social,
+    });
 
     let http_l = tokio::net::TcpListener::bind(cfg.http_listen)
         .await
@@ -86,6 +109,7 @@ pub async fn run(
     ));
     let gateway = Gateway::start(cfg.ws_listen, cfg.gateway(), backend)
         .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
+    notes.attach(gateway.notifier());
     let bound = Bound {
         ws: gateway.local_addr(),
         http: http_l.local_addr().map_err(io("HTTP address"))?,

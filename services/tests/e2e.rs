@@ -57,6 +57,7 @@ fn chat_both_ways(mode: &str) {
     let s = Server::start(&["--ack-mode", mode]);
     let (alice, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
+    s.befriend(&ta, &bob, &tb);
     let mut a = s.connect(&ta);
     let mut b = s.connect(&tb);
 
@@ -123,6 +124,7 @@ fn rigor_resends_unacked_pushes_until_acked() {
     let s = Server::start(&["--ack-mode", "rigor"]);
     let (_, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
+    s.befriend(&ta, &bob, &tb);
     let mut a = s.connect(&ta);
     let mut b = s.connect(&tb);
     a.chat(&bob, "m1", "are you there");
@@ -145,6 +147,8 @@ fn offline_messages_arrive_through_sync_in_order_exactly_once() {
     let (alice, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
     let (carol, tc) = s.user("carol");
+    s.befriend(&ta, &bob, &tb);
+    s.befriend(&tc, &bob, &tb);
     let mut a = s.connect(&ta);
     for i in 1..=5 {
         a.chat(&bob, &format!("ab-{i}"), &format!("msg {i}"));
@@ -191,6 +195,7 @@ fn resent_client_msg_id_is_stored_once() {
     let s = Server::start(&[]);
     let (_, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
+    s.befriend(&ta, &bob, &tb);
     let mut a = s.connect(&ta);
     let mut b = s.connect(&tb);
     a.chat(&bob, "same", "once");
@@ -219,6 +224,7 @@ fn seq_survives(graceful: bool) {
     let mut s = Server::start(&[]);
     let (_, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
+    s.befriend(&ta, &bob, &tb);
     let mut a = s.connect(&ta);
     a.chat(&bob, "r1", "before");
     a.recv();
@@ -254,6 +260,7 @@ fn second_login_replaces_the_first_with_4001() {
     let s = Server::start(&[]);
     let (_, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
+    s.befriend(&ta, &bob, &tb);
     let mut first = s.connect(&ta);
     let mut second = s.connect(&ta);
     let (code, reason) = first.expect_close();
@@ -308,7 +315,8 @@ fn heartbeats_keep_a_connection_alive_and_are_answered() {
 fn bad_input_gets_error_frames_and_the_connection_stays_open() {
     let s = Server::start(&[]);
     let (_, ta) = s.user("alice");
-    let (bob, _) = s.user("bob");
+    let (bob, tb) = s.user("bob");
+    s.befriend(&ta, &bob, &tb);
     let mut a = s.connect(&ta);
     let cases: Vec<(String, &str)> = vec![
         ("{not json".into(), "invalid_json"),
@@ -434,8 +442,9 @@ fn bad_tokens_get_401_and_no_upgrade() {
 fn history_pages_newest_first_for_members_only() {
     let s = Server::start(&[]);
     let (_, ta) = s.user("alice");
-    let (bob, _) = s.user("bob");
+    let (bob, tb) = s.user("bob");
     let (_, tc) = s.user("carol");
+    s.befriend(&ta, &bob, &tb);
     let mut a = s.connect(&ta);
     let mut conv = String::new();
     for i in 1..=7 {
@@ -494,7 +503,7 @@ fn grpc_services_work_against_the_same_storage() {
     use pb::user_service_client::UserServiceClient;
     use sai_services::grpc::pb;
 
-    let s = Server::start(&[]);
+    let s = Server::start(&["--require-friendship", "false"]);
     let (alice, ta) = s.user("alice");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

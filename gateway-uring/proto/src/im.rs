@@ -30,6 +30,14 @@ pub mod method {
     pub const CHAT: &str = "conversation.chat";
     /// Fetch everything after the given per-conversation seqs.
     pub const SYNC: &str = "conversation.sync";
+    /// Mark a conversation read up to a seq.
+    pub const MARK_READ: &str = "conversation.markChat";
+    /// Server-to-client read receipt (private chats).
+    pub const READ: &str = "conversation.read";
+    /// Server-to-client: someone sent you a friend request.
+    pub const FRIEND_REQUEST: &str = "friend.request";
+    /// Server-to-client: your friend request was accepted.
+    pub const FRIEND_ACCEPTED: &str = "friend.accepted";
     /// Server-to-client message delivery.
     pub const PUSH: &str = "push";
 }
@@ -164,6 +172,15 @@ pub enum Request {
         /// The payload.
         chat: ChatRequest,
     },
+    /// `conversation.markChat`: everything up to `read_seq` is read.
+    MarkRead {
+        /// The frame id, echoed in the ack.
+        id: Option<String>,
+        /// Conversation.
+        conversation_id: String,
+        /// New read position.
+        read_seq: u64,
+    },
     /// `conversation.sync`: conversation id -> last seq the client has (empty: everything).
     Sync {
         /// The frame id, echoed in the reply.
@@ -189,6 +206,13 @@ struct RawChat {
     recv_id: Option<String>,
     client_msg_id: Option<String>,
     msg: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawMarkRead {
+    conversation_id: Option<String>,
+    read_seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -248,6 +272,25 @@ pub fn parse_request(text: &str) -> Result<Request, ProtoError> {
                 method::CHAT => {
                     let chat = parse_chat(id.as_ref(), raw.data.as_deref())?;
                     Ok(Request::Chat { id, want_ack, chat })
+                }
+                method::MARK_READ => {
+                    let err = |code, m: &str| ProtoError::new(id.clone(), code, m);
+                    let d = raw
+                        .data
+                        .ok_or_else(|| err(ErrorCode::MissingField, "missing field data"))?;
+                    let m: RawMarkRead = serde_json::from_str(d.get())
+                        .map_err(|e| err(ErrorCode::InvalidField, &format!("data: {e}")))?;
+                    let conversation_id = m
+                        .conversation_id
+                        .ok_or_else(|| err(ErrorCode::MissingField, "missing field data.conversationId"))?;
+                    let read_seq = m
+                        .read_seq
+                        .ok_or_else(|| err(ErrorCode::MissingField, "missing field data.readSeq"))?;
+                    Ok(Request::MarkRead {
+                        id,
+                        conversation_id,
+                        read_seq,
+                    })
                 }
                 method::SYNC => {
                     let conversations = match raw.data {

@@ -41,24 +41,26 @@ impl Default for PendingConfig {
 }
 
 #[derive(Debug)]
-struct Entry {
+struct Entry<T> {
     id: u64,
     frame: String,
+    tag: T,
     resends: u32,
     deadline: Instant,
 }
 
-/// The pending set of one connection.
+/// The pending set of one connection. `T` is what the caller wants back when a push is acked
+/// (the gateway keeps the conversation and seq, to record the message as received).
 #[derive(Debug)]
-pub struct Pending {
+pub struct Pending<T = ()> {
     cfg: PendingConfig,
     next_id: u64,
-    entries: VecDeque<Entry>,
+    entries: VecDeque<Entry<T>>,
     /// Pushes given up on (retries exhausted or evicted); the client must resync to get them.
     pub dropped: u64,
 }
 
-impl Pending {
+impl<T> Pending<T> {
     /// An empty set.
     pub fn new(cfg: PendingConfig) -> Self {
         Self {
@@ -77,7 +79,7 @@ impl Pending {
     }
 
     /// Starts tracking a sent push. Ids must come from [`Self::allocate`], in order.
-    pub fn track(&mut self, id: u64, frame: String, now: Instant) {
+    pub fn track(&mut self, id: u64, frame: String, tag: T, now: Instant) {
         if self.entries.len() >= self.cfg.capacity.max(1) {
             self.entries.pop_front();
             self.dropped += 1;
@@ -85,23 +87,17 @@ impl Pending {
         self.entries.push_back(Entry {
             id,
             frame,
+            tag,
             resends: 0,
             deadline: now + self.cfg.initial_backoff,
         });
     }
 
-    /// The client acked `id`. Returns whether it was pending.
-    pub fn ack(&mut self, id: &str) -> bool {
-        let Ok(id) = id.parse::<u64>() else {
-            return false;
-        };
-        match self.entries.binary_search_by_key(&id, |e| e.id) {
-            Ok(i) => {
-                self.entries.remove(i);
-                true
-            }
-            Err(_) => false,
-        }
+    /// The client acked `id`. Returns the push's tag if it was pending.
+    pub fn ack(&mut self, id: &str) -> Option<T> {
+        let id = id.parse::<u64>().ok()?;
+        let i = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
+        self.entries.remove(i).map(|e| e.tag)
     }
 
     /// Appends every push due at `now` to `out` for resending and reschedules it, dropping those
@@ -163,7 +159,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pending::new(cfg());
         let id = p.allocate();
-        p.track(id, "f".into(), t0);
+        p.track(id, "f".into(), (), t0);
         let mut out = Vec::new();
         p.poll(t0 + Duration::from_millis(99), &mut out);
         assert!(out.is_empty());
@@ -185,14 +181,14 @@ mod tests {
         let mut p = Pending::new(cfg());
         for _ in 0..4 {
             let id = p.allocate();
-            p.track(id, id.to_string(), t0);
+            p.track(id, id.to_string(), id * 10, t0);
         }
         assert_eq!(p.len(), 3);
         assert_eq!(p.dropped, 1);
-        assert!(!p.ack("1"));
-        assert!(p.ack("3"));
-        assert!(!p.ack("3"));
-        assert!(!p.ack("x"));
+        assert_eq!(p.ack("1"), None);
+        assert_eq!(p.ack("3"), Some(30));
+        assert_eq!(p.ack("3"), None);
+        assert_eq!(p.ack("x"), None);
         let mut out = Vec::new();
         p.poll(t0 + Duration::from_secs(1), &mut out);
         assert_eq!(out, vec!["2", "4"]);

@@ -7,6 +7,8 @@
 //! several service processes sharing one database:
 //!
 //! - [`UserStore`]: accounts, unique usernames.
+//! - [`SocialStore`]: friend requests, friendships, groups and their members (each member holds a
+//!   dense `slot`, the bit it owns in the group's read-receipt bitmaps).
 //! - [`MessageStore`]: append-only conversations with a per-conversation `seq` that is strictly
 //!   increasing from 1, gapless, never reused, and assigned atomically with the idempotency check
 //!   on `(send_id, client_msg_id)`.
@@ -118,6 +120,180 @@ pub struct ConversationHead {
     pub conversation_id: String,
     /// Highest seq assigned (0: no message yet).
     pub max_seq: u64,
+    /// The user sees only messages after this seq (the conversation's max seq when they joined a
+    /// group; 0 for private chats).
+    pub joined_seq: u64,
+}
+
+/// One member's position in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    /// The member.
+    pub user_id: String,
+    /// Messages up to this seq are read (never moves backwards).
+    pub read_seq: u64,
+    /// Messages up to this seq were acknowledged by the member's client (rigor mode).
+    pub received_seq: u64,
+    /// See [`ConversationHead::joined_seq`].
+    pub joined_seq: u64,
+}
+
+/// A conversation as its member's conversation list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    /// Conversation id.
+    pub conversation_id: String,
+    /// 1 group, 2 private.
+    pub chat_type: u8,
+    /// Highest seq.
+    pub max_seq: u64,
+    /// The member's read position.
+    pub read_seq: u64,
+    /// Messages after `read_seq` not sent by the member.
+    pub unread: u64,
+    /// Time of the last message (ms since the epoch).
+    pub updated_at: i64,
+    /// The newest message the member can see.
+    pub last_message: Option<StoredMessage>,
+}
+
+/// How a read-receipt bitmap is encoded; the store keeps the bytes opaque, tagged with the codec's
+/// format number, so a new codec can take over while bitmaps in older formats stay readable.
+pub trait ReadBitmapCodec: Send + Sync {
+    /// The format number this codec writes.
+    fn format(&self) -> u8;
+    /// `existing` (in any format the codec reads) with `slot` added, encoded in [`Self::format`].
+    fn insert(&self, existing: Option<(u8, &[u8])>, slot: u32) -> Result<Vec<u8>, String>;
+}
+
+/// A stored read-receipt bitmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRecord {
+    /// Codec format number.
+    pub format: u8,
+    /// Encoded bitmap of member slots that have read the message.
+    pub bytes: Vec<u8>,
+}
+
+/// A friend request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FriendRequest {
+    /// Request id.
+    pub request_id: String,
+    /// Who asked.
+    pub from_user: String,
+    /// Who is asked.
+    pub to_user: String,
+    /// Free text.
+    pub message: String,
+    /// `pending`, `accepted` or `rejected`.
+    pub status: String,
+    /// ms since the epoch.
+    pub created_at: i64,
+}
+
+/// A friendship, from one side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Friend {
+    /// The friend.
+    pub user_id: String,
+    /// When the friendship began (ms).
+    pub since: i64,
+}
+
+/// A group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Group id.
+    pub group_id: String,
+    /// Name.
+    pub name: String,
+    /// Owner.
+    pub owner_id: String,
+    /// Members now.
+    pub member_count: u32,
+    /// ms since the epoch.
+    pub created_at: i64,
+}
+
+/// A group member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    /// The member.
+    pub user_id: String,
+    /// `owner`, `admin` or `member`.
+    pub role: String,
+    /// The member's bit in the group's read bitmaps. Slots are never reused within a group, so a
+    /// bit always means the same person.
+    pub slot: u32,
+    /// ms since the epoch.
+    pub joined_at: i64,
+}
+
+/// Why [`SocialStore::add_group_members`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AddMembersError {
+    /// The group would exceed its member limit.
+    #[error("group would have {would_have} members; the limit is {limit}")]
+    Full {
+        /// Members after the add.
+        would_have: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// The group does not exist.
+    #[error("no such group")]
+    NoGroup,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Friends and groups.
+#[async_trait]
+pub trait SocialStore: Send + Sync + 'static {
+    /// Stores a pending request; [`StoreError::Conflict`] if one is pending between the two users
+    /// in either direction.
+    async fn create_friend_request(&self, req: &FriendRequest) -> StoreResult<()>;
+    /// A request by id.
+    async fn friend_request(&self, request_id: &str) -> StoreResult<Option<FriendRequest>>;
+    /// Pending requests sent to `user_id`, oldest first.
+    async fn incoming_friend_requests(&self, user_id: &str) -> StoreResult<Vec<FriendRequest>>;
+    /// Moves a pending request to `accepted` (creating the friendship both ways) or `rejected`,
+    /// atomically. Returns false if it was not pending.
+    async fn resolve_friend_request(&self, request_id: &str, accept: bool, now: i64) -> StoreResult<bool>;
+    /// Friends of a user.
+    async fn friends_of(&self, user_id: &str) -> StoreResult<Vec<Friend>>;
+    /// Whether two users are friends.
+    async fn are_friends(&self, a: &str, b: &str) -> StoreResult<bool>;
+    /// Ends a friendship (both ways). Returns false if there was none.
+    async fn remove_friend(&self, a: &str, b: &str) -> StoreResult<bool>;
+
+    /// Creates a group with its members (the owner first, with role `owner`) and its
+    /// conversation `conversation_id`, atomically.
+    async fn create_group(&self, group: &Group, conversation_id: &str, members: &[String]) -> StoreResult<()>;
+    /// A group by id.
+    async fn group(&self, group_id: &str) -> StoreResult<Option<Group>>;
+    /// Groups a user belongs to, with the user's membership.
+    async fn groups_of(&self, user_id: &str) -> StoreResult<Vec<(Group, GroupMember)>>;
+    /// Members of a group, by slot.
+    async fn group_members(&self, group_id: &str) -> StoreResult<Vec<GroupMember>>;
+    /// One member.
+    async fn group_member(&self, group_id: &str, user_id: &str) -> StoreResult<Option<GroupMember>>;
+    /// Adds users (skipping existing members) with fresh slots and makes them members of the
+    /// group's conversation from its current max seq; refuses past `limit` members.
+    async fn add_group_members(
+        &self,
+        group_id: &str,
+        conversation_id: &str,
+        users: &[String],
+        limit: u32,
+        now: i64,
+    ) -> Result<Vec<GroupMember>, AddMembersError>;
+    /// Removes a member from the group and its conversation. Returns false if not a member.
+    async fn remove_group_member(&self, group_id: &str, conversation_id: &str, user_id: &str) -> StoreResult<bool>;
+    /// Changes a member's role. Returns false if not a member.
+    async fn set_group_role(&self, group_id: &str, user_id: &str, role: &str) -> StoreResult<bool>;
 }
 
 /// Conversations and their messages.
@@ -145,6 +321,32 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn conversations_of(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>>;
     /// Whether `user_id` belongs to the conversation.
     async fn is_member(&self, conversation_id: &str, user_id: &str) -> StoreResult<bool>;
+    /// The message with this seq.
+    async fn message(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<StoredMessage>>;
+    /// Every member's position in the conversation.
+    async fn member_states(&self, conversation_id: &str) -> StoreResult<Vec<MemberState>>;
+    /// The user's conversations, most recent activity first.
+    async fn conversation_summaries(
+        &self,
+        user_id: &str,
+        offset: u32,
+        limit: u32,
+    ) -> StoreResult<Vec<ConversationSummary>>;
+    /// Moves the member's read position to `read_seq` (clamped to the max seq; never backwards)
+    /// and, when `reader_slot` is given, adds it to the read bitmap of every message in the
+    /// advanced range not sent by the reader, atomically. Returns `(old, new)` read seqs, or
+    /// `None` if the user is not a member.
+    async fn mark_read(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        read_seq: u64,
+        reader_slot: Option<(u32, &dyn ReadBitmapCodec)>,
+    ) -> StoreResult<Option<(u64, u64)>>;
+    /// Raises the member's received position to `seq` (never backwards).
+    async fn mark_received(&self, conversation_id: &str, user_id: &str, seq: u64) -> StoreResult<()>;
+    /// The read bitmap of a message, if anyone has read it.
+    async fn read_record(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<ReadRecord>>;
 }
 
 pub mod conformance;

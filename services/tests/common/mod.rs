@@ -183,6 +183,19 @@ impl Server {
         )
     }
 
+    /// Makes two users friends through the HTTP request/accept flow.
+    pub fn befriend(&self, ta: &str, b_id: &str, tb: &str) {
+        let (st, v) = self.post(
+            "/v1/friends/requests",
+            &json!({"toUserId": b_id, "message": "hi"}),
+            Some(ta),
+        );
+        assert_eq!(st, 201, "{v}");
+        let id = v["requestId"].as_str().unwrap().to_string();
+        let (st, v) = self.post(&format!("/v1/friends/requests/{id}/accept"), &json!({}), Some(tb));
+        assert_eq!(st, 200, "{v}");
+    }
+
     pub fn connect(&self, token: &str) -> Client {
         Client::connect(&self.ws, token).unwrap_or_else(|e| panic!("connect: {e}"))
     }

@@ -11,7 +11,8 @@
 
 use async_trait::async_trait;
 use sai_storage::{
-    Appended, ConversationHead, MessageStore, NewMessage, StoreError, StoreResult, StoredMessage, User, UserStore,
+    Appended, ConversationHead, ConversationSummary, MemberState, MessageStore, NewMessage, ReadBitmapCodec,
+    ReadRecord, StoreError, StoreResult, StoredMessage, User, UserStore,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -23,10 +24,17 @@ use std::time::Duration;
 /// Reader connections.
 const READERS: u32 = 4;
 
-/// Schema version stored in `PRAGMA user_version` (the literal in `open` must match).
-const SCHEMA_VERSION: i64 = 1;
+mod social;
 
-const SCHEMA: &[&str] = &[
+/// Schema version stored in `PRAGMA user_version`: the number of [`MIGRATIONS`] applied.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Each step moves the schema one version up; a database at version `v` gets steps `v..`.
+/// Steps are only ever appended, never edited.
+const MIGRATIONS: &[&[&str]] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// Users, conversations, messages.
+const SCHEMA_V1: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS users (
         user_id TEXT PRIMARY KEY,
         username TEXT NOT NULL UNIQUE,
@@ -56,6 +64,50 @@ const SCHEMA: &[&str] = &[
     "CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (send_id, client_msg_id)",
 ];
 
+/// Read state, friends, groups, read receipts.
+const SCHEMA_V2: &[&str] = &[
+    "ALTER TABLE conversation_members ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE conversation_members ADD COLUMN received_seq INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE conversation_members ADD COLUMN joined_seq INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX conversation_members_by_conversation ON conversation_members (conversation_id)",
+    "CREATE TABLE friend_requests (
+        request_id TEXT PRIMARY KEY,
+        from_user TEXT NOT NULL,
+        to_user TEXT NOT NULL,
+        message TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at INTEGER NOT NULL)",
+    "CREATE INDEX friend_requests_incoming ON friend_requests (to_user, status, created_at)",
+    "CREATE UNIQUE INDEX friend_requests_one_pending ON friend_requests
+        (min(from_user, to_user), max(from_user, to_user)) WHERE status = 'pending'",
+    "CREATE TABLE friends (
+        user_id TEXT NOT NULL,
+        friend_id TEXT NOT NULL,
+        since INTEGER NOT NULL,
+        PRIMARY KEY (user_id, friend_id)) WITHOUT ROWID",
+    "CREATE TABLE chat_groups (
+        group_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        owner_id TEXT NOT NULL,
+        member_count INTEGER NOT NULL,
+        next_slot INTEGER NOT NULL,
+        created_at INTEGER NOT NULL)",
+    "CREATE TABLE group_members (
+        group_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        joined_at INTEGER NOT NULL,
+        PRIMARY KEY (group_id, user_id)) WITHOUT ROWID",
+    "CREATE INDEX group_members_by_user ON group_members (user_id)",
+    "CREATE TABLE read_records (
+        conversation_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        format INTEGER NOT NULL,
+        bitmap BLOB NOT NULL,
+        PRIMARY KEY (conversation_id, seq)) WITHOUT ROWID",
+];
+
 /// SQLite-backed [`UserStore`] + [`MessageStore`].
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -81,22 +133,7 @@ impl SqliteStore {
             .connect_with(opts.clone())
             .await
             .map_err(unavailable)?;
-        for stmt in SCHEMA {
-            sqlx::query(*stmt).execute(&writer).await.map_err(unavailable)?;
-        }
-        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-            .fetch_one(&writer)
-            .await
-            .map_err(unavailable)?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::Corrupt(format!(
-                "database schema version {version} is newer than this binary's {SCHEMA_VERSION}"
-            )));
-        }
-        sqlx::query("PRAGMA user_version = 1")
-            .execute(&writer)
-            .await
-            .map_err(unavailable)?;
+        migrate(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
             .connect_with(opts.read_only(true))
@@ -110,6 +147,30 @@ impl SqliteStore {
         self.reader.close().await;
         self.writer.close().await;
     }
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`], one transaction per step.
+async fn migrate(writer: &SqlitePool) -> StoreResult<()> {
+    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(writer)
+        .await
+        .map_err(unavailable)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {version} is newer than this binary's {SCHEMA_VERSION}"
+        )));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let mut tx = writer.begin().await.map_err(unavailable)?;
+        for stmt in *step {
+            sqlx::query(*stmt).execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        // PRAGMA takes no bind parameters; the value is a small integer we produce.
+        let set = sqlx::AssertSqlSafe(format!("PRAGMA user_version = {}", i + 1));
+        sqlx::query(set).execute(&mut *tx).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -158,6 +219,19 @@ macro_rules! message_columns {
     () => {
         "conversation_id, seq, chat_type, send_id, recv_id, client_msg_id, msg_id, send_time, body"
     };
+}
+
+fn record_from_row(r: &SqliteRow) -> StoreResult<ReadRecord> {
+    let format: i64 = r.try_get("format").map_err(corrupt)?;
+    Ok(ReadRecord {
+        format: u8::try_from(format).map_err(|_| StoreError::Corrupt(format!("bitmap format {format}")))?,
+        bytes: r.try_get("bitmap").map_err(corrupt)?,
+    })
+}
+
+fn get_u64(r: &SqliteRow, col: &str) -> StoreResult<u64> {
+    let v: i64 = r.try_get(col).map_err(corrupt)?;
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{col} = {v}")))
 }
 
 fn seq_param(seq: u64) -> i64 {
@@ -315,7 +389,7 @@ impl MessageStore for SqliteStore {
 
     async fn conversations_of(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>> {
         let rows = sqlx::query(
-            "SELECT c.conversation_id, c.max_seq FROM conversation_members m
+            "SELECT c.conversation_id, c.max_seq, m.joined_seq FROM conversation_members m
              JOIN conversations c ON c.conversation_id = m.conversation_id
              WHERE m.user_id = ? ORDER BY c.conversation_id",
         )
@@ -325,10 +399,10 @@ impl MessageStore for SqliteStore {
         .map_err(unavailable)?;
         rows.iter()
             .map(|r| {
-                let max_seq: i64 = r.try_get("max_seq").map_err(corrupt)?;
                 Ok(ConversationHead {
                     conversation_id: r.try_get("conversation_id").map_err(corrupt)?,
-                    max_seq: u64::try_from(max_seq).map_err(|_| StoreError::Corrupt(format!("max_seq {max_seq}")))?,
+                    max_seq: get_u64(r, "max_seq")?,
+                    joined_seq: get_u64(r, "joined_seq")?,
                 })
             })
             .collect()
@@ -342,6 +416,186 @@ impl MessageStore for SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(row.is_some())
+    }
+
+    async fn message(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<StoredMessage>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE conversation_id = ? AND seq = ?"
+        ))
+        .bind(conversation_id)
+        .bind(seq_param(seq))
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(message_from_row)
+        .transpose()
+    }
+
+    async fn member_states(&self, conversation_id: &str) -> StoreResult<Vec<MemberState>> {
+        let rows = sqlx::query(
+            "SELECT user_id, read_seq, received_seq, joined_seq FROM conversation_members
+             WHERE conversation_id = ? ORDER BY user_id",
+        )
+        .bind(conversation_id)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                Ok(MemberState {
+                    user_id: r.try_get("user_id").map_err(corrupt)?,
+                    read_seq: get_u64(r, "read_seq")?,
+                    received_seq: get_u64(r, "received_seq")?,
+                    joined_seq: get_u64(r, "joined_seq")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn conversation_summaries(
+        &self,
+        user_id: &str,
+        offset: u32,
+        limit: u32,
+    ) -> StoreResult<Vec<ConversationSummary>> {
+        let rows = sqlx::query(
+            "SELECT c.conversation_id, c.chat_type, c.max_seq, c.updated_at, m.read_seq, m.joined_seq,
+                (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = c.conversation_id
+                   AND x.seq > max(m.read_seq, m.joined_seq) AND x.send_id != m.user_id) AS unread
+             FROM conversation_members m JOIN conversations c ON c.conversation_id = m.conversation_id
+             WHERE m.user_id = ? ORDER BY c.updated_at DESC, c.conversation_id LIMIT ? OFFSET ?",
+        )
+        .bind(user_id)
+        .bind(i64::from(limit))
+        .bind(i64::from(offset))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let conversation_id: String = r.try_get("conversation_id").map_err(corrupt)?;
+            let max_seq = get_u64(r, "max_seq")?;
+            let joined_seq = get_u64(r, "joined_seq")?;
+            let last_message = if max_seq > joined_seq {
+                self.message(&conversation_id, max_seq).await?
+            } else {
+                None
+            };
+            let chat_type: i64 = r.try_get("chat_type").map_err(corrupt)?;
+            out.push(ConversationSummary {
+                conversation_id,
+                chat_type: u8::try_from(chat_type)
+                    .map_err(|_| StoreError::Corrupt(format!("chat_type {chat_type}")))?,
+                max_seq,
+                read_seq: get_u64(r, "read_seq")?.max(joined_seq),
+                unread: get_u64(r, "unread")?,
+                updated_at: r.try_get("updated_at").map_err(corrupt)?,
+                last_message,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn mark_read(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        read_seq: u64,
+        reader_slot: Option<(u32, &dyn ReadBitmapCodec)>,
+    ) -> StoreResult<Option<(u64, u64)>> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let row = sqlx::query(
+            "SELECT m.read_seq, m.joined_seq, c.max_seq FROM conversation_members m
+             JOIN conversations c ON c.conversation_id = m.conversation_id
+             WHERE m.conversation_id = ? AND m.user_id = ?",
+        )
+        .bind(conversation_id)
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let old = get_u64(&row, "read_seq")?.max(get_u64(&row, "joined_seq")?);
+        let new = read_seq.min(get_u64(&row, "max_seq")?).max(old);
+        if new == old {
+            return Ok(Some((old, old)));
+        }
+        sqlx::query("UPDATE conversation_members SET read_seq = ? WHERE conversation_id = ? AND user_id = ?")
+            .bind(seq_param(new))
+            .bind(conversation_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if let Some((slot, codec)) = reader_slot {
+            let seqs: Vec<i64> = sqlx::query_scalar(
+                "SELECT seq FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? AND send_id != ?",
+            )
+            .bind(conversation_id)
+            .bind(seq_param(old))
+            .bind(seq_param(new))
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            for seq in seqs {
+                let existing =
+                    sqlx::query("SELECT format, bitmap FROM read_records WHERE conversation_id = ? AND seq = ?")
+                        .bind(conversation_id)
+                        .bind(seq)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                let existing = existing.as_ref().map(record_from_row).transpose()?;
+                let bytes = codec
+                    .insert(existing.as_ref().map(|r| (r.format, r.bytes.as_slice())), slot)
+                    .map_err(StoreError::Corrupt)?;
+                sqlx::query(
+                    "INSERT INTO read_records (conversation_id, seq, format, bitmap) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (conversation_id, seq) DO UPDATE SET format = excluded.format, bitmap = excluded.bitmap",
+                )
+                .bind(conversation_id)
+                .bind(seq)
+                .bind(i64::from(codec.format()))
+                .bind(bytes)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Some((old, new)))
+    }
+
+    async fn mark_received(&self, conversation_id: &str, user_id: &str, seq: u64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE conversation_members SET received_seq = max(received_seq, ?)
+             WHERE conversation_id = ? AND user_id = ?",
+        )
+        .bind(seq_param(seq))
+        .bind(conversation_id)
+        .bind(user_id)
+        .execute(&self.writer)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn read_record(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<ReadRecord>> {
+        sqlx::query("SELECT format, bitmap FROM read_records WHERE conversation_id = ? AND seq = ?")
+            .bind(conversation_id)
+            .bind(seq_param(seq))
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(unavailable)?
+            .as_ref()
+            .map(record_from_row)
+            .transpose()
     }
 }
 

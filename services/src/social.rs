@@ -1,0 +1,332 @@
+//! The social service: friend requests and friendships, groups and their members.
+
+use crate::error::ServiceError;
+use crate::users::UserService;
+use crate::{Clock, Notifications};
+use sai_proto::im::method;
+use sai_storage::{AddMembersError, Friend, FriendRequest, Group, GroupMember, SocialStore, StoreError};
+use serde_json::json;
+use std::sync::Arc;
+
+/// Longest friend-request message, in characters.
+pub const MAX_REQUEST_MESSAGE_CHARS: usize = 256;
+/// Longest group name, in characters.
+pub const MAX_GROUP_NAME_CHARS: usize = 64;
+
+/// `sg_<groupId>`.
+pub fn group_conversation_id(group_id: &str) -> String {
+    format!("sg_{group_id}")
+}
+
+/// Friends and groups.
+pub struct SocialService {
+    store: Arc<dyn SocialStore>,
+    users: Arc<UserService>,
+    notes: Arc<Notifications>,
+    clock: Arc<dyn Clock>,
+    /// Most members a group may have.
+    pub max_group_members: u32,
+}
+
+fn not_found(code: &'static str, message: &str) -> ServiceError {
+    ServiceError::NotFound {
+        code,
+        message: message.into(),
+    }
+}
+
+fn forbidden(code: &'static str, message: &str) -> ServiceError {
+    ServiceError::Forbidden {
+        code,
+        message: message.into(),
+    }
+}
+
+fn conflict(code: &'static str, message: &str) -> ServiceError {
+    ServiceError::Conflict {
+        code,
+        message: message.into(),
+    }
+}
+
+impl SocialService {
+    /// A service over `store`.
+    pub fn new(
+        store: Arc<dyn SocialStore>,
+        users: Arc<UserService>,
+        notes: Arc<Notifications>,
+        clock: Arc<dyn Clock>,
+        max_group_members: u32,
+    ) -> Self {
+        Self {
+            store,
+            users,
+            notes,
+            clock,
+            max_group_members,
+        }
+    }
+
+    /// Sends a friend request; the recipient, if online, gets a `friend.request` push.
+    pub async fn request_friend(&self, from: &str, to: &str, message: &str) -> Result<String, ServiceError> {
+        if from == to {
+            return Err(ServiceError::invalid(
+                "cannot_friend_self",
+                "you cannot befriend yourself",
+            ));
+        }
+        if message.chars().count() > MAX_REQUEST_MESSAGE_CHARS {
+            return Err(ServiceError::invalid(
+                "invalid_message",
+                format!("message must be at most {MAX_REQUEST_MESSAGE_CHARS} characters"),
+            ));
+        }
+        if !self.users.exists(to).await? {
+            return Err(not_found("user_not_found", "no such user"));
+        }
+        if self.store.are_friends(from, to).await? {
+            return Err(conflict("already_friends", "you are already friends"));
+        }
+        let req = FriendRequest {
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            from_user: from.into(),
+            to_user: to.into(),
+            message: message.into(),
+            status: "pending".into(),
+            created_at: self.clock.now_ms(),
+        };
+        match self.store.create_friend_request(&req).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict(_)) => {
+                return Err(conflict(
+                    "request_pending",
+                    "a friend request between you is already pending",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.notes.send(
+            to,
+            method::FRIEND_REQUEST,
+            &json!({"requestId": req.request_id, "fromUserId": from, "message": message, "createdAt": req.created_at}),
+        );
+        Ok(req.request_id)
+    }
+
+    /// Pending requests to `user`.
+    pub async fn incoming(&self, user: &str) -> Result<Vec<FriendRequest>, ServiceError> {
+        Ok(self.store.incoming_friend_requests(user).await?)
+    }
+
+    /// Accepts or rejects a request addressed to `user`.
+    pub async fn answer(&self, user: &str, request_id: &str, accept: bool) -> Result<(), ServiceError> {
+        let req = self
+            .store
+            .friend_request(request_id)
+            .await?
+            .filter(|r| r.to_user == user)
+            .ok_or_else(|| not_found("request_not_found", "no such friend request addressed to you"))?;
+        if !self
+            .store
+            .resolve_friend_request(request_id, accept, self.clock.now_ms())
+            .await?
+        {
+            return Err(conflict("request_not_pending", "the request was already answered"));
+        }
+        if accept {
+            self.notes.send(
+                &req.from_user,
+                method::FRIEND_ACCEPTED,
+                &json!({"requestId": request_id, "userId": user}),
+            );
+        }
+        Ok(())
+    }
+
+    /// Friends of `user`.
+    pub async fn friends(&self, user: &str) -> Result<Vec<Friend>, ServiceError> {
+        Ok(self.store.friends_of(user).await?)
+    }
+
+    /// Whether two users are friends.
+    pub async fn are_friends(&self, a: &str, b: &str) -> Result<bool, ServiceError> {
+        Ok(self.store.are_friends(a, b).await?)
+    }
+
+    /// Ends a friendship.
+    pub async fn unfriend(&self, user: &str, other: &str) -> Result<(), ServiceError> {
+        if self.store.remove_friend(user, other).await? {
+            Ok(())
+        } else {
+            Err(not_found("not_friends", "you are not friends"))
+        }
+    }
+
+    async fn check_users_exist(&self, ids: &[String]) -> Result<(), ServiceError> {
+        for id in ids {
+            if !self.users.exists(id).await? {
+                return Err(not_found("user_not_found", &format!("no such user {id}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a group owned by `owner` with the given other members.
+    pub async fn create_group(&self, owner: &str, name: &str, member_ids: &[String]) -> Result<String, ServiceError> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > MAX_GROUP_NAME_CHARS {
+            return Err(ServiceError::invalid(
+                "invalid_group_name",
+                format!("name must be 1 to {MAX_GROUP_NAME_CHARS} characters"),
+            ));
+        }
+        let mut members = vec![owner.to_string()];
+        for m in member_ids {
+            if !members.contains(m) {
+                members.push(m.clone());
+            }
+        }
+        if members.len() as u64 > u64::from(self.max_group_members) {
+            return Err(conflict(
+                "group_full",
+                &format!("a group may have at most {} members", self.max_group_members),
+            ));
+        }
+        self.check_users_exist(&members[1..]).await?;
+        let group = Group {
+            group_id: uuid::Uuid::new_v4().simple().to_string(),
+            name: name.to_string(),
+            owner_id: owner.to_string(),
+            member_count: members.len() as u32,
+            created_at: self.clock.now_ms(),
+        };
+        self.store
+            .create_group(&group, &group_conversation_id(&group.group_id), &members)
+            .await?;
+        Ok(group.group_id)
+    }
+
+    /// The group, for a member.
+    pub async fn group_for(&self, user: &str, group_id: &str) -> Result<(Group, GroupMember), ServiceError> {
+        let group = self
+            .store
+            .group(group_id)
+            .await?
+            .ok_or_else(|| not_found("group_not_found", "no such group"))?;
+        let me = self
+            .store
+            .group_member(group_id, user)
+            .await?
+            .ok_or_else(|| forbidden("not_a_member", "you are not a member of this group"))?;
+        Ok((group, me))
+    }
+
+    /// A group's member record for `user`, if a member.
+    pub async fn member(&self, group_id: &str, user: &str) -> Result<Option<GroupMember>, ServiceError> {
+        Ok(self.store.group_member(group_id, user).await?)
+    }
+
+    /// Whether the group exists.
+    pub async fn group_exists(&self, group_id: &str) -> Result<bool, ServiceError> {
+        Ok(self.store.group(group_id).await?.is_some())
+    }
+
+    /// Groups of `user`.
+    pub async fn groups_of(&self, user: &str) -> Result<Vec<(Group, GroupMember)>, ServiceError> {
+        Ok(self.store.groups_of(user).await?)
+    }
+
+    /// All members (raw; callers check membership first).
+    pub async fn members(&self, group_id: &str) -> Result<Vec<GroupMember>, ServiceError> {
+        Ok(self.store.group_members(group_id).await?)
+    }
+
+    /// Adds members; owner or admin only.
+    pub async fn add_members(
+        &self,
+        user: &str,
+        group_id: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<GroupMember>, ServiceError> {
+        let (_, me) = self.group_for(user, group_id).await?;
+        if me.role != "owner" && me.role != "admin" {
+            return Err(forbidden(
+                "not_group_admin",
+                "only the owner or an admin can add members",
+            ));
+        }
+        if user_ids.is_empty() {
+            return Err(ServiceError::invalid("missing_field", "userIds must not be empty"));
+        }
+        self.check_users_exist(user_ids).await?;
+        let conv = group_conversation_id(group_id);
+        match self
+            .store
+            .add_group_members(group_id, &conv, user_ids, self.max_group_members, self.clock.now_ms())
+            .await
+        {
+            Ok(added) => Ok(added),
+            Err(AddMembersError::Full { limit, .. }) => Err(conflict(
+                "group_full",
+                &format!("a group may have at most {limit} members"),
+            )),
+            Err(AddMembersError::NoGroup) => Err(not_found("group_not_found", "no such group")),
+            Err(AddMembersError::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// Removes `target`: the owner or an admin removes others (an admin not the owner nor another
+    /// admin), any member removes themselves (leaves). The owner cannot leave.
+    pub async fn remove_member(&self, user: &str, group_id: &str, target: &str) -> Result<(), ServiceError> {
+        let (group, me) = self.group_for(user, group_id).await?;
+        if target == group.owner_id {
+            return Err(if user == target {
+                conflict("owner_cannot_leave", "the owner cannot leave the group")
+            } else {
+                forbidden("not_group_admin", "the owner cannot be removed")
+            });
+        }
+        if user != target {
+            let them = self
+                .store
+                .group_member(group_id, target)
+                .await?
+                .ok_or_else(|| not_found("member_not_found", "that user is not a member"))?;
+            let allowed = me.role == "owner" || (me.role == "admin" && them.role == "member");
+            if !allowed {
+                return Err(forbidden(
+                    "not_group_admin",
+                    "only the owner or an admin can remove members",
+                ));
+            }
+        }
+        if self
+            .store
+            .remove_group_member(group_id, &group_conversation_id(group_id), target)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(not_found("member_not_found", "that user is not a member"))
+        }
+    }
+
+    /// Makes a member an admin or a plain member; owner only.
+    pub async fn set_role(&self, user: &str, group_id: &str, target: &str, role: &str) -> Result<(), ServiceError> {
+        let (group, _) = self.group_for(user, group_id).await?;
+        if group.owner_id != user {
+            return Err(forbidden("not_group_owner", "only the owner can change roles"));
+        }
+        if role != "admin" && role != "member" {
+            return Err(ServiceError::invalid("invalid_role", "role must be admin or member"));
+        }
+        if target == group.owner_id {
+            return Err(ServiceError::invalid("invalid_role", "the owner's role cannot change"));
+        }
+        if self.store.set_group_role(group_id, target, role).await? {
+            Ok(())
+        } else {
+            Err(not_found("member_not_found", "that user is not a member"))
+        }
+    }
+}
