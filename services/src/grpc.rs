@@ -15,13 +15,21 @@ pub mod pb {
 }
 
 use pb::message_service_server::{MessageService, MessageServiceServer};
+use pb::social_service_server::{SocialService, SocialServiceServer};
 use pb::user_service_server::{UserService, UserServiceServer};
 
-/// Both services, ready to add to a tonic router.
-pub fn services(s: Arc<Services>) -> (UserServiceServer<UserGrpc>, MessageServiceServer<MessageGrpc>) {
+/// The three services, ready to add to a tonic router.
+pub fn services(
+    s: Arc<Services>,
+) -> (
+    UserServiceServer<UserGrpc>,
+    MessageServiceServer<MessageGrpc>,
+    SocialServiceServer<SocialGrpc>,
+) {
     (
         UserServiceServer::new(UserGrpc(s.clone())),
-        MessageServiceServer::new(MessageGrpc(s)),
+        MessageServiceServer::new(MessageGrpc(s.clone())),
+        SocialServiceServer::new(SocialGrpc(s)),
     )
 }
 
@@ -46,6 +54,32 @@ fn to_pb(p: Push) -> pb::Message {
         client_msg_id: p.client_msg_id,
         send_time: p.send_time,
         msg_json: p.msg.get().to_string(),
+        status: String::new(),
+        read_count: 0,
+    }
+}
+
+fn group_info(g: sai_storage::Group, role: String) -> pb::GroupInfo {
+    pb::GroupInfo {
+        group_id: g.group_id,
+        name: g.name,
+        owner_id: g.owner_id,
+        member_count: g.member_count,
+        created_at: g.created_at,
+        role,
+    }
+}
+
+fn member_list(members: Vec<sai_storage::GroupMember>) -> pb::MemberList {
+    pb::MemberList {
+        members: members
+            .into_iter()
+            .map(|m| pb::MemberInfo {
+                user_id: m.user_id,
+                role: m.role,
+                joined_at: m.joined_at,
+            })
+            .collect(),
     }
 }
 
@@ -154,7 +188,213 @@ impl MessageService for MessageGrpc {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::HistoryResponse {
-            messages: msgs.into_iter().map(|m| to_pb(m.push)).collect(),
+            messages: msgs
+                .into_iter()
+                .map(|m| pb::Message {
+                    status: m.status.unwrap_or_default().to_string(),
+                    read_count: m.read_count.unwrap_or(0),
+                    ..to_pb(m.push)
+                })
+                .collect(),
         }))
+    }
+
+    async fn mark_read(&self, req: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        let read_seq = self
+            .0
+            .messages
+            .mark_read(&user, &r.conversation_id, r.read_seq)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::MarkReadResponse { read_seq }))
+    }
+
+    async fn list_conversations(
+        &self,
+        req: Request<pb::ListConversationsRequest>,
+    ) -> Result<Response<pb::ConversationList>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 50 } else { r.limit };
+        let list = self
+            .0
+            .messages
+            .conversations(&user, r.offset, limit)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ConversationList {
+            conversations: list
+                .into_iter()
+                .map(|c| pb::ConversationInfo {
+                    conversation_id: c.conversation_id,
+                    chat_type: u32::from(c.chat_type),
+                    peer_id: c.peer_id.unwrap_or_default(),
+                    group_id: c.group_id.unwrap_or_default(),
+                    last_message: c.last_message.map(to_pb),
+                    max_seq: c.max_seq,
+                    read_seq: c.read_seq,
+                    unread: c.unread,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_reads(&self, req: Request<pb::GetReadsRequest>) -> Result<Response<pb::GetReadsResponse>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        let reads = self
+            .0
+            .messages
+            .reads(&user, &r.conversation_id, r.seq)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GetReadsResponse {
+            read_count: reads.read_count,
+            unread_count: reads.unread_count,
+            reader_ids: reads.reader_ids,
+        }))
+    }
+}
+
+/// `sai.v1.SocialService`.
+pub struct SocialGrpc(Arc<Services>);
+
+#[tonic::async_trait]
+impl SocialService for SocialGrpc {
+    async fn send_friend_request(
+        &self,
+        req: Request<pb::SendFriendRequestRequest>,
+    ) -> Result<Response<pb::SendFriendRequestResponse>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        let request_id = self
+            .0
+            .social
+            .request_friend(&user, &r.to_user_id, &r.message)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SendFriendRequestResponse { request_id }))
+    }
+
+    async fn list_friend_requests(&self, req: Request<pb::Empty>) -> Result<Response<pb::FriendRequestList>, Status> {
+        let user = caller(&self.0, &req)?;
+        let reqs = self.0.social.incoming(&user).await.map_err(status)?;
+        Ok(Response::new(pb::FriendRequestList {
+            requests: reqs
+                .into_iter()
+                .map(|r| pb::FriendRequestInfo {
+                    request_id: r.request_id,
+                    from_user_id: r.from_user,
+                    message: r.message,
+                    created_at: r.created_at,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn answer_friend_request(
+        &self,
+        req: Request<pb::AnswerFriendRequestRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        self.0
+            .social
+            .answer(&user, &r.request_id, r.accept)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_friends(&self, req: Request<pb::Empty>) -> Result<Response<pb::FriendList>, Status> {
+        let user = caller(&self.0, &req)?;
+        let friends = self.0.social.friends(&user).await.map_err(status)?;
+        Ok(Response::new(pb::FriendList {
+            friends: friends
+                .into_iter()
+                .map(|f| pb::FriendInfo {
+                    user_id: f.user_id,
+                    since: f.since,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn remove_friend(&self, req: Request<pb::UserRef>) -> Result<Response<pb::Empty>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        self.0.social.unfriend(&user, &r.user_id).await.map_err(status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn create_group(&self, req: Request<pb::CreateGroupRequest>) -> Result<Response<pb::GroupRef>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        let group_id = self
+            .0
+            .social
+            .create_group(&user, &r.name, &r.member_ids)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GroupRef { group_id }))
+    }
+
+    async fn list_groups(&self, req: Request<pb::Empty>) -> Result<Response<pb::GroupList>, Status> {
+        let user = caller(&self.0, &req)?;
+        let groups = self.0.social.groups_of(&user).await.map_err(status)?;
+        Ok(Response::new(pb::GroupList {
+            groups: groups.into_iter().map(|(g, m)| group_info(g, m.role)).collect(),
+        }))
+    }
+
+    async fn get_group(&self, req: Request<pb::GroupRef>) -> Result<Response<pb::GroupInfo>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        let (g, me) = self.0.social.group_for(&user, &r.group_id).await.map_err(status)?;
+        Ok(Response::new(group_info(g, me.role)))
+    }
+
+    async fn list_members(&self, req: Request<pb::GroupRef>) -> Result<Response<pb::MemberList>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        self.0.social.group_for(&user, &r.group_id).await.map_err(status)?;
+        let members = self.0.social.members(&r.group_id).await.map_err(status)?;
+        Ok(Response::new(member_list(members)))
+    }
+
+    async fn add_members(&self, req: Request<pb::AddMembersRequest>) -> Result<Response<pb::MemberList>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        let added = self
+            .0
+            .social
+            .add_members(&user, &r.group_id, &r.user_ids)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(member_list(added)))
+    }
+
+    async fn remove_member(&self, req: Request<pb::MemberRef>) -> Result<Response<pb::Empty>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        self.0
+            .social
+            .remove_member(&user, &r.group_id, &r.user_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn set_role(&self, req: Request<pb::SetRoleRequest>) -> Result<Response<pb::Empty>, Status> {
+        let user = caller(&self.0, &req)?;
+        let r = req.into_inner();
+        self.0
+            .social
+            .set_role(&user, &r.group_id, &r.user_id, &r.role)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::Empty {}))
     }
 }

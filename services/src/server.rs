@@ -126,13 +126,14 @@ pub async fn run(
         async move { axum::serve(http_l, app).with_graceful_shutdown(stop).await }
     });
     let grpc = tokio::spawn({
-        let (u, m) = crate::grpc::services(services.clone());
+        let (u, m, so) = crate::grpc::services(services.clone());
         let stop = wait(stop_rx.clone());
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_l);
         async move {
             tonic::transport::Server::builder()
                 .add_service(u)
                 .add_service(m)
+                .add_service(so)
                 .serve_with_incoming_shutdown(incoming, stop)
                 .await
         }

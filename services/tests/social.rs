@@ -582,3 +582,165 @@ fn rigor_acks_mark_messages_received() {
     }
     assert_eq!(seen.as_deref(), Some("received"));
 }
+
+fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[test]
+fn grpc_social_and_read_state() {
+    use pb::message_service_client::MessageServiceClient;
+    use pb::social_service_client::SocialServiceClient;
+    use sai_services::grpc::pb;
+
+    let s = Server::start(&[]);
+    let (alice, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut social = SocialServiceClient::connect(s.grpc.clone()).await.unwrap();
+        let mut msgs = MessageServiceClient::connect(s.grpc.clone()).await.unwrap();
+        let rid = social
+            .send_friend_request(authed(
+                &ta,
+                pb::SendFriendRequestRequest {
+                    to_user_id: bob.clone(),
+                    message: "hi".into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .request_id;
+        let inbox = social
+            .list_friend_requests(authed(&tb, pb::Empty {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(inbox.requests[0].request_id, rid);
+        social
+            .answer_friend_request(authed(
+                &tb,
+                pb::AnswerFriendRequestRequest {
+                    request_id: rid,
+                    accept: true,
+                },
+            ))
+            .await
+            .unwrap();
+        let friends = social
+            .list_friends(authed(&ta, pb::Empty {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(friends.friends[0].user_id, bob);
+        let err = social
+            .send_friend_request(authed(
+                &ta,
+                pb::SendFriendRequestRequest {
+                    to_user_id: bob.clone(),
+                    message: String::new(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert!(err.message().starts_with("already_friends:"), "{}", err.message());
+
+        let gid = social
+            .create_group(authed(
+                &ta,
+                pb::CreateGroupRequest {
+                    name: "g".into(),
+                    member_ids: vec![bob.clone()],
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_id;
+        let members = social
+            .list_members(authed(&tb, pb::GroupRef { group_id: gid.clone() }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(members.members.len(), 2);
+        let sent = msgs
+            .send(authed(
+                &ta,
+                pb::SendRequest {
+                    chat_type: 1,
+                    recv_id: gid.clone(),
+                    client_msg_id: "g1".into(),
+                    msg_json: r#"{"content":"hi group"}"#.into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let convs = msgs
+            .list_conversations(authed(&tb, pb::ListConversationsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(convs.conversations[0].group_id, gid);
+        assert_eq!(convs.conversations[0].unread, 1);
+        let read = msgs
+            .mark_read(authed(
+                &tb,
+                pb::MarkReadRequest {
+                    conversation_id: sent.conversation_id.clone(),
+                    read_seq: 1,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(read.read_seq, 1);
+        let reads = msgs
+            .get_reads(authed(
+                &ta,
+                pb::GetReadsRequest {
+                    conversation_id: sent.conversation_id.clone(),
+                    seq: 1,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (reads.read_count, reads.unread_count, reads.reader_ids.clone()),
+            (1, 0, vec![bob.clone()])
+        );
+        let hist = msgs
+            .history(authed(
+                &ta,
+                pb::HistoryRequest {
+                    conversation_id: sent.conversation_id,
+                    before_seq: 0,
+                    limit: 10,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(hist.messages[0].read_count, 1);
+        let denied = social
+            .set_role(authed(
+                &tb,
+                pb::SetRoleRequest {
+                    group_id: gid,
+                    user_id: alice.clone(),
+                    role: "admin".into(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    });
+}

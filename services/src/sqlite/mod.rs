@@ -617,6 +617,8 @@ mod tests {
         let s = SqliteStore::open(&temp_db("conf")).await.unwrap();
         conformance::check_users(&s).await;
         conformance::check_messages(&s).await;
+        conformance::check_social(&s).await;
+        conformance::check_read_state(&s).await;
         s.close().await;
     }
 

@@ -6,7 +6,10 @@
 
 #![allow(clippy::expect_used)] // Every check is an assertion: failing loudly is its job.
 
-use crate::{Appended, MessageStore, NewMessage, StoreError, User, UserStore};
+use crate::{
+    AddMembersError, Appended, FriendRequest, Group, MessageStore, NewMessage, ReadBitmapCodec, SocialStore,
+    StoreError, User, UserStore,
+};
 use std::collections::BTreeSet;
 
 fn user(id: &str, name: &str) -> User {
@@ -141,4 +144,178 @@ pub fn check_concurrent_appends(outcomes: Vec<Appended>, n: u64) {
         })
         .collect();
     assert_eq!(seqs, (1..=n).collect::<BTreeSet<u64>>(), "seqs must be exactly 1..=n");
+}
+
+/// A test codec: slots as sorted little-endian u32s (format 200). The contract only needs the
+/// store to hand the codec what it stored and keep what it returns.
+pub struct ListCodec;
+
+impl ReadBitmapCodec for ListCodec {
+    fn format(&self) -> u8 {
+        200
+    }
+
+    fn insert(&self, existing: Option<(u8, &[u8])>, slot: u32) -> Result<Vec<u8>, String> {
+        let mut slots = match existing {
+            None => Vec::new(),
+            Some((200, b)) if b.len() % 4 == 0 => ListCodec::decode(b),
+            Some((f, _)) => return Err(format!("bad record format {f}")),
+        };
+        if !slots.contains(&slot) {
+            slots.push(slot);
+            slots.sort_unstable();
+        }
+        Ok(slots.iter().flat_map(|s| s.to_le_bytes()).collect())
+    }
+}
+
+impl ListCodec {
+    /// The slots in a record.
+    pub fn decode(b: &[u8]) -> Vec<u32> {
+        b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+}
+
+/// Friend requests (one pending per pair, resolved once), friendships both ways, groups with
+/// dense never-reused slots, membership of the group conversation from the join seq, limits.
+pub async fn check_social<S: SocialStore + MessageStore>(s: &S) {
+    let req = |id: &str, from: &str, to: &str| FriendRequest {
+        request_id: id.into(),
+        from_user: from.into(),
+        to_user: to.into(),
+        message: "hi".into(),
+        status: "pending".into(),
+        created_at: 5,
+    };
+    s.create_friend_request(&req("r1", "a", "b")).await.expect("request");
+    assert!(matches!(
+        s.create_friend_request(&req("r2", "b", "a")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.incoming_friend_requests("b").await.expect("incoming").len(), 1);
+    assert!(s.resolve_friend_request("r1", true, 9).await.expect("accept"));
+    assert!(
+        !s.resolve_friend_request("r1", false, 9).await.expect("again"),
+        "resolved once"
+    );
+    assert!(s.incoming_friend_requests("b").await.expect("incoming").is_empty());
+    assert!(s.are_friends("a", "b").await.expect("friends") && s.are_friends("b", "a").await.expect("friends"));
+    assert_eq!(s.friends_of("a").await.expect("friends")[0].user_id, "b");
+    // After an answer, a new request between the same pair may be made.
+    s.create_friend_request(&req("r3", "b", "a"))
+        .await
+        .expect("new request");
+    assert!(s.resolve_friend_request("r3", false, 9).await.expect("reject"));
+    assert!(s.remove_friend("b", "a").await.expect("unfriend"));
+    assert!(!s.are_friends("a", "b").await.expect("friends"));
+    assert!(!s.remove_friend("a", "b").await.expect("unfriend twice"));
+
+    let g = Group {
+        group_id: "g1".into(),
+        name: "team".into(),
+        owner_id: "a".into(),
+        member_count: 3,
+        created_at: 1,
+    };
+    let members = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+    s.create_group(&g, "sg_g1", &members).await.expect("create group");
+    let ms = s.group_members("g1").await.expect("members");
+    let slots: Vec<(String, u32, String)> = ms.iter().map(|m| (m.user_id.clone(), m.slot, m.role.clone())).collect();
+    assert_eq!(
+        slots,
+        vec![
+            ("a".into(), 0, "owner".into()),
+            ("b".into(), 1, "member".into()),
+            ("c".into(), 2, "member".into())
+        ]
+    );
+    for (i, key) in ["x", "y"].iter().enumerate() {
+        let mut m = message("sg_g1", "a", "g1", key);
+        m.chat_type = 1;
+        m.members = Vec::new();
+        let Appended::New(m) = s.append(m).await.expect("group append") else {
+            panic!("fresh key reported duplicate");
+        };
+        assert_eq!(m.seq, i as u64 + 1);
+    }
+    assert!(s.remove_group_member("g1", "sg_g1", "c").await.expect("remove"));
+    assert!(!s.is_member("sg_g1", "c").await.expect("member"));
+    let added = s
+        .add_group_members("g1", "sg_g1", &["d".into(), "b".into(), "d".into()], 4, 7)
+        .await
+        .expect("add");
+    assert_eq!(added.len(), 1, "existing members and repeats are skipped");
+    assert_eq!(added[0].slot, 3, "slots are never reused");
+    let d = s.conversations_of("d").await.expect("heads");
+    assert_eq!((d[0].max_seq, d[0].joined_seq), (2, 2), "joins at the current max seq");
+    assert!(matches!(
+        s.add_group_members("g1", "sg_g1", &["e".into(), "f".into()], 4, 7)
+            .await,
+        Err(AddMembersError::Full { limit: 4, .. })
+    ));
+    assert!(matches!(
+        s.add_group_members("nope", "sg_nope", &["e".into()], 4, 7).await,
+        Err(AddMembersError::NoGroup)
+    ));
+    assert_eq!(s.group("g1").await.expect("group").map(|g| g.member_count), Some(3));
+    assert!(s.set_group_role("g1", "b", "admin").await.expect("role"));
+    assert_eq!(
+        s.group_member("g1", "b").await.expect("member").map(|m| m.role),
+        Some("admin".into())
+    );
+    assert_eq!(s.groups_of("d").await.expect("groups")[0].0.group_id, "g1");
+}
+
+/// Read positions never move backwards and are clamped to the max seq; the reader's slot lands
+/// in the bitmap of each newly read message not sent by the reader; received positions too.
+pub async fn check_read_state(s: &dyn MessageStore) {
+    for key in ["r1", "r2", "r3"] {
+        s.append(message("rs", "a", "b", key)).await.expect("append");
+    }
+    s.append(message("rs", "b", "a", "from-b")).await.expect("append");
+    let codec = ListCodec;
+    assert_eq!(
+        s.mark_read("rs", "b", 2, Some((7, &codec))).await.expect("read"),
+        Some((0, 2))
+    );
+    assert_eq!(
+        s.mark_read("rs", "b", 1, Some((7, &codec))).await.expect("read"),
+        Some((2, 2))
+    );
+    assert_eq!(
+        s.mark_read("rs", "b", 99, Some((7, &codec))).await.expect("read"),
+        Some((2, 4))
+    );
+    assert_eq!(s.mark_read("rs", "stranger", 1, None).await.expect("read"), None);
+    for seq in 1..=3 {
+        let r = s.read_record("rs", seq).await.expect("record").expect("present");
+        assert_eq!((r.format, ListCodec::decode(&r.bytes)), (200, vec![7]));
+    }
+    assert!(
+        s.read_record("rs", 4).await.expect("record").is_none(),
+        "own message is not marked"
+    );
+    assert_eq!(
+        s.mark_read("rs", "a", 4, Some((3, &codec))).await.expect("read"),
+        Some((0, 4))
+    );
+    assert_eq!(
+        ListCodec::decode(&s.read_record("rs", 4).await.expect("r").expect("p").bytes),
+        vec![3]
+    );
+    assert_eq!(
+        ListCodec::decode(&s.read_record("rs", 1).await.expect("r").expect("p").bytes),
+        vec![7]
+    );
+    s.mark_received("rs", "b", 3).await.expect("received");
+    s.mark_received("rs", "b", 1).await.expect("received");
+    let states = s.member_states("rs").await.expect("states");
+    let b = states.iter().find(|m| m.user_id == "b").expect("b");
+    assert_eq!((b.read_seq, b.received_seq), (4, 3));
+    let list = s.conversation_summaries("b", 0, 10).await.expect("summaries");
+    let rs = list.iter().find(|c| c.conversation_id == "rs").expect("rs listed");
+    assert_eq!((rs.unread, rs.max_seq, rs.read_seq), (0, 4, 4));
+    assert_eq!(rs.last_message.as_ref().map(|m| m.seq), Some(4));
 }
