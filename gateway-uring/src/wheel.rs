@@ -17,6 +17,8 @@ pub struct TimerWheel {
     mask: u64,
     /// Next tick to process; every tick below it has fired.
     current: u64,
+    /// Entries inserted with a deadline already behind `current`: they fire on the next advance.
+    overdue: Vec<u64>,
     len: usize,
 }
 
@@ -28,6 +30,7 @@ impl TimerWheel {
             slots: (0..n).map(|_| Vec::new()).collect(),
             mask: n as u64 - 1,
             current: now,
+            overdue: Vec::new(),
             len: 0,
         }
     }
@@ -35,13 +38,18 @@ impl TimerWheel {
     /// Schedules `key` to fire at tick `deadline` (a deadline already passed fires on the next
     /// `advance`).
     pub fn insert(&mut self, key: u64, deadline: u64) {
-        let at = deadline.max(self.current);
-        self.slots[(at & self.mask) as usize].push((key, at));
+        if deadline < self.current {
+            self.overdue.push(key);
+        } else {
+            self.slots[(deadline & self.mask) as usize].push((key, deadline));
+        }
         self.len += 1;
     }
 
     /// Fires every entry with a deadline up to and including tick `now`, appending keys to `out`.
     pub fn advance(&mut self, now: u64, out: &mut Vec<u64>) {
+        self.len -= self.overdue.len();
+        out.append(&mut self.overdue);
         if now < self.current {
             return;
         }
