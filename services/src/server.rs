@@ -1,6 +1,6 @@
 //! Starts the whole system in one process: storage, services, HTTP, gRPC and the gateway.
 
-use crate::auth::JwtKeys;
+use crate::auth::{load_or_create_keys, JwtKeys};
 use crate::bridge::InProcessBackend;
 use crate::config::Config;
 use crate::messages::{ChatPolicy, MessageService};
@@ -61,7 +61,7 @@ pub async fn run(
         Some(s) => JwtKeys::new(s.as_bytes().to_vec()),
         None => {
             let p = cfg.data_dir.join("jwt.secret");
-            JwtKeys::load_or_create(&p).map_err(io(format!("JWT secret {}", p.display())))?
+            load_or_create_keys(&p).map_err(io(format!("JWT secret {}", p.display())))?
         }
     };
     let clock = Arc::new(SystemClock);

@@ -13,10 +13,12 @@
 //! - [`pending`]: the bounded set of unacknowledged pushes of one connection in `rigor` ack mode,
 //!   with resend backoff.
 //! - [`close`]: the WebSocket close codes the server uses.
+//! - [`token`]: HS256 JWT sign / verify (the clock is an argument).
 
 pub mod close;
 pub mod frame;
 pub mod handshake;
 pub mod im;
 pub mod pending;
+pub mod token;
 pub mod ws;
