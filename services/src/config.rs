@@ -32,6 +32,30 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the default).
     Serve,
+    /// Maintenance on the data directory (the server need not run).
+    Admin {
+        /// What to do.
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+/// `sai-im admin ...`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Bulk-create users `<prefix>0` .. `<prefix><count-1>` (user id = username) sharing one
+    /// password hash, for load tests. Existing users are skipped, so it can be re-run.
+    SeedUsers {
+        /// How many users.
+        #[arg(long)]
+        count: u64,
+        /// Username and id prefix.
+        #[arg(long, default_value = "load")]
+        prefix: String,
+        /// The password all of them get.
+        #[arg(long, default_value = "load-password")]
+        password: String,
+    },
 }
 
 /// Flags and environment variables, each overriding the config file.

@@ -9,9 +9,11 @@
 //! - [`http`]: the HTTP JSON API (axum); [`grpc`]: the tonic services.
 //! - [`bridge`]: the gateway's [`sai_gateway::Backend`], handing work from monoio shards to the
 //!   tokio runtime the services run on.
+//! - [`admin`]: `sai-im admin ...` maintenance commands (bulk user seeding for load tests).
 //! - [`config`] and [`server`]: settings (flags, environment, TOML) and [`server::run`], which
 //!   starts everything in one process.
 
+pub mod admin;
 pub mod auth;
 pub mod bridge;
 pub mod config;

@@ -1,7 +1,7 @@
 //! `sai-im`: parses settings, installs logging and runs the server until Ctrl-C / SIGTERM.
 
 use clap::Parser;
-use sai_services::config::{Cli, Command, Config};
+use sai_services::config::{AdminCommand, Cli, Command, Config};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -23,6 +23,34 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg),
+        Command::Admin { command } => admin(cfg, command),
+    }
+}
+
+fn admin(cfg: Config, command: AdminCommand) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sai-im: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match command {
+        AdminCommand::SeedUsers {
+            count,
+            prefix,
+            password,
+        } => rt.block_on(sai_services::admin::seed_users(&cfg, count, &prefix, &password)),
+    };
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sai-im admin: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

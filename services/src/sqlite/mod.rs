@@ -266,6 +266,28 @@ impl UserStore for SqliteStore {
             .transpose()
     }
 
+    async fn create_users_bulk(&self, users: &[User]) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let mut inserted = 0;
+        for u in users {
+            let done = sqlx::query(
+                "INSERT OR IGNORE INTO users (user_id, username, nickname, password_hash, created_at)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&u.user_id)
+            .bind(&u.username)
+            .bind(&u.nickname)
+            .bind(&u.password_hash)
+            .bind(u.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            inserted += done.rows_affected();
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(inserted)
+    }
+
     async fn user_by_id(&self, user_id: &str) -> StoreResult<Option<User>> {
         sqlx::query("SELECT * FROM users WHERE user_id = ?")
             .bind(user_id)

@@ -53,6 +53,19 @@ pub async fn check_users(s: &dyn UserStore) {
     assert_eq!(s.user_by_id("u-a").await.expect("by id"), Some(a));
     assert_eq!(s.user_by_name("nobody").await.expect("missing"), None);
     assert_eq!(s.user_by_id("nobody").await.expect("missing"), None);
+    let bulk: Vec<User> = (0..50)
+        .map(|i| user(&format!("bulk{i}"), &format!("bulk{i}")))
+        .collect();
+    assert_eq!(s.create_users_bulk(&bulk).await.expect("bulk"), 50);
+    assert_eq!(
+        s.create_users_bulk(&bulk[40..]).await.expect("bulk again"),
+        0,
+        "existing users are skipped"
+    );
+    assert_eq!(
+        s.user_by_id("bulk49").await.expect("bulk user").map(|u| u.username),
+        Some("bulk49".into())
+    );
 }
 
 /// Seqs start at 1 per conversation, increase by one, and a repeated `(send_id, client_msg_id)`

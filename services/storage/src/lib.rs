@@ -56,6 +56,9 @@ pub trait UserStore: Send + Sync + 'static {
     async fn user_by_name(&self, username: &str) -> StoreResult<Option<User>>;
     /// Looks a user up by id.
     async fn user_by_id(&self, user_id: &str) -> StoreResult<Option<User>>;
+    /// Inserts many users at once, skipping any whose id or username exists; returns how many
+    /// were inserted. For provisioning load tests, not for sign-up.
+    async fn create_users_bulk(&self, users: &[User]) -> StoreResult<u64>;
 }
 
 /// A message to append; the store assigns its `seq`.

@@ -1,0 +1,54 @@
+//! `sai-im admin`: maintenance commands that work on the data directory directly.
+
+use crate::config::Config;
+use crate::sqlite::SqliteStore;
+use sai_storage::{User, UserStore};
+use std::time::Instant;
+
+/// Users inserted per transaction.
+const BATCH: u64 = 10_000;
+
+/// Creates `<prefix>0..<prefix><count-1>` with one shared bcrypt hash of `password`.
+pub async fn seed_users(cfg: &Config, count: u64, prefix: &str, password: &str) -> Result<String, String> {
+    let longest = format!("{prefix}{}", count.saturating_sub(1));
+    let valid = (3..=32).contains(&longest.len())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !valid || prefix.is_empty() {
+        return Err("prefix must be letters, digits, '_', '.' or '-' and make usernames of 3 to 32 characters".into());
+    }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+    let store = SqliteStore::open(&cfg.data_dir.join("sai-im.db"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let hash = bcrypt::hash(password, cfg.bcrypt_cost).map_err(|e| e.to_string())?;
+    let now = crate::Clock::now_ms(&crate::SystemClock);
+    let mut inserted = 0;
+    let mut start = 0;
+    while start < count {
+        let end = (start + BATCH).min(count);
+        let batch: Vec<User> = (start..end)
+            .map(|i| {
+                let name = format!("{prefix}{i}");
+                User {
+                    user_id: name.clone(),
+                    username: name.clone(),
+                    nickname: name,
+                    password_hash: hash.clone(),
+                    created_at: now,
+                }
+            })
+            .collect();
+        inserted += store.create_users_bulk(&batch).await.map_err(|e| e.to_string())?;
+        start = end;
+    }
+    store.close().await;
+    Ok(format!(
+        "seeded {inserted} new users ({} already there): ids {prefix}0..{prefix}{} in {:.1} s",
+        count - inserted,
+        count.saturating_sub(1),
+        t0.elapsed().as_secs_f64()
+    ))
+}
