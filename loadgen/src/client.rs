@@ -1,0 +1,146 @@
+//! A WebSocket client over tokio, driving the same sans-IO `sai-proto` codec as the gateway.
+//!
+//! Memory per connection: the task, the socket, a 2 KiB read buffer and the codec's buffers
+//! (empty between frames).
+
+use sai_proto::ws::{Event, Role, WsConn, WsError};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Read buffer per connection.
+pub const READ_BUF: usize = 2048;
+/// Largest message accepted from the server.
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// Why a connection could not be opened; the string is the failure cause in reports.
+#[derive(Debug, Clone)]
+pub enum ConnectError {
+    /// TCP connect refused.
+    Refused,
+    /// No answer within the timeout.
+    Timeout,
+    /// The upgrade was answered with this status.
+    Http(u16),
+    /// Anything else (address in use, reset, ...).
+    Io(String),
+}
+
+impl ConnectError {
+    /// Stable cause name.
+    pub fn cause(&self) -> String {
+        match self {
+            Self::Refused => "refused".into(),
+            Self::Timeout => "timeout".into(),
+            Self::Http(s) => format!("http_{s}"),
+            Self::Io(e) => format!("io: {e}"),
+        }
+    }
+}
+
+/// An upgraded connection, split so reads and writes can proceed independently.
+pub struct Client {
+    /// Read half.
+    pub rd: OwnedReadHalf,
+    /// Write half.
+    pub wr: OwnedWriteHalf,
+    /// The codec.
+    pub ws: WsConn,
+    /// Read buffer.
+    pub buf: Box<[u8]>,
+}
+
+/// Connects (from `src` when given), upgrades with `token` as the subprotocol.
+pub async fn connect(
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    token: &str,
+    timeout: Duration,
+    seed: u64,
+) -> Result<Client, ConnectError> {
+    match tokio::time::timeout(timeout, connect_inner(addr, src, token, seed)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout),
+    }
+}
+
+async fn connect_inner(addr: SocketAddr, src: Option<IpAddr>, token: &str, seed: u64) -> Result<Client, ConnectError> {
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+        _ => ConnectError::Io(e.to_string()),
+    };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(io)?;
+    if let Some(ip) = src {
+        sock.bind(SocketAddr::new(ip, 0)).map_err(io)?;
+    }
+    let mut stream: TcpStream = sock.connect(addr).await.map_err(io)?;
+    let _ = stream.set_nodelay(true);
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {token}\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.map_err(io)?;
+    let mut head = Vec::with_capacity(256);
+    let mut buf = vec![0u8; READ_BUF].into_boxed_slice();
+    let end = loop {
+        let n = stream.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            return Err(ConnectError::Io("closed during upgrade".into()));
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        if head.len() > 8192 {
+            return Err(ConnectError::Io("oversized upgrade response".into()));
+        }
+    };
+    let status = std::str::from_utf8(&head[..end])
+        .ok()
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(0);
+    if status != 101 {
+        return Err(ConnectError::Http(status));
+    }
+    let mut ws = WsConn::new(Role::Client, MAX_MESSAGE, seed);
+    ws.feed(&head[end..]);
+    let (rd, wr) = stream.into_split();
+    Ok(Client { rd, wr, ws, buf })
+}
+
+impl Client {
+    /// Writes everything the codec has queued.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if self.ws.output().is_empty() {
+            return Ok(());
+        }
+        let out = self.ws.take_output();
+        self.wr.write_all(&out).await
+    }
+
+    /// Buffered events first, without reading.
+    pub fn poll_event(&mut self) -> Result<Option<Event>, WsError> {
+        self.ws.next_event()
+    }
+
+    /// Feeds `n` bytes just read into `buf`.
+    pub fn feed(&mut self, n: usize) {
+        let Client { ws, buf, .. } = self;
+        ws.feed(&buf[..n]);
+    }
+
+    /// Sends a close frame and shuts the socket down.
+    pub async fn close(mut self) {
+        self.ws.close(1000, "");
+        let _ = self.flush().await;
+        let _ = self.wr.shutdown().await;
+    }
+}

@@ -1,0 +1,641 @@
+//! One worker's share of a run: virtual users on a current-thread tokio runtime, an open-loop
+//! send schedule, correctness accounting and the per-second sampler.
+//!
+//! # Open loop
+//! Message `k` of a phase is due at `start + k / rate`, fixed in advance. Its scheduled time (Unix
+//! microseconds) travels inside the message (`msg.t`), and every latency is measured from it, so
+//! a stall anywhere (loadgen, network, gateway, storage) shows up as latency instead of silently
+//! lowering the send rate (coordinated omission).
+//!
+//! # Correctness
+//! Every message has a unique key (`msg.k`; its `clientMsgId` is `<run id>-<key>`). The scheduler records how many
+//! deliveries each key must get; receivers record `(receiver, key)`. At the end of a phase, after
+//! draining, `missing` = expected deliveries not seen, `duplicated` = a `(receiver, key)` seen
+//! twice, `out_of_order` = a push whose seq is below one already seen in that conversation.
+
+use crate::client::{self, Client};
+use crate::report::{new_hist, record, Second, Summary, WorkerOut};
+use crate::sys::{rss_kib, unix_us, Rng};
+use hdrhistogram::Histogram;
+use sai_proto::im::{self, Push};
+use sai_proto::token::{Claims, JwtKeys};
+use sai_proto::ws::Event;
+use serde::Deserialize;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+/// Settings shared by every scenario.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Gateway address.
+    pub ws: SocketAddr,
+    /// HTTP API base URL (group scenario).
+    pub http: String,
+    /// The gateway's JWT secret (benchmark mode: loadgen mints tokens).
+    pub jwt_secret: String,
+    /// Seeded user prefix (`sai-im admin seed-users --prefix`).
+    pub prefix: String,
+    /// First user index of this worker.
+    pub first_user: u64,
+    /// Users of this worker.
+    pub users: u64,
+    /// Connections opened per second (this worker).
+    pub connect_rate: f64,
+    /// Per-connection connect + upgrade timeout.
+    pub connect_timeout: Duration,
+    /// Spread connections over this many source addresses 127.0.0.1.. (0: let the kernel pick).
+    pub src_addrs: u32,
+    /// Gateway pid, to sample its RSS.
+    pub server_pid: Option<u32>,
+    /// PRNG seed.
+    pub seed: u64,
+    /// Application heartbeat interval.
+    pub heartbeat: Duration,
+    /// The gateway's ack mode: `rigor` makes clients ack pushes.
+    pub ack_mode: String,
+    /// Longest wait for outstanding deliveries after a phase.
+    pub drain: Duration,
+    /// Worker index (keys are unique across workers).
+    pub worker: u32,
+    /// Print the live progress line.
+    pub progress: bool,
+}
+
+/// A command to a user task.
+enum Cmd {
+    Send {
+        key: u64,
+        to: Rc<str>,
+        chat_type: u8,
+        scheduled_us: u64,
+    },
+    /// Drop the connection without a close handshake (storm).
+    Drop,
+    /// Close cleanly.
+    Close,
+}
+
+#[derive(Default)]
+struct UserState {
+    tx: Option<mpsc::UnboundedSender<Cmd>>,
+    /// Highest seq seen per conversation (kept across reconnects, for sync).
+    last_seq: HashMap<String, u64>,
+    /// Set while a `conversation.sync` is outstanding: pushes are sync deliveries.
+    syncing_since: Option<u64>,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: u64,
+    acked: u64,
+    delivered: u64,
+    delivered_by_sync: u64,
+    duplicated: u64,
+    resync_overlap: u64,
+    out_of_order: u64,
+    errors: u64,
+    connected: u64,
+    open: u64,
+    skipped_offline: u64,
+}
+
+struct Stats {
+    handshake: Histogram<u64>,
+    ack: Histogram<u64>,
+    e2e: Histogram<u64>,
+    reconnect: Histogram<u64>,
+    /// The current second's main latency.
+    second: Histogram<u64>,
+    c: Counters,
+    failures: BTreeMap<String, u64>,
+    /// key -> deliveries still expected.
+    expected: HashMap<u64, u32>,
+    /// (receiver, key) seen.
+    received: HashSet<(u32, u64)>,
+    /// frame id -> scheduled time, for ack latency.
+    sent_at: HashMap<u64, u64>,
+    syncs_pending: u64,
+}
+
+/// The worker's state, shared by its tasks (one thread).
+pub struct Worker {
+    pub opts: Opts,
+    keys: JwtKeys,
+    users: RefCell<Vec<UserState>>,
+    stats: RefCell<Stats>,
+    next_key: std::cell::Cell<u64>,
+    series: RefCell<Vec<Second>>,
+    started: Instant,
+    /// Latency that the per-second series tracks: "e2e" or "handshake".
+    series_metric: std::cell::Cell<&'static str>,
+    sampling: std::cell::Cell<bool>,
+    /// Prefix of every clientMsgId of this run: the server dedupes `(sender, clientMsgId)` for
+    /// ever, so ids must never repeat across runs against the same data.
+    run_id: String,
+}
+
+#[derive(Deserialize)]
+struct MsgBody {
+    t: Option<u64>,
+    k: Option<u64>,
+}
+
+impl Worker {
+    /// A worker for `opts`.
+    pub fn new(opts: Opts) -> Rc<Self> {
+        let n = opts.users as usize;
+        Rc::new(Self {
+            keys: JwtKeys::new(opts.jwt_secret.as_bytes().to_vec()),
+            users: RefCell::new((0..n).map(|_| UserState::default()).collect()),
+            stats: RefCell::new(Stats {
+                handshake: new_hist(),
+                ack: new_hist(),
+                e2e: new_hist(),
+                reconnect: new_hist(),
+                second: new_hist(),
+                c: Counters::default(),
+                failures: BTreeMap::new(),
+                expected: HashMap::new(),
+                received: HashSet::new(),
+                sent_at: HashMap::new(),
+                syncs_pending: 0,
+            }),
+            next_key: std::cell::Cell::new(u64::from(opts.worker) << 40),
+            series: RefCell::new(Vec::new()),
+            started: Instant::now(),
+            series_metric: std::cell::Cell::new("e2e"),
+            sampling: std::cell::Cell::new(true),
+            run_id: format!("{:x}", unix_us() ^ (u64::from(opts.worker) << 56)),
+            opts,
+        })
+    }
+
+    /// User id of local user `i`.
+    pub fn user_id(&self, i: usize) -> String {
+        format!("{}{}", self.opts.prefix, self.opts.first_user + i as u64)
+    }
+
+    fn token(&self, i: usize) -> String {
+        let now = (unix_us() / 1_000_000) as i64;
+        self.keys.sign(&Claims {
+            sub: self.user_id(i),
+            iat: now,
+            exp: now + 24 * 3600,
+        })
+    }
+
+    fn src(&self, i: usize) -> Option<IpAddr> {
+        let k = self.opts.src_addrs;
+        if k == 0 {
+            return None;
+        }
+        let n = (i as u32 % k) + 1;
+        Some(IpAddr::V4(Ipv4Addr::new(127, 0, (n >> 8) as u8, (n & 0xff) as u8)))
+    }
+
+    fn fail(&self, cause: String) {
+        let mut s = self.stats.borrow_mut();
+        *s.failures.entry(cause).or_insert(0) += 1;
+        s.c.errors += 1;
+    }
+
+    /// Opens connections for local users `range` at the configured rate; returns when all
+    /// attempts finished. Records handshake latency and failures.
+    pub async fn connect_all(self: &Rc<Self>, range: std::ops::Range<usize>, sync_on_connect: bool) {
+        let start = Instant::now();
+        let rate = self.opts.connect_rate.max(1.0);
+        let mut pending = Vec::new();
+        for (k, i) in range.clone().enumerate() {
+            let due = start + Duration::from_secs_f64(k as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            let w = self.clone();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            tokio::task::spawn_local(async move { w.open(i, sync_on_connect, done_tx).await });
+            pending.push(done_rx);
+            if self.opts.progress && k % 500 == 0 {
+                self.progress_bar(k, range.len());
+            }
+        }
+        for p in pending {
+            let _ = p.await;
+        }
+        if self.opts.progress {
+            self.progress_bar(range.len(), range.len());
+            eprintln!();
+        }
+    }
+
+    fn progress_bar(&self, done: usize, total: usize) {
+        let width = 30;
+        let filled = (done * width).checked_div(total).unwrap_or(width);
+        let c = &self.stats.borrow().c;
+        eprint!(
+            "\r[w{}] connecting [{}{}] {done}/{total} open {} failed {}   ",
+            self.opts.worker,
+            "=".repeat(filled),
+            " ".repeat(width - filled),
+            c.open,
+            c.errors
+        );
+    }
+
+    /// Connects user `i` (saying so on `done` once the attempt is over) and runs its task until
+    /// told to stop.
+    async fn open(self: Rc<Self>, i: usize, sync_on_connect: bool, done: tokio::sync::oneshot::Sender<()>) {
+        let t0 = Instant::now();
+        let seed = self.opts.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9);
+        let c = client::connect(
+            self.opts.ws,
+            self.src(i),
+            &self.token(i),
+            self.opts.connect_timeout,
+            seed,
+        )
+        .await;
+        let mut client = match c {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail(format!("connect_{}", e.cause()));
+                let _ = done.send(());
+                return;
+            }
+        };
+        let us = t0.elapsed().as_micros() as u64;
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut s = self.stats.borrow_mut();
+            record(&mut s.handshake, us);
+            if self.series_metric.get() == "handshake" {
+                record(&mut s.second, us);
+            }
+            s.c.connected += 1;
+            s.c.open += 1;
+        }
+        if sync_on_connect {
+            let known = self.users.borrow()[i].last_seq.clone();
+            let f = serde_json::json!({"frameType": 0, "id": "sync", "method": "conversation.sync",
+                                       "data": {"conversations": known}});
+            client.ws.send_text(&f.to_string());
+            self.users.borrow_mut()[i].syncing_since = Some(unix_us());
+            self.stats.borrow_mut().syncs_pending += 1;
+        }
+        self.users.borrow_mut()[i].tx = Some(tx);
+        let _ = done.send(());
+        self.run_user(i, client, rx).await;
+        self.users.borrow_mut()[i].tx = None;
+        self.stats.borrow_mut().c.open -= 1;
+    }
+
+    async fn run_user(&self, i: usize, mut client: Client, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut hb = tokio::time::interval(self.opts.heartbeat);
+        hb.tick().await;
+        let rigor = self.opts.ack_mode == "rigor";
+        loop {
+            loop {
+                match client.poll_event() {
+                    Ok(Some(ev)) => {
+                        if !self.on_event(i, &mut client, ev, rigor) {
+                            let _ = client.flush().await;
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(format!("protocol: {e}"));
+                        let _ = client.flush().await;
+                        return;
+                    }
+                }
+            }
+            if client.flush().await.is_err() {
+                self.fail("write_failed".into());
+                return;
+            }
+            tokio::select! {
+                r = client.rd.read(&mut client.buf) => match r {
+                    Ok(0) => { self.fail("closed_without_close_frame".into()); return; }
+                    Ok(n) => client.feed(n),
+                    Err(e) => { self.fail(format!("read: {e}")); return; }
+                },
+                cmd = rx.recv() => match cmd {
+                    Some(Cmd::Send { key, to, chat_type, scheduled_us }) => {
+                        let run = &self.run_id;
+                        let frame = format!(
+                            "{{\"frameType\":0,\"id\":\"{key}\",\"method\":\"conversation.chat\",\"data\":{{\"chatType\":{chat_type},\"recvId\":\"{to}\",\"clientMsgId\":\"{run}-{key}\",\"msg\":{{\"mType\":0,\"t\":{scheduled_us},\"k\":{key}}}}}}}"
+                        );
+                        client.ws.send_text(&frame);
+                        let mut s = self.stats.borrow_mut();
+                        s.c.sent += 1;
+                        if self.opts.ack_mode != "none" {
+                            s.sent_at.insert(key, scheduled_us);
+                        }
+                    }
+                    Some(Cmd::Drop) => return,
+                    Some(Cmd::Close) | None => { client.close().await; return; }
+                },
+                _ = hb.tick() => client.ws.send_text("{\"frameType\":1}"),
+            }
+        }
+    }
+
+    /// Handles one event; false ends the connection.
+    fn on_event(&self, i: usize, client: &mut Client, ev: Event, rigor: bool) -> bool {
+        let text = match ev {
+            Event::Text(t) => t,
+            Event::Close { code, .. } => {
+                self.fail(format!("closed_by_server_{code}"));
+                return false;
+            }
+            _ => return true,
+        };
+        let Ok(f) = serde_json::from_str::<im::ServerFrame>(&text) else {
+            self.fail("unparsable_frame".into());
+            return true;
+        };
+        match (f.frame_type, f.method.as_deref()) {
+            (im::frame_type::ACK, _) => {
+                let now = unix_us();
+                let mut s = self.stats.borrow_mut();
+                s.c.acked += 1;
+                if let Some(at) =
+                    f.id.as_deref()
+                        .and_then(|id| id.parse::<u64>().ok())
+                        .and_then(|k| s.sent_at.remove(&k))
+                {
+                    record(&mut s.ack, now.saturating_sub(at));
+                }
+            }
+            (im::frame_type::DATA, Some(im::method::PUSH)) => {
+                if rigor {
+                    if let Some(id) = &f.id {
+                        client.ws.send_text(&format!("{{\"frameType\":2,\"id\":\"{id}\"}}"));
+                    }
+                }
+                if let Some(p) = f
+                    .data
+                    .as_deref()
+                    .and_then(|d| serde_json::from_str::<Push>(d.get()).ok())
+                {
+                    self.on_push(i, &p);
+                }
+            }
+            (im::frame_type::DATA, Some(im::method::SYNC)) => {
+                let since = self.users.borrow_mut()[i].syncing_since.take();
+                if let Some(since) = since {
+                    let mut s = self.stats.borrow_mut();
+                    record(&mut s.reconnect, unix_us().saturating_sub(since));
+                    s.syncs_pending = s.syncs_pending.saturating_sub(1);
+                }
+            }
+            (im::frame_type::ERROR, _) => {
+                let code = f
+                    .data
+                    .as_deref()
+                    .and_then(|d| serde_json::from_str::<serde_json::Value>(d.get()).ok())
+                    .and_then(|v| v["code"].as_str().map(String::from))
+                    .unwrap_or_default();
+                self.fail(format!("error_frame_{code}"));
+            }
+            _ => {}
+        }
+        true
+    }
+
+    fn on_push(&self, i: usize, p: &Push) {
+        let now = unix_us();
+        let body: MsgBody = serde_json::from_str(p.msg.get()).unwrap_or(MsgBody { t: None, k: None });
+        let syncing = {
+            let mut users = self.users.borrow_mut();
+            let u = &mut users[i];
+            let last = u.last_seq.entry(p.conversation_id.clone()).or_insert(0);
+            let ooo = p.seq < *last;
+            *last = (*last).max(p.seq);
+            let syncing = u.syncing_since.is_some();
+            if ooo && !syncing {
+                self.stats.borrow_mut().c.out_of_order += 1;
+            }
+            syncing
+        };
+        let Some(key) = body.k else {
+            return;
+        };
+        let mut s = self.stats.borrow_mut();
+        if !s.expected.contains_key(&key) {
+            // A message from another run or worker: not ours to account.
+            return;
+        }
+        if !s.received.insert((i as u32, key)) {
+            if syncing {
+                s.c.resync_overlap += 1;
+            } else {
+                s.c.duplicated += 1;
+            }
+            return;
+        }
+        if let Some(e) = s.expected.get_mut(&key) {
+            *e = e.saturating_sub(1);
+        }
+        if syncing {
+            s.c.delivered_by_sync += 1;
+        } else {
+            s.c.delivered += 1;
+            if let Some(t) = body.t {
+                let us = now.saturating_sub(t);
+                record(&mut s.e2e, us);
+                if self.series_metric.get() == "e2e" {
+                    record(&mut s.second, us);
+                }
+            }
+        }
+    }
+
+    /// Open loop: `rate` messages per second for `duration`; `pick` chooses the sender, the
+    /// recipient id, the chat type and how many deliveries the message must get.
+    pub async fn schedule(
+        &self,
+        rate: f64,
+        duration: Duration,
+        rng: &mut Rng,
+        mut pick: impl FnMut(&mut Rng) -> (usize, Rc<str>, u8, u32),
+    ) {
+        let total = (rate * duration.as_secs_f64()).round() as u64;
+        let start = Instant::now();
+        let start_us = unix_us();
+        for k in 0..total {
+            let offset = Duration::from_secs_f64(k as f64 / rate);
+            let due = start + offset;
+            if due > Instant::now() + Duration::from_micros(500) {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let (sender, to, chat_type, deliveries) = pick(rng);
+            let key = self.next_key.get();
+            self.next_key.set(key + 1);
+            let tx = self.users.borrow()[sender].tx.clone();
+            let Some(tx) = tx else {
+                self.stats.borrow_mut().c.skipped_offline += 1;
+                continue;
+            };
+            self.stats.borrow_mut().expected.insert(key, deliveries);
+            let scheduled_us = start_us + offset.as_micros() as u64;
+            let _ = tx.send(Cmd::Send {
+                key,
+                to,
+                chat_type,
+                scheduled_us,
+            });
+        }
+    }
+
+    /// Waits until every expected delivery and sync arrived, or the drain timeout.
+    pub async fn drain(&self) {
+        let until = Instant::now() + self.opts.drain;
+        while Instant::now() < until {
+            {
+                let s = self.stats.borrow();
+                if s.syncs_pending == 0 && s.expected.values().all(|v| *v == 0) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Expected deliveries not seen.
+    pub fn missing(&self) -> u64 {
+        self.stats.borrow().expected.values().map(|v| u64::from(*v)).sum()
+    }
+
+    /// Sends `cmd` to each user in `range` that is online.
+    fn tell(&self, range: std::ops::Range<usize>, mk: impl Fn() -> Cmd) {
+        let users = self.users.borrow();
+        for u in &users[range] {
+            if let Some(tx) = &u.tx {
+                let _ = tx.send(mk());
+            }
+        }
+    }
+
+    /// Drops users' connections abruptly (storm).
+    pub fn drop_users(&self, range: std::ops::Range<usize>) {
+        self.tell(range, || Cmd::Drop);
+    }
+
+    /// Closes every connection cleanly and waits for them to go.
+    pub async fn close_all(&self) {
+        self.tell(0..self.opts.users as usize, || Cmd::Close);
+        for _ in 0..250 {
+            if self.stats.borrow().c.open == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Open connections.
+    pub fn open_count(&self) -> u64 {
+        self.stats.borrow().c.open
+    }
+
+    /// Users of this worker that are connected.
+    pub fn online(&self, i: usize) -> bool {
+        self.users.borrow()[i].tx.is_some()
+    }
+
+    /// Chooses which latency the per-second series follows.
+    pub fn set_series_metric(&self, m: &'static str) {
+        self.series_metric.set(m);
+    }
+
+    /// A fresh e2e histogram (capacity steps); returns the old one.
+    pub fn take_e2e(&self) -> Histogram<u64> {
+        std::mem::replace(&mut self.stats.borrow_mut().e2e, new_hist())
+    }
+
+    /// Installs `h` as the e2e histogram.
+    pub fn put_e2e(&self, h: Histogram<u64>) {
+        self.stats.borrow_mut().e2e = h;
+    }
+
+    /// Samples once per second until stopped: counters' deltas, the second's percentiles, RSS.
+    pub async fn sampler(self: Rc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let (mut sent, mut acked, mut delivered, mut errors) = (0, 0, 0, 0);
+        let server = self.opts.server_pid.map(|p| p.to_string());
+        while self.sampling.get() {
+            tick.tick().await;
+            let mut s = self.stats.borrow_mut();
+            let sec = std::mem::replace(&mut s.second, new_hist());
+            let sum = Summary::of(&sec);
+            let x = Second {
+                t: self.started.elapsed().as_secs() as u32,
+                connections: s.c.open,
+                sent: s.c.sent - sent,
+                acked: s.c.acked - acked,
+                delivered: s.c.delivered - delivered,
+                errors: s.c.errors - errors,
+                p50_ms: sum.p50_ms,
+                p99_ms: sum.p99_ms,
+                server_rss_kib: server.as_deref().map(rss_kib).unwrap_or(0),
+                loadgen_rss_kib: rss_kib("self"),
+            };
+            (sent, acked, delivered, errors) = (s.c.sent, s.c.acked, s.c.delivered, s.c.errors);
+            drop(s);
+            if self.opts.progress {
+                eprintln!(
+                    "[w{} t={:>3}s] conns {:>7} sent {:>7}/s acked {:>7}/s delivered {:>7}/s p50 {:>8.3} ms p99 {:>8.3} ms errors {}",
+                    self.opts.worker, x.t, x.connections, x.sent, x.acked, x.delivered, x.p50_ms, x.p99_ms, x.errors
+                );
+            }
+            self.series.borrow_mut().push(x);
+        }
+    }
+
+    /// Stops the sampler after its next tick.
+    pub fn stop_sampler(&self) {
+        self.sampling.set(false);
+    }
+
+    /// Everything measured, for the coordinator.
+    pub fn output(&self) -> WorkerOut {
+        let s = self.stats.borrow();
+        let mut out = WorkerOut::default();
+        for (name, h) in [
+            ("handshake", &s.handshake),
+            ("ack", &s.ack),
+            ("e2e", &s.e2e),
+            ("reconnect", &s.reconnect),
+        ] {
+            if !h.is_empty() {
+                out.put_hist(name, h);
+            }
+        }
+        let c = &s.c;
+        for (k, v) in [
+            ("sent", c.sent),
+            ("acked", c.acked),
+            ("delivered", c.delivered),
+            ("delivered_by_sync", c.delivered_by_sync),
+            ("duplicated", c.duplicated),
+            ("resync_overlap", c.resync_overlap),
+            ("out_of_order", c.out_of_order),
+            ("errors", c.errors),
+            ("connected", c.connected),
+            ("skipped_offline", c.skipped_offline),
+        ] {
+            out.counters.insert(k.into(), v);
+        }
+        out.counters
+            .insert("missing".into(), s.expected.values().map(|v| u64::from(*v)).sum());
+        out.counters
+            .insert("messages_scheduled".into(), s.expected.len() as u64);
+        out.failures = s.failures.clone();
+        out.series = self.series.borrow().clone();
+        out
+    }
+}

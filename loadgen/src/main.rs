@@ -1,0 +1,647 @@
+//! `loadgen`: the SAI-IM load generator.
+//!
+//! Scenarios: `connect`, `chat`, `group`, `storm`, `capacity`; and `compare`, the benchmark
+//! regression report. Every scenario counts correctness (sent, acked, delivered, missing,
+//! duplicated, out of order) as well as speed; a run with a missing or duplicated message says
+//! so and exits with status 3. See `results/README.md` for the output format.
+//!
+//! Benchmark mode: loadgen mints its own tokens with the gateway's JWT secret (`--jwt-secret`,
+//! or `--data-dir` to read `jwt.secret`), for users made by `sai-im admin seed-users`.
+
+mod client;
+mod compare;
+mod engine;
+mod report;
+mod sys;
+
+use clap::{Args, Parser, Subcommand};
+use engine::{Opts, Worker};
+use report::{Report, Summary, WorkerOut};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use sys::Rng;
+
+#[derive(Parser, Debug)]
+#[command(name = "loadgen", version, about = "SAI-IM load generator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Cmd {
+    /// Open N authenticated connections at a rate, hold them with heartbeats, close.
+    Connect {
+        #[command(flatten)]
+        common: Common,
+        /// How long to hold the connections, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        hold: f64,
+    },
+    /// Random private pairs sending at a constant total rate (open loop).
+    Chat {
+        #[command(flatten)]
+        common: Common,
+        /// Messages per second, all workers together.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// G groups of S members, a send rate per group; fan-out latency to every member.
+    Group {
+        #[command(flatten)]
+        common: Common,
+        /// Groups.
+        #[arg(long, default_value_t = 10)]
+        groups: u64,
+        /// Members per group (users = groups x size).
+        #[arg(long, default_value_t = 200)]
+        size: u64,
+        /// Messages per second per group.
+        #[arg(long, default_value_t = 2.0)]
+        rate_per_group: f64,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+    },
+    /// Chat while a fraction of users drops at once and reconnects with conversation.sync.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        /// Messages per second.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Seconds of sending (a third before the drop, a third while away, a third after).
+        #[arg(long, default_value_t = 9.0)]
+        duration: f64,
+        /// Fraction of users dropped.
+        #[arg(long, default_value_t = 0.3)]
+        drop: f64,
+    },
+    /// Steps the chat rate up until p99 end-to-end latency exceeds the limit.
+    Capacity {
+        #[command(flatten)]
+        common: Common,
+        /// First rate (msg/s).
+        #[arg(long, default_value_t = 500.0)]
+        start_rate: f64,
+        /// Added each step.
+        #[arg(long, default_value_t = 500.0)]
+        step_rate: f64,
+        /// Stop here even if the limit holds.
+        #[arg(long, default_value_t = 20000.0)]
+        max_rate: f64,
+        /// Seconds per step.
+        #[arg(long, default_value_t = 5.0)]
+        step_secs: f64,
+        /// p99 end-to-end latency limit, ms.
+        #[arg(long, default_value_t = 50.0)]
+        p99_limit_ms: f64,
+    },
+    /// Compares two summary.json files: a Markdown table; non-zero exit on a regression.
+    Compare {
+        /// Baseline summary.json.
+        baseline: PathBuf,
+        /// New summary.json.
+        new: PathBuf,
+        /// Largest tolerated worsening, e.g. "10%".
+        #[arg(long, default_value = "10%")]
+        max_regression: String,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Gateway address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    ws: SocketAddr,
+    /// HTTP API base URL (used by `group` to create groups).
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    http: String,
+    /// The gateway's JWT secret (benchmark mode).
+    #[arg(long, env = "SAI_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Read the JWT secret from `<data-dir>/jwt.secret` instead.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Seeded user prefix.
+    #[arg(long, default_value = "load")]
+    prefix: String,
+    /// First seeded user index to use.
+    #[arg(long, default_value_t = 0)]
+    first_user: u64,
+    /// Users (connections).
+    #[arg(long, default_value_t = 1000)]
+    users: u64,
+    /// Connections per second.
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+    /// Connect + upgrade timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Spread connections over this many source addresses (127.0.0.1, .2, ...); 0 = kernel's choice.
+    #[arg(long, default_value_t = 0)]
+    src_addrs: u32,
+    /// Gateway pid, to sample its RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// The gateway's ack mode (rigor makes clients ack pushes).
+    #[arg(long, default_value = "only")]
+    ack_mode: String,
+    /// Worker processes (each holds its share of connections; at most ~19k per process here).
+    #[arg(long, default_value_t = 1)]
+    procs: u32,
+    /// PRNG seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Heartbeat interval, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    heartbeat: f64,
+    /// Longest wait for outstanding deliveries after sending, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    drain: f64,
+    /// Output directory: summary.json, series.csv, *.svg.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Free-text note stored with the machine facts.
+    #[arg(long, default_value = "")]
+    note: String,
+    /// No live progress output.
+    #[arg(long)]
+    quiet: bool,
+    /// Internal: this process is worker N of a `--procs` run.
+    #[arg(long, hide = true)]
+    worker_index: Option<u32>,
+    /// Internal: where a worker writes its results.
+    #[arg(long, hide = true)]
+    worker_out: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (common, name) = match &cli.cmd {
+        Cmd::Compare {
+            baseline,
+            new,
+            max_regression,
+        } => return compare::run(baseline, new, max_regression),
+        Cmd::Connect { common, .. } => (common.clone(), "connect"),
+        Cmd::Chat { common, .. } => (common.clone(), "chat"),
+        Cmd::Group { common, .. } => (common.clone(), "group"),
+        Cmd::Storm { common, .. } => (common.clone(), "storm"),
+        Cmd::Capacity { common, .. } => (common.clone(), "capacity"),
+    };
+    let secret = match (&common.jwt_secret, &common.data_dir) {
+        (Some(s), _) => s.clone(),
+        (None, Some(d)) => match std::fs::read_to_string(d.join("jwt.secret")) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) => {
+                eprintln!("loadgen: reading {}/jwt.secret: {e}", d.display());
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => {
+            eprintln!("loadgen: give --jwt-secret or --data-dir (benchmark mode mints tokens)");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(i) = common.worker_index {
+        return worker_main(&cli.cmd, &common, secret, i);
+    }
+    if name == "capacity" && common.procs > 1 {
+        eprintln!("loadgen: capacity runs in one process (--procs 1)");
+        return ExitCode::from(2);
+    }
+    let started_at = sys::unix_us() / 1_000_000;
+    let t0 = Instant::now();
+    let merged = if common.procs <= 1 {
+        match run_worker(&cli.cmd, &common, secret, 0, 1) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        match spawn_workers(&common) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let report = build_report(name, &cli.cmd, &common, &merged, started_at, t0.elapsed());
+    println!("{}", report.table());
+    if let Some(dir) = &common.out {
+        if let Err(e) = report.write(dir, &merged.series) {
+            eprintln!("loadgen: writing {}: {e}", dir.display());
+            return ExitCode::from(2);
+        }
+        println!("results written to {}", dir.display());
+    }
+    if !report.correct() {
+        eprintln!(
+            "\n!!! CORRECTNESS FAILURE: missing {} duplicated {} out_of_order {} !!!\n",
+            report.counters.get("missing").copied().unwrap_or(0),
+            report.counters.get("duplicated").copied().unwrap_or(0),
+            report.counters.get("out_of_order").copied().unwrap_or(0)
+        );
+        return ExitCode::from(3);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs P copies of this command as workers and merges what they write.
+fn spawn_workers(common: &Common) -> Result<WorkerOut, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = std::env::temp_dir().join(format!("loadgen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut children = Vec::new();
+    for i in 0..common.procs {
+        let out = dir.join(format!("w{i}.json"));
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .arg("--worker-index")
+            .arg(i.to_string())
+            .arg("--worker-out")
+            .arg(&out)
+            .spawn()
+            .map_err(|e| format!("spawning worker {i}: {e}"))?;
+        children.push((child, out));
+    }
+    let mut merged = WorkerOut::default();
+    for (i, (mut child, out)) in children.into_iter().enumerate() {
+        let status = child.wait().map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(&out).map_err(|e| format!("worker {i} ({status}) wrote no results: {e}"))?;
+        let w: WorkerOut = serde_json::from_str(&text).map_err(|e| format!("worker {i}: {e}"))?;
+        merged.merge(w);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(merged)
+}
+
+fn worker_main(cmd: &Cmd, common: &Common, secret: String, i: u32) -> ExitCode {
+    let Some(path) = &common.worker_out else {
+        eprintln!("loadgen: --worker-index needs --worker-out");
+        return ExitCode::from(2);
+    };
+    match run_worker(cmd, common, secret, i, common.procs.max(1)) {
+        Ok(out) => match serde_json::to_string(&out).map(|j| std::fs::write(path, j)) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            _ => ExitCode::from(2),
+        },
+        Err(e) => {
+            eprintln!("loadgen worker {i}: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `total` split into `parts`: (offset, len) of part `i`.
+fn share(total: u64, parts: u32, i: u32) -> (u64, u64) {
+    let (p, i) = (u64::from(parts), u64::from(i));
+    let base = total / p;
+    let extra = total % p;
+    let len = base + u64::from(i < extra);
+    let off = base * i + i.min(extra);
+    (off, len)
+}
+
+fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -> Result<WorkerOut, String> {
+    let w = f64::from(workers);
+    let (off, users) = match cmd {
+        Cmd::Group { groups, size, .. } => {
+            let (g_off, g_len) = share(*groups, workers, index);
+            (g_off * size, g_len * size)
+        }
+        _ => share(c.users, workers, index),
+    };
+    let opts = Opts {
+        ws: c.ws,
+        http: c.http.clone(),
+        jwt_secret: secret,
+        prefix: c.prefix.clone(),
+        first_user: c.first_user + off,
+        users,
+        connect_rate: c.connect_rate / w,
+        connect_timeout: Duration::from_secs_f64(c.connect_timeout),
+        src_addrs: c.src_addrs,
+        server_pid: if index == 0 { c.server_pid } else { None },
+        seed: c.seed ^ u64::from(index),
+        heartbeat: Duration::from_secs_f64(c.heartbeat.max(0.1)),
+        ack_mode: c.ack_mode.clone(),
+        drain: Duration::from_secs_f64(c.drain),
+        worker: index,
+        progress: !c.quiet,
+    };
+    if !["none", "only", "rigor"].contains(&opts.ack_mode.as_str()) {
+        return Err(format!("unknown --ack-mode {}", opts.ack_mode));
+    }
+    let group_ids = match cmd {
+        Cmd::Group { size, .. } => create_groups(&opts, *size)?,
+        _ => Vec::new(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let local = tokio::task::LocalSet::new();
+    let cmd = cmd.clone();
+    Ok(local.block_on(&rt, async move { scenario(cmd, opts, w, group_ids).await }))
+}
+
+/// Creates this worker's groups over HTTP (owner = first member) and returns their ids.
+fn create_groups(o: &Opts, size: u64) -> Result<Vec<String>, String> {
+    let keys = sai_proto::token::JwtKeys::new(o.jwt_secret.as_bytes().to_vec());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let now = (sys::unix_us() / 1_000_000) as i64;
+    let mut ids = Vec::new();
+    for g in 0..o.users / size.max(1) {
+        let first = o.first_user + g * size;
+        let owner = format!("{}{first}", o.prefix);
+        let token = keys.sign(&sai_proto::token::Claims {
+            sub: owner,
+            iat: now,
+            exp: now + 3600,
+        });
+        let members: Vec<String> = (first + 1..first + size).map(|u| format!("{}{u}", o.prefix)).collect();
+        let mut resp = agent
+            .post(format!("{}/v1/groups", o.http))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(serde_json::json!({"name": format!("load-{first}"), "memberIds": members}))
+            .map_err(|e| format!("creating group: {e}"))?;
+        let body: serde_json::Value = resp.body_mut().read_json().map_err(|e| e.to_string())?;
+        let id = body["groupId"]
+            .as_str()
+            .ok_or_else(|| format!("creating group: {} {body}", resp.status()))?;
+        ids.push(id.to_string());
+    }
+    Ok(ids)
+}
+
+fn rss_delta(pid: Option<u32>, before: u64) -> f64 {
+    pid.map(|p| sys::rss_kib(&p.to_string()).saturating_sub(before) as f64)
+        .unwrap_or(0.0)
+}
+
+async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) -> WorkerOut {
+    let n = opts.users as usize;
+    let server_pid = opts.server_pid;
+    let mut rng = Rng::new(opts.seed);
+    let w = Worker::new(opts);
+    let ids: Vec<Rc<str>> = (0..n).map(|i| Rc::from(w.user_id(i).as_str())).collect();
+    let sampler = tokio::task::spawn_local(w.clone().sampler());
+    let server_before = server_pid.map(|p| sys::rss_kib(&p.to_string())).unwrap_or(0);
+    let self_before = sys::rss_kib("self");
+    let mut extra = std::collections::BTreeMap::new();
+    let mut steps = Vec::new();
+    let t_connect = Instant::now();
+    if matches!(cmd, Cmd::Connect { .. }) {
+        w.set_series_metric("handshake");
+    }
+    w.connect_all(0..n, false).await;
+    extra.insert("ramp_s".to_string(), t_connect.elapsed().as_secs_f64());
+    extra.insert("server_rss_delta_kib".to_string(), rss_delta(server_pid, server_before));
+    extra.insert(
+        "loadgen_rss_delta_kib".to_string(),
+        sys::rss_kib("self").saturating_sub(self_before) as f64,
+    );
+    extra.insert("open_after_ramp".to_string(), w.open_count() as f64);
+    // Random private pairs.
+    let mut order: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut order);
+    let mut partner = vec![0usize; n];
+    for p in order.chunks(2) {
+        if let [a, b] = p {
+            partner[*a] = *b;
+            partner[*b] = *a;
+        } else if let [a] = p {
+            // An odd one out talks to the first of the order.
+            partner[*a] = order[0];
+        }
+    }
+    let pair_pick = |rng: &mut Rng| {
+        let s = rng.below(n as u64) as usize;
+        (s, ids[partner[s]].clone(), 2u8, 1u32)
+    };
+    let t_phase = Instant::now();
+    match &cmd {
+        Cmd::Connect { hold, .. } => {
+            tokio::time::sleep(Duration::from_secs_f64(*hold)).await;
+            extra.insert("held_at_end".to_string(), w.open_count() as f64);
+        }
+        Cmd::Chat { rate, duration, .. } => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            w.schedule(rate / workers, Duration::from_secs_f64(*duration), &mut rng, pair_pick)
+                .await;
+            w.drain().await;
+        }
+        Cmd::Group {
+            size,
+            rate_per_group,
+            duration,
+            ..
+        } => {
+            let size = *size as usize;
+            let gids: Vec<Rc<str>> = group_ids.iter().map(|g| Rc::from(g.as_str())).collect();
+            let g_n = gids.len().max(1);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let rate = rate_per_group * gids.len() as f64;
+            w.schedule(rate, Duration::from_secs_f64(*duration), &mut rng, |rng| {
+                let g = rng.below(g_n as u64) as usize;
+                let s = g * size + rng.below(size as u64) as usize;
+                (s, gids[g].clone(), 1u8, (size - 1) as u32)
+            })
+            .await;
+            w.drain().await;
+        }
+        Cmd::Storm {
+            rate, duration, drop, ..
+        } => {
+            let third = Duration::from_secs_f64(duration / 3.0);
+            let dropped = ((n as f64) * drop.clamp(0.0, 1.0)).round() as usize;
+            let r = rate / workers;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            w.schedule(r, third, &mut rng, pair_pick).await;
+            w.drop_users(0..dropped);
+            for _ in 0..250 {
+                if (0..dropped).all(|i| !w.online(i)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            w.schedule(r, third, &mut rng, pair_pick).await;
+            let t = Instant::now();
+            w.connect_all(0..dropped, true).await;
+            w.drain().await;
+            extra.insert("reconnect_s".to_string(), t.elapsed().as_secs_f64());
+            extra.insert("dropped".to_string(), dropped as f64);
+            w.schedule(r, third, &mut rng, pair_pick).await;
+            w.drain().await;
+        }
+        Cmd::Capacity {
+            start_rate,
+            step_rate,
+            max_rate,
+            step_secs,
+            p99_limit_ms,
+            ..
+        } => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut rate = *start_rate;
+            let mut best = 0.0f64;
+            let mut all = report::new_hist();
+            while rate <= *max_rate {
+                let before = w.missing();
+                let t = Instant::now();
+                w.schedule(rate, Duration::from_secs_f64(*step_secs), &mut rng, pair_pick)
+                    .await;
+                let sent_s = t.elapsed().as_secs_f64();
+                w.drain().await;
+                let h = w.take_e2e();
+                let _ = all.add(&h);
+                let s = Summary::of(&h);
+                let missing = w.missing() - before;
+                let held = s.p99_ms <= *p99_limit_ms && missing == 0;
+                eprintln!(
+                    "capacity step {rate:>9.0} msg/s: sent in {sent_s:.2} s, p99 {:.3} ms, missing {missing} -> {}",
+                    s.p99_ms,
+                    if held { "held" } else { "exceeded" }
+                );
+                steps.push(serde_json::json!({"rate": rate, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
+                    "max_ms": s.max_ms, "delivered": s.count, "missing": missing, "held": held}));
+                if !held {
+                    break;
+                }
+                best = rate;
+                rate += step_rate;
+            }
+            // The summary's e2e covers every step.
+            w.put_e2e(all);
+            extra.insert("capacity_msgs_per_s".to_string(), best);
+        }
+        Cmd::Compare { .. } => {}
+    }
+    extra.insert("phase_s".to_string(), t_phase.elapsed().as_secs_f64());
+    w.close_all().await;
+    w.stop_sampler();
+    let _ = sampler.await;
+    let mut out = w.output();
+    out.extra = extra;
+    out.steps = steps;
+    out
+}
+
+fn build_report(name: &str, cmd: &Cmd, c: &Common, m: &WorkerOut, started_at: u64, wall: Duration) -> Report {
+    let mut latency = std::collections::BTreeMap::new();
+    for h in m.hists.keys() {
+        if let Some(hist) = m.hist(h) {
+            latency.insert(h.clone(), Summary::of(&hist));
+        }
+    }
+    let x = |k: &str| m.extra.get(k).copied().unwrap_or(0.0);
+    let n = |k: &str| m.counters.get(k).copied().unwrap_or(0);
+    let mut rates = std::collections::BTreeMap::new();
+    if x("ramp_s") > 0.0 {
+        rates.insert("connect_per_s".to_string(), n("connected") as f64 / x("ramp_s"));
+    }
+    if name != "connect" && x("phase_s") > 0.0 {
+        rates.insert("sent_per_s".to_string(), n("sent") as f64 / x("phase_s"));
+        rates.insert("acked_per_s".to_string(), n("acked") as f64 / x("phase_s"));
+        rates.insert("delivered_per_s".to_string(), n("delivered") as f64 / x("phase_s"));
+    }
+    if name == "capacity" {
+        rates.insert("capacity_msgs_per_s".to_string(), x("capacity_msgs_per_s"));
+    }
+    let conns = x("open_after_ramp").max(1.0);
+    let mut memory = std::collections::BTreeMap::new();
+    let peak = m.series.iter().map(|s| s.server_rss_kib).max().unwrap_or(0);
+    if c.server_pid.is_some() {
+        memory.insert("server_rss_peak_kib".to_string(), peak as f64);
+        memory.insert(
+            "server_rss_per_conn_bytes".to_string(),
+            x("server_rss_delta_kib") * 1024.0 / conns,
+        );
+    }
+    memory.insert(
+        "loadgen_rss_per_conn_bytes".to_string(),
+        x("loadgen_rss_delta_kib") * 1024.0 / conns,
+    );
+    let mut counters = m.counters.clone();
+    counters.insert("held_connections".to_string(), x("open_after_ramp") as u64);
+    if name == "storm" {
+        counters.insert("dropped".to_string(), x("dropped") as u64);
+        counters.insert("reconnect_all_ms".to_string(), (x("reconnect_s") * 1000.0) as u64);
+    }
+    let params = match cmd {
+        Cmd::Connect { hold, .. } => {
+            serde_json::json!({"users": c.users, "connect_rate": c.connect_rate, "hold_s": hold})
+        }
+        Cmd::Chat { rate, duration, .. } => serde_json::json!({"users": c.users, "rate": rate, "duration_s": duration}),
+        Cmd::Group {
+            groups,
+            size,
+            rate_per_group,
+            duration,
+            ..
+        } => serde_json::json!({"groups": groups,
+            "size": size, "rate_per_group": rate_per_group, "duration_s": duration}),
+        Cmd::Storm {
+            rate, duration, drop, ..
+        } => serde_json::json!({"users": c.users, "rate": rate,
+            "duration_s": duration, "drop": drop}),
+        Cmd::Capacity {
+            start_rate,
+            step_rate,
+            max_rate,
+            step_secs,
+            p99_limit_ms,
+            ..
+        } => serde_json::json!({
+            "users": c.users, "start_rate": start_rate, "step_rate": step_rate, "max_rate": max_rate,
+            "step_secs": step_secs, "p99_limit_ms": p99_limit_ms}),
+        Cmd::Compare { .. } => serde_json::Value::Null,
+    };
+    let mut params = params;
+    if let Some(o) = params.as_object_mut() {
+        o.insert("ack_mode".into(), c.ack_mode.clone().into());
+        o.insert("procs".into(), c.procs.into());
+        o.insert("src_addrs".into(), c.src_addrs.into());
+        o.insert("seed".into(), c.seed.into());
+    }
+    let mut r = Report {
+        schema: report::SCHEMA,
+        scenario: name.to_string(),
+        params,
+        git_rev: sys::git_rev(),
+        machine: sys::machine(&c.note),
+        started_at,
+        duration_s: wall.as_secs_f64(),
+        latency,
+        rates,
+        counters,
+        failures: m.failures.clone(),
+        memory,
+        steps: m.steps.clone(),
+        verdict: String::new(),
+    };
+    r.verdict = if !r.correct() {
+        "CORRECTNESS FAILURE".into()
+    } else if n("errors") > 0 {
+        format!("ok with {} errors (see failures)", n("errors"))
+    } else {
+        "ok".into()
+    };
+    r
+}
