@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace on a fresh machine. The tests need nothing but the Rust
-# toolchain: the embedded default (SQLite) is compiled in, protoc is vendored, and the end-to-end
-# tests start the real `sai-im` binary on free loopback ports with their own data directories.
+# Runs every test of the workspace on a fresh machine: unit, property and end-to-end tests, the
+# benchmarks in test mode, and the load-generator smoke. They need nothing but the Rust toolchain:
+# the embedded default (SQLite) is compiled in, protoc is vendored, and the end-to-end tests start
+# the real `sai-im` binary on free loopback ports with their own data directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,3 +21,9 @@ if ! command -v cc >/dev/null 2>&1; then
 fi
 
 cargo test --workspace --locked "$@"
+
+# Benchmarks must keep compiling and running (one iteration each, no timing).
+cargo bench --locked -p sai-benches -- --test
+
+# Load-generator smoke: correctness counters only.
+./scripts/smoke.sh

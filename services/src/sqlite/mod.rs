@@ -3,7 +3,7 @@
 //!
 //! Writes go through a pool of exactly one connection, so SQLite's single-writer rule never
 //! surfaces as `SQLITE_BUSY` inside the process and the seq read-modify-write in [`append`] is
-//! serialized; reads use a separate pool of `READERS` connections that WAL lets run beside the
+//! serialized; appends are group-committed (up to 256 per transaction, see `group_commit`); reads use a separate pool of `READERS` connections that WAL lets run beside the
 //! writer. `synchronous = NORMAL` in WAL mode: a commit survives a crash of the process; a power
 //! loss may drop the last commits before a checkpoint (documented in the README).
 //!
@@ -17,9 +17,17 @@ use sai_storage::{
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{Row, SqliteConnection};
 use std::path::Path;
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// The message columns, as a literal so queries stay `&'static str` (sqlx refuses dynamic SQL).
+macro_rules! message_columns {
+    () => {
+        "conversation_id, seq, chat_type, send_id, recv_id, client_msg_id, msg_id, send_time, body"
+    };
+}
 
 /// Reader connections.
 const READERS: u32 = 4;
@@ -113,6 +121,8 @@ const SCHEMA_V2: &[&str] = &[
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Queue of the group-commit writer ([`group_commit`]).
+    appends: mpsc::Sender<AppendJob>,
 }
 
 impl SqliteStore {
@@ -139,7 +149,13 @@ impl SqliteStore {
             .connect_with(opts.read_only(true))
             .await
             .map_err(unavailable)?;
-        Ok(Self { writer, reader })
+        let (appends, rx) = mpsc::channel(APPEND_QUEUE);
+        tokio::spawn(group_commit(writer.clone(), rx));
+        Ok(Self {
+            writer,
+            reader,
+            appends,
+        })
     }
 
     /// Closes both pools, checkpointing the WAL.
@@ -147,6 +163,121 @@ impl SqliteStore {
         self.reader.close().await;
         self.writer.close().await;
     }
+}
+
+/// An append waiting for the group-commit writer, with where to send its outcome.
+type AppendJob = (NewMessage, oneshot::Sender<StoreResult<Appended>>);
+
+/// Most appends committed in one transaction.
+const MAX_BATCH: usize = 256;
+/// Appends queued for the writer before callers wait (backpressure).
+const APPEND_QUEUE: usize = 4096;
+
+/// The group-commit writer: takes every append queued (up to [`MAX_BATCH`]), runs them in one
+/// transaction, each inside a savepoint so one failure rolls back only itself, commits once,
+/// then answers each caller. One commit per batch instead of per message is what lets a single
+/// SQLite writer keep up with many connections; an append is still answered only once durable.
+async fn group_commit(pool: SqlitePool, mut rx: mpsc::Receiver<AppendJob>) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        let batch = std::mem::take(&mut jobs);
+        match commit_batch(&pool, &batch).await {
+            Ok(results) => {
+                for ((_, reply), r) in batch.into_iter().zip(results) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_batch(pool: &SqlitePool, batch: &[AppendJob]) -> Result<Vec<StoreResult<Appended>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut out = Vec::with_capacity(batch.len());
+    for (m, _) in batch {
+        sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
+        let r = append_one(&mut tx, m).await;
+        if r.is_err() {
+            sqlx::query("ROLLBACK TO append").execute(&mut *tx).await?;
+        }
+        sqlx::query("RELEASE append").execute(&mut *tx).await?;
+        out.push(r);
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// One append inside the writer's transaction: idempotency check, next seq, first-message
+/// membership, insert.
+async fn append_one(conn: &mut SqliteConnection, m: &NewMessage) -> StoreResult<Appended> {
+    let existing = sqlx::query(concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages WHERE send_id = ? AND client_msg_id = ?"
+    ))
+    .bind(&m.send_id)
+    .bind(&m.client_msg_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    if let Some(row) = existing {
+        return Ok(Appended::Duplicate(message_from_row(&row)?));
+    }
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO conversations (conversation_id, chat_type, max_seq, updated_at) VALUES (?, ?, 1, ?)
+             ON CONFLICT (conversation_id) DO UPDATE SET max_seq = max_seq + 1, updated_at = excluded.updated_at
+             RETURNING max_seq",
+    )
+    .bind(&m.conversation_id)
+    .bind(i64::from(m.chat_type))
+    .bind(m.send_time)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    if seq == 1 {
+        for member in &m.members {
+            sqlx::query("INSERT OR IGNORE INTO conversation_members (user_id, conversation_id) VALUES (?, ?)")
+                .bind(member)
+                .bind(&m.conversation_id)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+        }
+    }
+    sqlx::query(concat!(
+        "INSERT INTO messages (",
+        message_columns!(),
+        ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ))
+    .bind(&m.conversation_id)
+    .bind(seq)
+    .bind(i64::from(m.chat_type))
+    .bind(&m.send_id)
+    .bind(&m.recv_id)
+    .bind(&m.client_msg_id)
+    .bind(&m.msg_id)
+    .bind(m.send_time)
+    .bind(&m.body)
+    .execute(&mut *conn)
+    .await
+    .map_err(write_error)?;
+    Ok(Appended::New(StoredMessage {
+        conversation_id: m.conversation_id.clone(),
+        chat_type: m.chat_type,
+        seq: seq as u64,
+        send_id: m.send_id.clone(),
+        recv_id: m.recv_id.clone(),
+        client_msg_id: m.client_msg_id.clone(),
+        msg_id: m.msg_id.clone(),
+        send_time: m.send_time,
+        body: m.body.clone(),
+    }))
 }
 
 /// Brings the schema to [`SCHEMA_VERSION`], one transaction per step.
@@ -212,13 +343,6 @@ fn message_from_row(r: &SqliteRow) -> StoreResult<StoredMessage> {
         send_time: r.try_get("send_time").map_err(corrupt)?,
         body: r.try_get("body").map_err(corrupt)?,
     })
-}
-
-/// The message columns, as a literal so queries stay `&'static str` (sqlx refuses dynamic SQL).
-macro_rules! message_columns {
-    () => {
-        "conversation_id, seq, chat_type, send_id, recv_id, client_msg_id, msg_id, send_time, body"
-    };
 }
 
 fn record_from_row(r: &SqliteRow) -> StoreResult<ReadRecord> {
@@ -303,70 +427,13 @@ impl UserStore for SqliteStore {
 #[async_trait]
 impl MessageStore for SqliteStore {
     async fn append(&self, m: NewMessage) -> StoreResult<Appended> {
-        let mut tx = self.writer.begin().await.map_err(unavailable)?;
-        let existing = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE send_id = ? AND client_msg_id = ?"
-        ))
-        .bind(&m.send_id)
-        .bind(&m.client_msg_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if let Some(row) = existing {
-            return Ok(Appended::Duplicate(message_from_row(&row)?));
-        }
-        let seq: i64 = sqlx::query_scalar(
-            "INSERT INTO conversations (conversation_id, chat_type, max_seq, updated_at) VALUES (?, ?, 1, ?)
-             ON CONFLICT (conversation_id) DO UPDATE SET max_seq = max_seq + 1, updated_at = excluded.updated_at
-             RETURNING max_seq",
-        )
-        .bind(&m.conversation_id)
-        .bind(i64::from(m.chat_type))
-        .bind(m.send_time)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if seq == 1 {
-            for member in &m.members {
-                sqlx::query("INSERT OR IGNORE INTO conversation_members (user_id, conversation_id) VALUES (?, ?)")
-                    .bind(member)
-                    .bind(&m.conversation_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-            }
-        }
-        sqlx::query(concat!(
-            "INSERT INTO messages (",
-            message_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(&m.conversation_id)
-        .bind(seq)
-        .bind(i64::from(m.chat_type))
-        .bind(&m.send_id)
-        .bind(&m.recv_id)
-        .bind(&m.client_msg_id)
-        .bind(&m.msg_id)
-        .bind(m.send_time)
-        .bind(&m.body)
-        .execute(&mut *tx)
-        .await
-        .map_err(write_error)?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok(Appended::New(StoredMessage {
-            conversation_id: m.conversation_id,
-            chat_type: m.chat_type,
-            seq: seq as u64,
-            send_id: m.send_id,
-            recv_id: m.recv_id,
-            client_msg_id: m.client_msg_id,
-            msg_id: m.msg_id,
-            send_time: m.send_time,
-            body: m.body,
-        }))
+        let (tx, rx) = oneshot::channel();
+        self.appends
+            .send((m, tx))
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the group-commit writer stopped".into()))?
     }
 
     async fn messages_after(
