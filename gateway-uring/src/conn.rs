@@ -232,8 +232,10 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     shard.register(&conn);
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(write_loop(conn.clone(), wr));
+    let (requests, queue) = tokio::sync::mpsc::channel(MAX_PIPELINED);
+    monoio::spawn(request_loop(shard.clone(), conn.clone(), queue));
     // Bytes that arrived with the upgrade request.
-    process_input(&shard, &conn).await;
+    process_input(&shard, &conn, &requests).await;
     let mut buf = Vec::with_capacity(cfg.read_buffer_bytes);
     while !conn.done.get() && !conn.ws.borrow().is_closed() {
         let (res, b) = rd.cancelable_read(buf, handle.clone()).await;
@@ -244,7 +246,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 conn.last_active.set(shard.now_ms());
                 conn.ws.borrow_mut().feed(&buf[..n]);
                 buf.clear();
-                process_input(&shard, &conn).await;
+                process_input(&shard, &conn, &requests).await;
             }
         }
     }
@@ -292,12 +294,15 @@ fn authenticate(shard: &Shard, req: &UpgradeRequest) -> Result<(String, String),
     Err(refusal)
 }
 
+/// Requests (chat, sync, markChat) queued per connection before its reader stops reading.
+const MAX_PIPELINED: usize = 64;
+
 /// Handles every complete event buffered in the connection.
-async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, requests: &tokio::sync::mpsc::Sender<Request>) {
     loop {
         let ev = conn.ws.borrow_mut().next_event();
         match ev {
-            Ok(Some(Event::Text(t))) => handle_text(shard, conn, &t).await,
+            Ok(Some(Event::Text(t))) => handle_text(shard, conn, &t, requests).await,
             Ok(Some(Event::Binary(_))) => {
                 let e = im::error_frame(
                     None,
@@ -317,7 +322,9 @@ async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     }
 }
 
-async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
+/// Pings and push acks are answered on the spot; requests that wait on the backend go to the
+/// connection's request task, in order, so acks keep flowing while a send is being stored.
+async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str, requests: &tokio::sync::mpsc::Sender<Request>) {
     let req = match im::parse_request(text) {
         Ok(r) => r,
         Err(e) => {
@@ -325,7 +332,6 @@ async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             return;
         }
     };
-    let backend = &shard.shared.backend;
     match req {
         Request::Ping => {
             conn.enqueue(shard, &im::ping_frame());
@@ -335,6 +341,26 @@ async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 conn.acked(shard, &id);
             }
         }
+        other => {
+            // Waits (stops reading) while MAX_PIPELINED requests are queued: backpressure.
+            let _ = requests.send(other).await;
+        }
+    }
+}
+
+/// Runs a connection's backend requests one at a time, in the order they arrived, so a client's
+/// messages are stored in the order it sent them.
+async fn request_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut queue: tokio::sync::mpsc::Receiver<Request>) {
+    // Requests already read are carried out even if the client has gone: it sent them.
+    while let Some(req) = queue.recv().await {
+        handle_request(&shard, &conn, req).await;
+    }
+}
+
+async fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, req: Request) {
+    let backend = &shard.shared.backend;
+    match req {
+        Request::Ping | Request::Ack { .. } => {}
         Request::MarkRead {
             id,
             conversation_id,
