@@ -87,6 +87,9 @@ struct UserState {
     last_seq: HashMap<String, u64>,
     /// Set while a `conversation.sync` is outstanding: pushes are sync deliveries.
     syncing_since: Option<u64>,
+    /// Rigor mode: push ids seen on the current connection; a push with a seen id is the
+    /// server's resend of an unacked push (by design), not a duplicate.
+    push_ids: HashSet<u64>,
 }
 
 #[derive(Default)]
@@ -96,6 +99,7 @@ struct Counters {
     delivered: u64,
     delivered_by_sync: u64,
     duplicated: u64,
+    resent: u64,
     resync_overlap: u64,
     out_of_order: u64,
     errors: u64,
@@ -284,7 +288,11 @@ impl Worker {
             self.users.borrow_mut()[i].syncing_since = Some(unix_us());
             self.stats.borrow_mut().syncs_pending += 1;
         }
-        self.users.borrow_mut()[i].tx = Some(tx);
+        {
+            let mut users = self.users.borrow_mut();
+            users[i].tx = Some(tx);
+            users[i].push_ids.clear();
+        }
         let _ = done.send(());
         self.run_user(i, client, rx).await;
         self.users.borrow_mut()[i].tx = None;
@@ -374,6 +382,11 @@ impl Worker {
                 if rigor {
                     if let Some(id) = &f.id {
                         client.ws.send_text(&format!("{{\"frameType\":2,\"id\":\"{id}\"}}"));
+                        let n = id.parse::<u64>().unwrap_or(u64::MAX);
+                        if !self.users.borrow_mut()[i].push_ids.insert(n) {
+                            self.stats.borrow_mut().c.resent += 1;
+                            return true;
+                        }
                     }
                 }
                 if let Some(p) = f
@@ -622,6 +635,7 @@ impl Worker {
             ("delivered", c.delivered),
             ("delivered_by_sync", c.delivered_by_sync),
             ("duplicated", c.duplicated),
+            ("resent", c.resent),
             ("resync_overlap", c.resync_overlap),
             ("out_of_order", c.out_of_order),
             ("errors", c.errors),
