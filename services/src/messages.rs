@@ -2,7 +2,7 @@
 //! read receipts and the conversation list.
 
 use crate::error::ServiceError;
-use crate::receipts::{self, RoaringCodec};
+use crate::receipts::{self, SaiCodec};
 use crate::social::{group_conversation_id, SocialService};
 use crate::users::UserService;
 use crate::{Clock, Notifications};
@@ -353,7 +353,7 @@ impl MessageService {
             Some(g) => Some(self.social.member(g, user).await?.ok_or_else(not_a_member)?.slot),
             None => None,
         };
-        let codec = RoaringCodec;
+        let codec = SaiCodec;
         let (old, new) = self
             .store
             .mark_read(
@@ -403,17 +403,22 @@ impl MessageService {
             .collect();
         let reader_ids: Vec<String> = match conversation_id.strip_prefix("sg_") {
             Some(group_id) => {
-                let bitmap = match self.store.read_record(conversation_id, seq).await? {
-                    Some(r) => receipts::decode(r.format, &r.bytes).map_err(|e| {
+                let record = self.store.read_record(conversation_id, seq).await?;
+                let bitmap = record
+                    .as_ref()
+                    .map(|r| receipts::decode(r.format, &r.bytes))
+                    .transpose()
+                    .map_err(|e| {
                         tracing::error!(error = %e, "corrupt read record");
                         ServiceError::Internal
-                    })?,
-                    None => Default::default(),
-                };
+                    })?;
                 let members = self.social.members(group_id).await?;
                 members
                     .into_iter()
-                    .filter(|m| bitmap.contains(m.slot) && eligible.iter().any(|s| s.user_id == m.user_id))
+                    .filter(|m| {
+                        bitmap.as_ref().is_some_and(|b| b.contains(m.slot))
+                            && eligible.iter().any(|s| s.user_id == m.user_id)
+                    })
                     .map(|m| m.user_id)
                     .collect()
             }
