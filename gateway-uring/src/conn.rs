@@ -297,8 +297,12 @@ fn authenticate(shard: &Shard, req: &UpgradeRequest) -> Result<(String, String),
 /// Requests (chat, sync, markChat) queued per connection before its reader stops reading.
 const MAX_PIPELINED: usize = 64;
 
+/// The request queue. Requests are boxed: tokio's channel allocates its slots in blocks of 32 up
+/// front, so a slot must be a pointer, not a ~200-byte request, to keep idle connections small.
+type RequestQueue = tokio::sync::mpsc::Sender<Box<Request>>;
+
 /// Handles every complete event buffered in the connection.
-async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, requests: &tokio::sync::mpsc::Sender<Request>) {
+async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, requests: &RequestQueue) {
     loop {
         let ev = conn.ws.borrow_mut().next_event();
         match ev {
@@ -324,7 +328,7 @@ async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, requests: &tokio::syn
 
 /// Pings and push acks are answered on the spot; requests that wait on the backend go to the
 /// connection's request task, in order, so acks keep flowing while a send is being stored.
-async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str, requests: &tokio::sync::mpsc::Sender<Request>) {
+async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str, requests: &RequestQueue) {
     let req = match im::parse_request(text) {
         Ok(r) => r,
         Err(e) => {
@@ -343,17 +347,17 @@ async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str, requests: &
         }
         other => {
             // Waits (stops reading) while MAX_PIPELINED requests are queued: backpressure.
-            let _ = requests.send(other).await;
+            let _ = requests.send(Box::new(other)).await;
         }
     }
 }
 
 /// Runs a connection's backend requests one at a time, in the order they arrived, so a client's
 /// messages are stored in the order it sent them.
-async fn request_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut queue: tokio::sync::mpsc::Receiver<Request>) {
+async fn request_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut queue: tokio::sync::mpsc::Receiver<Box<Request>>) {
     // Requests already read are carried out even if the client has gone: it sent them.
     while let Some(req) = queue.recv().await {
-        handle_request(&shard, &conn, req).await;
+        handle_request(&shard, &conn, *req).await;
     }
 }
 
