@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Client, ConnectError, Server};
+use common::{authed, Client, ConnectError, Server};
 use sai_services::auth::{Claims, JwtKeys};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -488,13 +488,6 @@ fn sending_to_yourself_is_refused() {
     let e = a.recv();
     assert_eq!(e["frameType"], 9);
     assert_eq!(e["data"]["code"], "invalid_recipient");
-}
-
-fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Client, Server};
+use common::{authed, Client, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -581,13 +581,6 @@ fn rigor_acks_mark_messages_received() {
         seen = status();
     }
     assert_eq!(seen.as_deref(), Some("received"));
-}
-
-fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 #[test]

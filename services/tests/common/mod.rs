@@ -348,6 +348,14 @@ impl Client {
     }
 }
 
+/// A gRPC request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
 pub fn close_code(c: CloseCode) -> u16 {
     u16::from(c)
 }
