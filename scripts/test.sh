@@ -23,7 +23,7 @@ fi
 cargo test --workspace --locked "$@"
 
 # Benchmarks must keep compiling and running (one iteration each, no timing).
-cargo bench --locked -p sai-benches -- --test
+cargo bench --locked -p sai-benches -p sai-bitmap -- --test
 
 # Load-generator smoke: correctness counters only.
 ./scripts/smoke.sh
