@@ -73,11 +73,16 @@ fn put(out: &mut Vec<u8>, v: u32, width: u8) {
     out.extend_from_slice(&v.to_le_bytes()[..width as usize]);
 }
 
+/// Value `i` of a body of `width`-byte little-endian values (callers keep `i` in range).
 #[inline]
 fn get(b: &[u8], i: usize, width: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x[..width].copy_from_slice(&b[i * width..i * width + width]);
-    u32::from_le_bytes(x)
+    let o = i * width;
+    match width {
+        1 => u32::from(b[o]),
+        2 => u32::from(u16::from_le_bytes([b[o], b[o + 1]])),
+        3 => u32::from_le_bytes([b[o], b[o + 1], b[o + 2], 0]),
+        _ => u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]),
+    }
 }
 
 /// Encodes ascending distinct slots in the smallest of the three bodies.
