@@ -135,6 +135,14 @@ pub fn to_push(m: StoredMessage) -> Result<Push, ServiceError> {
     })
 }
 
+/// A stored read record, decoded; corrupt bytes are an internal error, logged here.
+fn readers(r: &sai_storage::ReadRecord) -> Result<receipts::Readers<'_>, ServiceError> {
+    receipts::decode(r.format, &r.bytes).map_err(|e| {
+        tracing::error!(error = %e, "corrupt read record");
+        ServiceError::Internal
+    })
+}
+
 fn not_a_member() -> ServiceError {
     ServiceError::Forbidden {
         code: "not_a_member",
@@ -316,12 +324,7 @@ impl MessageService {
         for m in msgs.into_iter().filter(|m| m.seq > me.joined_seq) {
             let (status, read_count) = if m.chat_type == ChatType::Group.as_u8() {
                 let count = match self.store.read_record(conversation_id, m.seq).await? {
-                    Some(r) => receipts::decode(r.format, &r.bytes)
-                        .map_err(|e| {
-                            tracing::error!(error = %e, "corrupt read record");
-                            ServiceError::Internal
-                        })?
-                        .len(),
+                    Some(r) => readers(&r)?.len(),
                     None => 0,
                 };
                 (None, Some(count))
@@ -404,14 +407,7 @@ impl MessageService {
         let reader_ids: Vec<String> = match conversation_id.strip_prefix("sg_") {
             Some(group_id) => {
                 let record = self.store.read_record(conversation_id, seq).await?;
-                let bitmap = record
-                    .as_ref()
-                    .map(|r| receipts::decode(r.format, &r.bytes))
-                    .transpose()
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "corrupt read record");
-                        ServiceError::Internal
-                    })?;
+                let bitmap = record.as_ref().map(readers).transpose()?;
                 let members = self.social.members(group_id).await?;
                 members
                     .into_iter()
