@@ -88,20 +88,11 @@ fn friend_requests_accept_reject_unfriend_and_refusals() {
     let _ = carol;
 
     // Unfriending ends the chat permission.
-    let del = |t: &str, who: &str| {
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut r = agent
-            .delete(format!("{}/v1/friends/{who}", s.http))
-            .header("Authorization", format!("Bearer {t}"))
-            .call()
-            .unwrap();
-        (
-            r.status().as_u16(),
-            r.body_mut().read_json::<Value>().unwrap_or(Value::Null),
-        )
-    };
-    assert_eq!(del(&tb, &alice).0, 204);
-    assert_eq!(code(&del(&tb, &alice)), (404, "not_friends"));
+    assert_eq!(delete(&s, &format!("/v1/friends/{alice}"), &tb).0, 204);
+    assert_eq!(
+        code(&delete(&s, &format!("/v1/friends/{alice}"), &tb)),
+        (404, "not_friends")
+    );
     a_ws.chat(&bob, "after", "still there?");
     assert_eq!(a_ws.recv()["data"]["code"], "not_friends");
     assert_eq!(
