@@ -69,74 +69,209 @@ fn width_for(max: u32) -> u8 {
     }
 }
 
-fn put(out: &mut Vec<u8>, v: u32, width: u8) {
-    out.extend_from_slice(&v.to_le_bytes()[..width as usize]);
+/// Calls `$f::<W>($args)` for the body's value width `W` (1..=4).
+macro_rules! by_width {
+    ($width:expr, $f:ident($($arg:expr),*)) => {
+        match $width {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            _ => $f::<4>($($arg),*),
+        }
+    };
 }
 
 /// Value `i` of a body of `width`-byte little-endian values (callers keep `i` in range).
 #[inline]
 fn get(b: &[u8], i: usize, width: usize) -> u32 {
-    let o = i * width;
-    match width {
-        1 => u32::from(b[o]),
-        2 => u32::from(u16::from_le_bytes([b[o], b[o + 1]])),
-        3 => u32::from_le_bytes([b[o], b[o + 1], b[o + 2], 0]),
-        _ => u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]),
+    by_width!(width, load(b, i))
+}
+
+/// Value `i` of a body of `W`-byte little-endian values.
+#[inline(always)]
+fn load<const W: usize>(b: &[u8], i: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x[..W].copy_from_slice(&b[i * W..i * W + W]);
+    u32::from_le_bytes(x)
+}
+
+/// The words of a bitset body (8 bytes each, little endian; the last one zero padded).
+#[inline]
+fn body_words(body: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    let chunks = body.chunks_exact(8);
+    let tail = chunks.remainder();
+    // Byte by byte: a `memcpy` call costs more than the few bytes of a small bitmap.
+    let last = (!tail.is_empty()).then(|| {
+        tail.iter()
+            .enumerate()
+            .fold(0u64, |w, (k, &b)| w | u64::from(b) << (8 * k))
+    });
+    chunks
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .chain(last)
+}
+
+/// Word `i` of a bitset body, zero past the end.
+#[inline]
+fn body_word(body: &[u8], i: usize) -> u64 {
+    match body.get(i * 8..i * 8 + 8) {
+        Some(c) => u64::from_le_bytes(c.try_into().unwrap_or([0; 8])),
+        None => body_words(body.get(i * 8..).unwrap_or_default()).next().unwrap_or(0),
     }
 }
 
-/// Encodes ascending distinct slots in the smallest of the three bodies.
-pub(crate) fn encode(slots: impl Iterator<Item = u32> + Clone, len: u64, max: Option<u32>) -> Vec<u8> {
-    let card = len as u32;
-    let Some(max) = max else {
-        return header(KIND_BITS, 0, 0);
-    };
-    let width = width_for(max);
-    let mut runs = 0usize;
-    let mut prev: Option<u32> = None;
-    for s in slots.clone() {
-        if prev.is_none_or(|p| p + 1 != s) {
-            runs += 1;
-        }
-        prev = Some(s);
+/// Appends `values` as `W`-byte little-endian values.
+fn put_all<const W: usize>(out: &mut Vec<u8>, values: impl Iterator<Item = u32>) {
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes()[..W]);
     }
+}
+
+/// Appends `(start, last)` runs as `(start, last - start)` pairs of `W`-byte values.
+fn put_runs<const W: usize>(out: &mut Vec<u8>, runs: impl Iterator<Item = (u32, u32)>) {
+    put_all::<W>(out, runs.flat_map(|(start, last)| [start, last - start]));
+}
+
+/// The runs `(start, last)` of set bits in `words`, ascending, found a word at a time.
+fn word_runs(words: &[u64]) -> impl Iterator<Item = (u32, u32)> + '_ {
+    let end = words.len() * 64;
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        // Next set bit at or after `pos`, then the next clear bit after it (`end` if none).
+        let next = |pos: usize, want_set: bool| -> usize {
+            let flip = |w: u64| if want_set { w } else { !w };
+            let mut i = pos / 64;
+            let Some(&first) = words.get(i) else {
+                return end;
+            };
+            let mut w = flip(first) & (u64::MAX << (pos % 64));
+            while w == 0 {
+                i += 1;
+                match words.get(i) {
+                    Some(&x) => w = flip(x),
+                    None => return end,
+                }
+            }
+            i * 64 + w.trailing_zeros() as usize
+        };
+        let start = next(pos, true);
+        if start >= end {
+            return None;
+        }
+        pos = next(start, false);
+        Some((start as u32, (pos - 1) as u32))
+    })
+}
+
+/// Encodes the set bits of `words` (`len` of them).
+pub(crate) fn encode_words(words: &[u64], len: u64) -> Vec<u8> {
+    let Some(last) = words.iter().rposition(|&w| w != 0) else {
+        return header(KIND_BITS, 0, 0, 0);
+    };
+    let words = &words[..=last];
+    let max = last as u32 * 64 + 63 - words[last].leading_zeros();
+    // A run starts at every set bit whose lower neighbour is clear. Counting stops once runs
+    // can no longer be the smallest body.
+    let card = len as u32;
+    let width = width_for(max) as usize;
+    let others = (max as usize / 8 + 1).min(card as usize * width);
+    let enough = runs_limit(others, width);
+    let (mut runs, mut carry) = (0usize, 0u64);
+    for &w in words {
+        runs += (w & !((w << 1) | carry)).count_ones() as usize;
+        carry = w >> 63;
+        if runs > enough {
+            break;
+        }
+    }
+    let (kind, width, body_len) = choose(card, max, runs);
+    let mut out = header(kind, width, card, body_len);
+    match kind {
+        KIND_BITS => {
+            out.resize(HEADER + last * 8, 0);
+            for (c, w) in out[HEADER..].chunks_exact_mut(8).zip(words) {
+                c.copy_from_slice(&w.to_le_bytes());
+            }
+            out.extend_from_slice(&words[last].to_le_bytes()[..body_len - last * 8]);
+        }
+        KIND_ARRAY => by_width!(width, put_all(&mut out, crate::Iter::bits(words))),
+        _ => {
+            out.extend_from_slice(&(runs as u32).to_le_bytes());
+            by_width!(width, put_runs(&mut out, word_runs(words)));
+        }
+    }
+    out
+}
+
+/// Encodes ascending distinct slots.
+pub(crate) fn encode_sorted(slots: &[u32]) -> Vec<u8> {
+    let Some(&max) = slots.last() else {
+        return header(KIND_BITS, 0, 0, 0);
+    };
+    let runs = 1 + slots.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    let card = slots.len() as u32;
+    let (kind, width, body_len) = choose(card, max, runs);
+    let mut out = header(kind, width, card, body_len);
+    match kind {
+        KIND_BITS => {
+            out.resize(HEADER + body_len, 0);
+            for &s in slots {
+                out[HEADER + s as usize / 8] |= 1 << (s % 8);
+            }
+        }
+        KIND_ARRAY => by_width!(width, put_all(&mut out, slots.iter().copied())),
+        _ => {
+            out.extend_from_slice(&(runs as u32).to_le_bytes());
+            let mut i = 0;
+            let runs = std::iter::from_fn(|| {
+                let start = *slots.get(i)?;
+                let mut last = start;
+                i += 1;
+                while slots.get(i).is_some_and(|&s| s == last + 1) {
+                    last += 1;
+                    i += 1;
+                }
+                Some((start, last))
+            });
+            by_width!(width, put_runs(&mut out, runs));
+        }
+    }
+    out
+}
+
+/// The smallest body for `card` slots up to `max` forming `runs` runs: its kind, value width
+/// and length. Ties go to bits, then array.
+fn choose(card: u32, max: u32, runs: usize) -> (u8, u8, usize) {
+    let width = width_for(max);
     let bits_len = max as usize / 8 + 1;
     let array_len = card as usize * width as usize;
     let runs_len = 4 + runs * 2 * width as usize;
     if bits_len <= array_len && bits_len <= runs_len {
-        let mut out = header(KIND_BITS, 0, card);
-        out.resize(HEADER + bits_len, 0);
-        for s in slots {
-            out[HEADER + s as usize / 8] |= 1 << (s % 8);
-        }
-        out
+        (KIND_BITS, 0, bits_len)
     } else if array_len <= runs_len {
-        let mut out = header(KIND_ARRAY, width, card);
-        out.reserve(array_len);
-        for s in slots {
-            put(&mut out, s, width);
-        }
-        out
+        (KIND_ARRAY, width, array_len)
     } else {
-        let mut out = header(KIND_RUNS, width, card);
-        out.reserve(runs_len);
-        out.extend_from_slice(&(runs as u32).to_le_bytes());
-        let mut it = slots.peekable();
-        while let Some(start) = it.next() {
-            let mut end = start;
-            while it.peek() == Some(&(end + 1)) {
-                end += 1;
-                it.next();
-            }
-            put(&mut out, start, width);
-            put(&mut out, end - start, width);
-        }
-        out
+        (KIND_RUNS, width, runs_len)
     }
 }
 
-fn header(kind: u8, width: u8, card: u32) -> Vec<u8> {
-    let mut h = vec![VERSION, kind, width, 0];
+/// A run count above which runs of `width`-byte values take more room than `others` bytes.
+#[inline]
+fn runs_limit(others: usize, width: usize) -> usize {
+    // Constant divisors: a `div` costs as much as the rest of a small insert.
+    let x = others.saturating_sub(4);
+    1 + match width {
+        1 => x / 2,
+        2 => x / 4,
+        3 => x / 6,
+        _ => x / 8,
+    }
+}
+
+/// A header, in a buffer with room for a body of `body_len` bytes.
+fn header(kind: u8, width: u8, card: u32, body_len: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER + body_len);
+    h.extend_from_slice(&[VERSION, kind, width, 0]);
     h.extend_from_slice(&card.to_le_bytes());
     h
 }
@@ -154,6 +289,7 @@ impl<'a> View<'a> {
     /// Checks the header and the body length only (O(1)). Reads of a view whose body breaks the
     /// format's order invariants give wrong answers but never panic; use [`validate`] for
     /// untrusted bytes.
+    #[inline]
     pub fn parse(bytes: &'a [u8]) -> Result<View<'a>, Error> {
         if bytes.len() < HEADER {
             return Err(Error::Truncated);
@@ -201,6 +337,7 @@ impl<'a> View<'a> {
     }
 
     /// Members (from the header: O(1)).
+    #[inline]
     pub fn len(&self) -> u64 {
         u64::from(self.card)
     }
@@ -210,51 +347,57 @@ impl<'a> View<'a> {
         self.card == 0
     }
 
+    #[inline]
     fn runs(&self) -> (usize, &'a [u8]) {
         let r = u32::from_le_bytes([self.body[0], self.body[1], self.body[2], self.body[3]]) as usize;
         (r, &self.body[4..])
     }
 
     /// Whether `slot` is a member, without allocating.
+    #[inline]
     pub fn contains(&self, slot: u32) -> bool {
         match self.kind {
             KIND_BITS => self
                 .body
                 .get(slot as usize / 8)
                 .is_some_and(|b| b & (1 << (slot % 8)) != 0),
+            KIND_ARRAY => match self.width {
+                1 => search_array::<1>(self.body, self.card as usize, slot),
+                2 => search_array::<2>(self.body, self.card as usize, slot),
+                3 => search_array::<3>(self.body, self.card as usize, slot),
+                _ => search_array::<4>(self.body, self.card as usize, slot),
+            },
+            _ => {
+                let (r, pairs) = self.runs();
+                match self.width {
+                    1 => search_runs::<1>(pairs, r, slot),
+                    2 => search_runs::<2>(pairs, r, slot),
+                    3 => search_runs::<3>(pairs, r, slot),
+                    _ => search_runs::<4>(pairs, r, slot),
+                }
+            }
+        }
+    }
+
+    /// Sets the members' bits in `words` (bit `s % 64` of word `s / 64`); members past the end
+    /// of `words` are skipped.
+    pub(crate) fn fill_words(&self, words: &mut [u64]) {
+        match self.kind {
+            KIND_BITS => {
+                for (w, x) in words.iter_mut().zip(body_words(self.body)) {
+                    *w = x;
+                }
+            }
             KIND_ARRAY => {
-                let (mut lo, mut hi) = (0usize, self.card as usize);
-                while lo < hi {
-                    let mid = (lo + hi) / 2;
-                    let v = get(self.body, mid, self.width);
-                    if v == slot {
-                        return true;
-                    }
-                    if v < slot {
-                        lo = mid + 1;
-                    } else {
-                        hi = mid;
+                for s in self.array_values() {
+                    if let Some(w) = words.get_mut((s / 64) as usize) {
+                        *w |= 1 << (s % 64);
                     }
                 }
-                false
             }
             _ => {
                 let (r, pairs) = self.runs();
-                let w = self.width;
-                let (mut lo, mut hi) = (0usize, r);
-                while lo < hi {
-                    let mid = (lo + hi) / 2;
-                    let start = get(pairs, 2 * mid, w);
-                    let last = u64::from(start) + u64::from(get(pairs, 2 * mid + 1, w));
-                    if u64::from(slot) < u64::from(start) {
-                        hi = mid;
-                    } else if u64::from(slot) > last {
-                        lo = mid + 1;
-                    } else {
-                        return true;
-                    }
-                }
-                false
+                by_width!(self.width, fill_runs(pairs, r, words));
             }
         }
     }
@@ -278,30 +421,333 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Members in ascending order, read from the bytes.
-    pub fn iter(&self) -> impl Iterator<Item = u32> + 'a {
-        let v = *self;
-        let bits = (v.kind == KIND_BITS).then(|| {
-            v.body.iter().enumerate().flat_map(|(i, &b)| {
-                (0..8u32)
-                    .filter(move |k| b & (1 << k) != 0)
-                    .map(move |k| i as u32 * 8 + k)
-            })
-        });
-        let array = (v.kind == KIND_ARRAY).then(|| (0..v.card as usize).map(move |i| get(v.body, i, v.width)));
-        let runs = (v.kind == KIND_RUNS).then(|| {
-            let (r, pairs) = v.runs();
-            (0..r).flat_map(move |i| {
-                let start = get(pairs, 2 * i, v.width);
-                let extra = get(pairs, 2 * i + 1, v.width);
-                (0..=extra).map_while(move |k| start.checked_add(k))
-            })
-        });
-        bits.into_iter()
-            .flatten()
-            .chain(array.into_iter().flatten())
-            .chain(runs.into_iter().flatten())
+    /// The values of an array body (empty for other kinds).
+    pub(crate) fn array_values(&self) -> impl Iterator<Item = u32> + 'a {
+        let (body, width) = (self.body, self.width);
+        let n = if self.kind == KIND_ARRAY { self.card as usize } else { 0 };
+        (0..n).map(move |i| get(body, i, width))
     }
+
+    /// The bytes of this bitmap with `slot` added: exactly what [`crate::Bitmap::deserialize`],
+    /// `insert` and `serialize` would give, but when the encoding keeps its kind and width (the
+    /// common case) the body is copied with one value spliced in rather than decoded and
+    /// re-encoded. This is the read-receipt write path. On a view from [`View::parse`] whose
+    /// body breaks the format's invariants, the result is unspecified but it never panics.
+    pub fn inserted(&self, slot: u32) -> Vec<u8> {
+        if self.contains(slot) {
+            let mut out = header(self.kind, self.width as u8, self.card, self.body.len());
+            out.extend_from_slice(self.body);
+            return out;
+        }
+        let card = self.card.saturating_add(1);
+        let max = self.max().map_or(slot, |m| m.max(slot));
+        let left = slot > 0 && self.contains(slot - 1);
+        let right = slot < u32::MAX && self.contains(slot + 1);
+        let width = width_for(max) as usize;
+        let others = (max as usize / 8 + 1).min(card as usize * width);
+        // Runs only need counting up to the point where they can no longer be the smallest body
+        // (one more than that, as the new slot may join two runs into one).
+        let old_runs = self.count_runs(runs_limit(others, width) + 1);
+        let runs = (old_runs + 1).saturating_sub(usize::from(left) + usize::from(right));
+        let (kind, width, body_len) = choose(card, max, runs);
+        if kind != self.kind || width as usize != self.width {
+            let mut b = crate::Bitmap::from_view(self);
+            b.insert(slot);
+            return b.serialize();
+        }
+        let mut out = header(kind, width, card, body_len);
+        match kind {
+            KIND_BITS => {
+                out.extend_from_slice(self.body);
+                out.resize(HEADER + body_len, 0);
+                out[HEADER + slot as usize / 8] |= 1 << (slot % 8);
+            }
+            KIND_ARRAY => {
+                let at = by_width!(self.width, rank_array(self.body, self.card as usize, slot)) * self.width;
+                out.extend_from_slice(&self.body[..at]);
+                out.extend_from_slice(&slot.to_le_bytes()[..self.width]);
+                out.extend_from_slice(&self.body[at..]);
+            }
+            _ => {
+                let (r, pairs) = self.runs();
+                let w = self.width;
+                let pair = |k: usize| {
+                    if k < r {
+                        (get(pairs, 2 * k, w), get(pairs, 2 * k + 1, w))
+                    } else {
+                        (0, 0)
+                    }
+                };
+                // The run that starts at or below `slot`, and the one after it.
+                let below = by_width!(w, rank_runs(pairs, r, slot));
+                let after = below.map_or(0, |i| i + 1);
+                // Runs `from..to` give way to `(start, extra)`.
+                let (from, to, (start, extra)) = match (left, right, below) {
+                    (true, true, Some(i)) => {
+                        let ((start, _), (s2, e2)) = (pair(i), pair(i + 1));
+                        (i, i + 2, (start, s2.wrapping_add(e2).wrapping_sub(start)))
+                    }
+                    (true, _, Some(i)) => (i, i + 1, (pair(i).0, pair(i).1.wrapping_add(1))),
+                    (_, true, _) => (after, after + 1, (slot, pair(after).1.wrapping_add(1))),
+                    _ => (after, after, (slot, 0)),
+                };
+                out.extend_from_slice(&(runs as u32).to_le_bytes());
+                out.extend_from_slice(&pairs[..(from * 2 * w).min(pairs.len())]);
+                out.extend_from_slice(&start.to_le_bytes()[..w]);
+                out.extend_from_slice(&extra.to_le_bytes()[..w]);
+                out.extend_from_slice(&pairs[(to * 2 * w).min(pairs.len())..]);
+            }
+        }
+        out
+    }
+
+    /// The number of runs of consecutive members, counted until it passes `limit`.
+    fn count_runs(&self, limit: usize) -> usize {
+        match self.kind {
+            KIND_BITS => {
+                let (mut runs, mut carry) = (0usize, 0u64);
+                for w in body_words(self.body) {
+                    runs += (w & !((w << 1) | carry)).count_ones() as usize;
+                    carry = w >> 63;
+                    if runs > limit {
+                        break;
+                    }
+                }
+                runs
+            }
+            KIND_ARRAY => by_width!(self.width, count_array_runs(self.body, limit)),
+            _ => self.runs().0,
+        }
+    }
+
+    /// Appends the members to `out`, in ascending order.
+    pub(crate) fn extend_into(&self, out: &mut Vec<u32>) {
+        if self.kind == KIND_ARRAY {
+            by_width!(self.width, extend_array(self.body, out));
+        } else {
+            out.extend(self.iter());
+        }
+    }
+
+    /// Members in ascending order, read from the bytes.
+    pub fn iter(&self) -> ViewIter<'a> {
+        let state = match self.kind {
+            KIND_BITS => IterState::Bits {
+                next: 0,
+                base: 0,
+                cur: 0,
+            },
+            KIND_ARRAY => IterState::Array { i: 0 },
+            _ => IterState::Runs { i: 0, next: 1, last: 0 },
+        };
+        ViewIter { view: *self, state }
+    }
+}
+
+/// The position after which `pairs` holds no run start at or below `slot`, then whether that
+/// run covers `slot`.
+fn search_runs<const W: usize>(pairs: &[u8], r: usize, slot: u32) -> bool {
+    if r == 0 {
+        return false;
+    }
+    let (mut base, mut size) = (0usize, r);
+    while size > 1 {
+        let half = size / 2;
+        if load::<W>(pairs, 2 * (base + half)) <= slot {
+            base += half;
+        }
+        size -= half;
+    }
+    let start = load::<W>(pairs, 2 * base);
+    slot >= start && slot - start <= load::<W>(pairs, 2 * base + 1)
+}
+
+/// Branch-light binary search of `n` ascending `W`-byte values.
+fn search_array<const W: usize>(body: &[u8], n: usize, slot: u32) -> bool {
+    if n == 0 {
+        return false;
+    }
+    let (mut base, mut size) = (0usize, n);
+    while size > 1 {
+        let half = size / 2;
+        if load::<W>(body, base + half) <= slot {
+            base += half;
+        }
+        size -= half;
+    }
+    load::<W>(body, base) == slot
+}
+
+/// Sets the bits of `r` runs of `W`-byte pairs (clamped to `words`).
+fn fill_runs<const W: usize>(pairs: &[u8], r: usize, words: &mut [u64]) {
+    let cap = words.len() * 64;
+    for i in 0..r {
+        let start = load::<W>(pairs, 2 * i) as usize;
+        if start < cap {
+            let last = (start + load::<W>(pairs, 2 * i + 1) as usize).min(cap - 1);
+            set_range(words, start, last);
+        }
+    }
+}
+
+/// Sets bits `start..=last` (`start <= last < words.len() * 64`).
+fn set_range(words: &mut [u64], start: usize, last: usize) {
+    let (a, b) = (start / 64, last / 64);
+    let lo = u64::MAX << (start % 64);
+    let hi = u64::MAX >> (63 - last % 64);
+    if a == b {
+        words[a] |= lo & hi;
+    } else {
+        words[a] |= lo;
+        words[a + 1..b].fill(u64::MAX);
+        words[b] |= hi;
+    }
+}
+
+/// Ascending members of a [`View`], read from its bytes.
+#[derive(Debug, Clone)]
+pub struct ViewIter<'a> {
+    view: View<'a>,
+    state: IterState,
+}
+
+#[derive(Debug, Clone)]
+enum IterState {
+    /// `cur`: bits of the word for slots `base..base + 64` not yet returned; `next`: the
+    /// following word's index.
+    Bits {
+        next: usize,
+        base: u32,
+        cur: u64,
+    },
+    Array {
+        i: usize,
+    },
+    /// Run `i` is the next to load; `next..=last` remain of the current one.
+    Runs {
+        i: usize,
+        next: u64,
+        last: u64,
+    },
+}
+
+impl Iterator for ViewIter<'_> {
+    type Item = u32;
+
+    #[inline]
+    fn next(&mut self) -> Option<u32> {
+        let v = &self.view;
+        match &mut self.state {
+            IterState::Bits { next, base, cur } => loop {
+                if *cur != 0 {
+                    let b = cur.trailing_zeros();
+                    *cur &= *cur - 1;
+                    return Some(*base + b);
+                }
+                if *next * 8 >= v.body.len() {
+                    return None;
+                }
+                *cur = body_word(v.body, *next);
+                *base = (*next as u32).wrapping_mul(64);
+                *next += 1;
+            },
+            IterState::Array { i } => {
+                if *i >= v.card as usize {
+                    return None;
+                }
+                *i += 1;
+                Some(get(v.body, *i - 1, v.width))
+            }
+            IterState::Runs { i, next, last } => {
+                if *next > *last {
+                    let (r, pairs) = v.runs();
+                    if *i >= r {
+                        return None;
+                    }
+                    *next = u64::from(get(pairs, 2 * *i, v.width));
+                    *last = (*next + u64::from(get(pairs, 2 * *i + 1, v.width))).min(u64::from(u32::MAX));
+                    *i += 1;
+                }
+                *next += 1;
+                Some((*next - 1) as u32)
+            }
+        }
+    }
+}
+
+/// How many of `n` ascending `W`-byte values are below `slot`.
+fn rank_array<const W: usize>(body: &[u8], n: usize, slot: u32) -> usize {
+    let (mut lo, mut hi) = (0usize, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if load::<W>(body, mid) < slot {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The last of `r` runs that starts at or below `slot`.
+fn rank_runs<const W: usize>(pairs: &[u8], r: usize, slot: u32) -> Option<usize> {
+    let (mut lo, mut hi) = (0usize, r);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if load::<W>(pairs, 2 * mid) <= slot {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo.checked_sub(1)
+}
+
+/// Runs of consecutive values in an ascending `W`-byte body, counted until past `limit`.
+fn count_array_runs<const W: usize>(body: &[u8], limit: usize) -> usize {
+    let n = body.len() / W;
+    let mut runs = usize::from(n > 0);
+    for i in 1..n {
+        runs += usize::from(load::<W>(body, i - 1).wrapping_add(1) != load::<W>(body, i));
+        if runs > limit {
+            break;
+        }
+    }
+    runs
+}
+
+/// Appends a body of `W`-byte values to `out`.
+fn extend_array<const W: usize>(body: &[u8], out: &mut Vec<u32>) {
+    out.extend(body.chunks_exact(W).map(|c| {
+        let mut x = [0u8; 4];
+        x[..W].copy_from_slice(c);
+        u32::from_le_bytes(x)
+    }));
+}
+
+/// Whether a body of `W`-byte values is strictly increasing.
+fn increasing<const W: usize>(body: &[u8]) -> bool {
+    let n = body.len() / W;
+    (1..n).all(|i| load::<W>(body, i - 1) < load::<W>(body, i))
+}
+
+/// The members of `r` runs of `W`-byte pairs, checking that they ascend without touching.
+fn runs_total<const W: usize>(pairs: &[u8], r: usize) -> Result<u64, Error> {
+    let mut total: u64 = 0;
+    let mut prev_end: Option<u64> = None;
+    for i in 0..r {
+        let start = u64::from(load::<W>(pairs, 2 * i));
+        let end = start + u64::from(load::<W>(pairs, 2 * i + 1));
+        if end > u64::from(u32::MAX) {
+            return Err(Error::Invariant("run past the largest slot"));
+        }
+        if prev_end.is_some_and(|p| start <= p + 1) {
+            return Err(Error::Invariant("runs overlap, touch or are out of order"));
+        }
+        total += end - start + 1;
+        prev_end = Some(end);
+    }
+    Ok(total)
 }
 
 /// Checks every rule of the format without allocating; the [`View`] it returns is then exact.
@@ -312,38 +758,19 @@ pub fn validate(bytes: &[u8]) -> Result<View<'_>, Error> {
             if v.body.last().is_some_and(|&b| b == 0) {
                 return Err(Error::Invariant("trailing zero byte in bits"));
             }
-            let ones: u64 = v.body.iter().map(|b| u64::from(b.count_ones())).sum();
+            let ones: u64 = body_words(v.body).map(|w| u64::from(w.count_ones())).sum();
             if ones != u64::from(v.card) {
                 return Err(Error::Invariant("bit count differs from the cardinality"));
             }
         }
         KIND_ARRAY => {
-            let mut prev = None;
-            for i in 0..v.card as usize {
-                let x = get(v.body, i, v.width);
-                if prev.is_some_and(|p| p >= x) {
-                    return Err(Error::Invariant("array values not strictly increasing"));
-                }
-                prev = Some(x);
+            if !by_width!(v.width, increasing(v.body)) {
+                return Err(Error::Invariant("array values not strictly increasing"));
             }
         }
         _ => {
             let (r, pairs) = v.runs();
-            let mut total: u64 = 0;
-            let mut prev_end: Option<u64> = None;
-            for i in 0..r {
-                let start = u64::from(get(pairs, 2 * i, v.width));
-                let end = start + u64::from(get(pairs, 2 * i + 1, v.width));
-                if end > u64::from(u32::MAX) {
-                    return Err(Error::Invariant("run past the largest slot"));
-                }
-                if prev_end.is_some_and(|p| start <= p + 1) {
-                    return Err(Error::Invariant("runs overlap, touch or are out of order"));
-                }
-                total += end - start + 1;
-                prev_end = Some(end);
-            }
-            if total != u64::from(v.card) {
+            if by_width!(v.width, runs_total(pairs, r))? != u64::from(v.card) {
                 return Err(Error::Invariant("run lengths differ from the cardinality"));
             }
         }
@@ -371,6 +798,17 @@ pub fn fuzz_bytes(bytes: &[u8]) {
         Err(e) => panic!("our own output does not validate: {e}"),
     };
     assert!(v2.iter().eq(view.iter()));
+    // Adding a member on the bytes equals decode, insert, encode.
+    for slot in [
+        0,
+        n as u32,
+        view.max().unwrap_or(0).wrapping_add(1),
+        u32::from(bytes[0]) * 31,
+    ] {
+        let mut want = b.clone();
+        want.insert(slot);
+        assert_eq!(view.inserted(slot), want.serialize(), "insert {slot} on the bytes");
+    }
 }
 
 #[cfg(test)]

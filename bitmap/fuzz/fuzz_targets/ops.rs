@@ -4,7 +4,14 @@ use roaring::RoaringBitmap;
 use sai_bitmap::Bitmap;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let mut ours = Bitmap::new();
+    // The first byte picks a member-count hint: none, or up to 2^16 slots.
+    let Some((&hint, data)) = data.split_first() else {
+        return;
+    };
+    let mut ours = match hint {
+        0 => Bitmap::new(),
+        h => Bitmap::with_universe(u32::from(h) << 8),
+    };
     let mut theirs = RoaringBitmap::new();
     for c in data.chunks_exact(4) {
         let op = c[0] & 1;
@@ -20,4 +27,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let bytes = ours.serialize();
     let view = sai_bitmap::validate(&bytes).expect("own output validates");
     assert!(view.iter().eq(theirs.iter()));
+    // Adding a member on the stored bytes equals decode, insert, encode.
+    if let Some(c) = data.chunks_exact(4).last() {
+        let slot = u32::from_le_bytes([c[3], c[2], c[1], 0]);
+        let mut want = ours.clone();
+        want.insert(slot);
+        assert_eq!(view.inserted(slot), want.serialize());
+    }
 });
