@@ -84,9 +84,14 @@ impl ReadBitmapCodec for SaiCodec {
     }
 
     fn insert(&self, existing: Option<(u8, &[u8])>, slot: u32) -> Result<Vec<u8>, String> {
-        let mut bm = match existing {
+        let mut bm: Bitmap = match existing {
             None => Bitmap::new(),
-            Some((FORMAT_SAI, bytes)) => Bitmap::deserialize(bytes).map_err(|e| format!("read bitmap: {e}"))?,
+            // Spliced into the stored bytes, without decoding them.
+            Some((FORMAT_SAI, bytes)) => {
+                return sai_bitmap::validate(bytes)
+                    .map(|v| v.inserted(slot))
+                    .map_err(|e| format!("read bitmap: {e}"))
+            }
             Some((format, bytes)) => decode(format, bytes)?.slots().into_iter().collect(),
         };
         bm.insert(slot);
