@@ -2,11 +2,21 @@
 //! group sizes 10, 200, 2,000, 50,000; read fractions 1%, 50%, 99%; readers in slot order or
 //! random order. Each benchmark id is `<op>/<impl>/<size>-<fraction>-<order>`.
 //!
-//! - `set`: build a message's bitmap by setting every reader's slot, from empty.
+//! In memory:
+//! - `set`: build a message's bitmap by setting every reader's slot, from empty (sai-bitmap is
+//!   told the group's member count, which the read-receipt path knows).
 //! - `contains`: ask every slot of the group.
-//! - `count`: the read count of a bitmap in memory.
-//! - `read_bytes`: from the stored bytes, the read count plus every slot's `contains` (roaring
-//!   must deserialize first; sai-bitmap reads the bytes in place).
+//! - `count`: the read counts of a page of [`PAGE`] messages' bitmaps (one `len` is below a
+//!   nanosecond for both, under the measurement's own noise, so a page is timed).
+//! - `iter`: list the readers.
+//! - `unread`: the members who have not read it (complement within the member count).
+//!
+//! From the stored bytes (sai-bitmap reads them in place; roaring must deserialize first):
+//! - `read_bytes`: the read count and whether one member (the viewer) has read it, which is
+//!   what a history page asks of every message.
+//! - `iter_bytes`: list the readers.
+//! - `insert_bytes`: the write path: stored bytes in (validated: they come from storage), one
+//!   more reader, stored bytes out.
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -16,6 +26,9 @@ use std::hint::black_box;
 
 #[path = "datasets.rs"]
 mod datasets;
+
+/// Messages per page for `count`.
+const PAGE: usize = 64;
 
 fn bench(c: &mut Criterion) {
     for d in datasets::all() {
@@ -32,9 +45,12 @@ fn bench(c: &mut Criterion) {
         theirs
             .serialize_into(&mut their_bytes)
             .unwrap_or_else(|e| panic!("roaring serialize: {e}"));
+        let (n, viewer, name) = (d.size, d.size / 2, d.name.as_str());
+        // The write path adds a member who has not read it yet.
+        let newcomer = (0..n).find(|&s| !theirs.contains(s)).unwrap_or(n);
 
         let mut g = c.benchmark_group("set");
-        g.bench_with_input(BenchmarkId::new("sai", &d.name), &d, |b, d| {
+        g.bench_with_input(BenchmarkId::new("sai", name), &d, |b, d| {
             b.iter(|| {
                 let mut bm = Bitmap::with_universe(d.size);
                 for &s in &d.readers {
@@ -43,7 +59,7 @@ fn bench(c: &mut Criterion) {
                 black_box(bm.len())
             })
         });
-        g.bench_with_input(BenchmarkId::new("roaring", &d.name), &d, |b, d| {
+        g.bench_with_input(BenchmarkId::new("roaring", name), &d, |b, d| {
             b.iter(|| {
                 let mut bm = RoaringBitmap::new();
                 for &s in &d.readers {
@@ -55,32 +71,93 @@ fn bench(c: &mut Criterion) {
         g.finish();
 
         let mut g = c.benchmark_group("contains");
-        g.bench_with_input(BenchmarkId::new("sai", &d.name), &d.size, |b, &n| {
+        g.bench_function(BenchmarkId::new("sai", name), |b| {
             b.iter(|| (0..n).filter(|&s| black_box(&ours).contains(s)).count())
         });
-        g.bench_with_input(BenchmarkId::new("roaring", &d.name), &d.size, |b, &n| {
+        g.bench_function(BenchmarkId::new("roaring", name), |b| {
             b.iter(|| (0..n).filter(|&s| black_box(&theirs).contains(s)).count())
         });
         g.finish();
 
+        let our_page = vec![ours.clone(); PAGE];
+        let their_page = vec![theirs.clone(); PAGE];
         let mut g = c.benchmark_group("count");
-        g.bench_function(BenchmarkId::new("sai", &d.name), |b| b.iter(|| black_box(&ours).len()));
-        g.bench_function(BenchmarkId::new("roaring", &d.name), |b| {
-            b.iter(|| black_box(&theirs).len())
+        g.bench_function(BenchmarkId::new("sai", name), |b| {
+            b.iter(|| black_box(&our_page).iter().map(Bitmap::len).sum::<u64>())
+        });
+        g.bench_function(BenchmarkId::new("roaring", name), |b| {
+            b.iter(|| black_box(&their_page).iter().map(RoaringBitmap::len).sum::<u64>())
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("iter");
+        g.bench_function(BenchmarkId::new("sai", name), |b| {
+            b.iter(|| black_box(&ours).iter().map(u64::from).sum::<u64>())
+        });
+        g.bench_function(BenchmarkId::new("roaring", name), |b| {
+            b.iter(|| black_box(&theirs).iter().map(u64::from).sum::<u64>())
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("unread");
+        g.bench_function(BenchmarkId::new("sai", name), |b| {
+            b.iter(|| black_box(&ours).complement_within(n).len())
+        });
+        g.bench_function(BenchmarkId::new("roaring", name), |b| {
+            b.iter(|| {
+                let mut all = RoaringBitmap::new();
+                all.insert_range(0..n);
+                all -= black_box(&theirs);
+                all.len()
+            })
         });
         g.finish();
 
         let mut g = c.benchmark_group("read_bytes");
-        g.bench_with_input(BenchmarkId::new("sai", &d.name), &d.size, |b, &n| {
+        g.bench_function(BenchmarkId::new("sai", name), |b| {
             b.iter(|| {
                 let v = View::parse(black_box(&our_bytes)).unwrap_or_else(|e| panic!("{e}"));
-                (0..n).filter(|&s| v.contains(s)).count() as u64 + v.len()
+                v.len() + u64::from(v.contains(viewer))
             })
         });
-        g.bench_with_input(BenchmarkId::new("roaring", &d.name), &d.size, |b, &n| {
+        g.bench_function(BenchmarkId::new("roaring", name), |b| {
             b.iter(|| {
                 let r = RoaringBitmap::deserialize_from(black_box(&their_bytes[..])).unwrap_or_else(|e| panic!("{e}"));
-                (0..n).filter(|&s| r.contains(s)).count() as u64 + r.len()
+                r.len() + u64::from(r.contains(viewer))
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("iter_bytes");
+        g.bench_function(BenchmarkId::new("sai", name), |b| {
+            b.iter(|| {
+                let v = View::parse(black_box(&our_bytes)).unwrap_or_else(|e| panic!("{e}"));
+                v.iter().map(u64::from).sum::<u64>()
+            })
+        });
+        g.bench_function(BenchmarkId::new("roaring", name), |b| {
+            b.iter(|| {
+                let r = RoaringBitmap::deserialize_from(black_box(&their_bytes[..])).unwrap_or_else(|e| panic!("{e}"));
+                r.iter().map(u64::from).sum::<u64>()
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("insert_bytes");
+        g.bench_function(BenchmarkId::new("sai", name), |b| {
+            b.iter(|| {
+                let v = sai_bitmap::validate(black_box(&our_bytes)).unwrap_or_else(|e| panic!("{e}"));
+                v.inserted(newcomer)
+            })
+        });
+        g.bench_function(BenchmarkId::new("roaring", name), |b| {
+            b.iter(|| {
+                let mut r =
+                    RoaringBitmap::deserialize_from(black_box(&their_bytes[..])).unwrap_or_else(|e| panic!("{e}"));
+                r.insert(newcomer);
+                let mut out = Vec::with_capacity(r.serialized_size());
+                r.serialize_into(&mut out).unwrap_or_else(|e| panic!("{e}"));
+                out
             })
         });
         g.finish();
