@@ -19,7 +19,7 @@
 //! `insert` / `contains` are one word operation on inline and bits, a binary search on an array.
 //! The cardinality is kept, so `len` is O(1).
 //!
-//! Serialized (see [`format`]), the smallest of three encodings is written: a sorted array with
+//! Serialized (see [`format`](mod@format)), the smallest of three encodings is written: a sorted array with
 //! 1- to 4-byte elements (width from the largest slot), a plain bitset, or runs of consecutive
 //! slots. [`View`] answers `contains` (O(1) for bits, O(log n) for array and runs) and `len`
 //! (O(1): the header carries the cardinality) on the bytes themselves, without allocating.
@@ -268,7 +268,7 @@ impl Bitmap {
         }
     }
 
-    /// The serialized bytes ([`format`]), in the smallest encoding.
+    /// The serialized bytes ([`format`](mod@format)), in the smallest encoding.
     pub fn serialize(&self) -> Vec<u8> {
         match &self.repr {
             Repr::Array(v) => format::encode_sorted(v),
