@@ -163,6 +163,20 @@ fn word_runs(words: &[u64]) -> impl Iterator<Item = (u32, u32)> + '_ {
     })
 }
 
+/// The runs of set bits in a stream of words (bit `s % 64` of word `s / 64`), counted until
+/// past `limit`: a run starts at every set bit whose lower neighbour is clear.
+fn count_word_runs(words: impl Iterator<Item = u64>, limit: usize) -> usize {
+    let (mut runs, mut carry) = (0usize, 0u64);
+    for w in words {
+        runs += (w & !((w << 1) | carry)).count_ones() as usize;
+        carry = w >> 63;
+        if runs > limit {
+            break;
+        }
+    }
+    runs
+}
+
 /// Encodes the set bits of `words` (`len` of them).
 pub(crate) fn encode_words(words: &[u64], len: u64) -> Vec<u8> {
     let Some(last) = words.iter().rposition(|&w| w != 0) else {
@@ -170,20 +184,11 @@ pub(crate) fn encode_words(words: &[u64], len: u64) -> Vec<u8> {
     };
     let words = &words[..=last];
     let max = last as u32 * 64 + 63 - words[last].leading_zeros();
-    // A run starts at every set bit whose lower neighbour is clear. Counting stops once runs
-    // can no longer be the smallest body.
+    // Runs are counted only until they can no longer be the smallest body.
     let card = len as u32;
     let width = width_for(max) as usize;
     let others = (max as usize / 8 + 1).min(card as usize * width);
-    let enough = runs_limit(others, width);
-    let (mut runs, mut carry) = (0usize, 0u64);
-    for &w in words {
-        runs += (w & !((w << 1) | carry)).count_ones() as usize;
-        carry = w >> 63;
-        if runs > enough {
-            break;
-        }
-    }
+    let runs = count_word_runs(words.iter().copied(), runs_limit(others, width));
     let (kind, width, body_len) = choose(card, max, runs);
     let mut out = header(kind, width, card, body_len);
     match kind {
@@ -361,20 +366,10 @@ impl<'a> View<'a> {
                 .body
                 .get(slot as usize / 8)
                 .is_some_and(|b| b & (1 << (slot % 8)) != 0),
-            KIND_ARRAY => match self.width {
-                1 => search_array::<1>(self.body, self.card as usize, slot),
-                2 => search_array::<2>(self.body, self.card as usize, slot),
-                3 => search_array::<3>(self.body, self.card as usize, slot),
-                _ => search_array::<4>(self.body, self.card as usize, slot),
-            },
+            KIND_ARRAY => by_width!(self.width, search_array(self.body, self.card as usize, slot)),
             _ => {
                 let (r, pairs) = self.runs();
-                match self.width {
-                    1 => search_runs::<1>(pairs, r, slot),
-                    2 => search_runs::<2>(pairs, r, slot),
-                    3 => search_runs::<3>(pairs, r, slot),
-                    _ => search_runs::<4>(pairs, r, slot),
-                }
+                by_width!(self.width, search_runs(pairs, r, slot))
             }
         }
     }
@@ -479,7 +474,7 @@ impl<'a> View<'a> {
                     }
                 };
                 // The run that starts at or below `slot`, and the one after it.
-                let below = by_width!(w, rank_runs(pairs, r, slot));
+                let below = by_width!(w, last_at_most(pairs, r, 2, slot));
                 let after = below.map_or(0, |i| i + 1);
                 // Runs `from..to` give way to `(start, extra)`.
                 let (from, to, (start, extra)) = match (left, right, below) {
@@ -504,17 +499,7 @@ impl<'a> View<'a> {
     /// The number of runs of consecutive members, counted until it passes `limit`.
     fn count_runs(&self, limit: usize) -> usize {
         match self.kind {
-            KIND_BITS => {
-                let (mut runs, mut carry) = (0usize, 0u64);
-                for w in body_words(self.body) {
-                    runs += (w & !((w << 1) | carry)).count_ones() as usize;
-                    carry = w >> 63;
-                    if runs > limit {
-                        break;
-                    }
-                }
-                runs
-            }
+            KIND_BITS => count_word_runs(body_words(self.body), limit),
             KIND_ARRAY => by_width!(self.width, count_array_runs(self.body, limit)),
             _ => self.runs().0,
         }
@@ -544,38 +529,40 @@ impl<'a> View<'a> {
     }
 }
 
-/// The position after which `pairs` holds no run start at or below `slot`, then whether that
-/// run covers `slot`.
-fn search_runs<const W: usize>(pairs: &[u8], r: usize, slot: u32) -> bool {
-    if r == 0 {
-        return false;
-    }
-    let (mut base, mut size) = (0usize, r);
-    while size > 1 {
-        let half = size / 2;
-        if load::<W>(pairs, 2 * (base + half)) <= slot {
-            base += half;
-        }
-        size -= half;
-    }
-    let start = load::<W>(pairs, 2 * base);
-    slot >= start && slot - start <= load::<W>(pairs, 2 * base + 1)
-}
-
-/// Branch-light binary search of `n` ascending `W`-byte values.
-fn search_array<const W: usize>(body: &[u8], n: usize, slot: u32) -> bool {
+/// The index of the last of `n` ascending `W`-byte values at or below `slot`, the values being
+/// every `stride`-th of `body` (1: an array body; 2: the run starts of a runs body). Branch-light:
+/// the loop runs log2(n) times whatever the values.
+#[inline(always)]
+fn last_at_most<const W: usize>(body: &[u8], n: usize, stride: usize, slot: u32) -> Option<usize> {
     if n == 0 {
-        return false;
+        return None;
     }
     let (mut base, mut size) = (0usize, n);
     while size > 1 {
         let half = size / 2;
-        if load::<W>(body, base + half) <= slot {
+        if load::<W>(body, stride * (base + half)) <= slot {
             base += half;
         }
         size -= half;
     }
-    load::<W>(body, base) == slot
+    (load::<W>(body, stride * base) <= slot).then_some(base)
+}
+
+/// Whether `slot` is one of `n` ascending `W`-byte values.
+fn search_array<const W: usize>(body: &[u8], n: usize, slot: u32) -> bool {
+    last_at_most::<W>(body, n, 1, slot).is_some_and(|i| load::<W>(body, i) == slot)
+}
+
+/// Whether `slot` lies in one of `r` runs of `W`-byte `(start, length - 1)` pairs.
+fn search_runs<const W: usize>(pairs: &[u8], r: usize, slot: u32) -> bool {
+    last_at_most::<W>(pairs, r, 2, slot).is_some_and(|i| slot - load::<W>(pairs, 2 * i) <= load::<W>(pairs, 2 * i + 1))
+}
+
+/// How many of `n` ascending `W`-byte values are below `slot`.
+fn rank_array<const W: usize>(body: &[u8], n: usize, slot: u32) -> usize {
+    slot.checked_sub(1)
+        .and_then(|s| last_at_most::<W>(body, n, 1, s))
+        .map_or(0, |i| i + 1)
 }
 
 /// Sets the bits of `r` runs of `W`-byte pairs (clamped to `words`).
@@ -673,34 +660,6 @@ impl Iterator for ViewIter<'_> {
             }
         }
     }
-}
-
-/// How many of `n` ascending `W`-byte values are below `slot`.
-fn rank_array<const W: usize>(body: &[u8], n: usize, slot: u32) -> usize {
-    let (mut lo, mut hi) = (0usize, n);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        if load::<W>(body, mid) < slot {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    lo
-}
-
-/// The last of `r` runs that starts at or below `slot`.
-fn rank_runs<const W: usize>(pairs: &[u8], r: usize, slot: u32) -> Option<usize> {
-    let (mut lo, mut hi) = (0usize, r);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        if load::<W>(pairs, 2 * mid) <= slot {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    lo.checked_sub(1)
 }
 
 /// Runs of consecutive values in an ascending `W`-byte body, counted until past `limit`.
