@@ -1,7 +1,8 @@
 //! `loadgen compare BASELINE NEW --max-regression 10%`: the benchmark regression report.
 //!
-//! Every numeric figure under `latency`, `rates`, `counters` and `memory` is compared. Lower is
-//! better for latencies, memory, `reconnect_all_ms` and the error counters; higher is better for the
+//! Every numeric figure under `latency`, `rates`, `counters`, `memory` and `cpu` is compared. Lower
+//! is better for latencies, memory, server CPU per message, `reconnect_all_ms` and the error
+//! counters; higher is better for the
 //! other rates; the remaining counters (sent, delivered, ...) are shown but never judged. A
 //! figure that worsens by more than the bound is a regression, and so is any missing, duplicated
 //! or out-of-order message where the baseline had none. Exit status 1 on any regression.
@@ -21,6 +22,7 @@ fn direction(section: &str, key: &str) -> Better {
     match section {
         "latency" | "memory" => Better::Lower,
         "rates" => Better::Higher,
+        "cpu" if key == "server_cpu_us_per_msg" => Better::Lower,
         "counters"
             if matches!(
                 key,
@@ -67,7 +69,7 @@ fn leaves(prefix: &str, v: &Value, out: &mut Vec<(String, f64)>) {
 /// Compares two summaries with a bound in percent.
 pub fn compare(base: &Value, new: &Value, bound_pct: f64) -> Vec<Row> {
     let mut rows = Vec::new();
-    for section in ["latency", "rates", "counters", "memory"] {
+    for section in ["latency", "rates", "counters", "memory", "cpu"] {
         let mut b = Vec::new();
         leaves(section, &base[section], &mut b);
         let mut n = Vec::new();
@@ -194,5 +196,17 @@ mod tests {
         assert!(!get("counters.sent"));
         assert!(!get("memory.server_rss_per_conn_bytes"), "less memory is better");
         assert!(markdown(&rows, 10.0).contains("**REGRESSION**"));
+    }
+
+    #[test]
+    fn more_server_cpu_per_message_is_a_regression_and_loadgen_cpu_is_context() {
+        let base = json!({"cpu": {"server_cpu_us_per_msg": 100.0, "loadgen_cores": 0.2}});
+        let worse = json!({"cpu": {"server_cpu_us_per_msg": 120.0, "loadgen_cores": 0.9}});
+        let rows = compare(&base, &worse, 10.0);
+        let get = |m: &str| rows.iter().find(|r| r.metric == m).unwrap().regression;
+        assert!(get("cpu.server_cpu_us_per_msg"), "+20% CPU per message");
+        assert!(!get("cpu.loadgen_cores"));
+        let better = json!({"cpu": {"server_cpu_us_per_msg": 50.0}});
+        assert!(!compare(&base, &better, 10.0)[0].regression);
     }
 }

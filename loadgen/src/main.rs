@@ -436,6 +436,8 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
         (s, ids[partner[s]].clone(), 2u8, 1u32)
     };
     let t_phase = Instant::now();
+    let server_cpu = || server_pid.map(|p| sys::cpu_s(&p.to_string())).unwrap_or(0.0);
+    let (server_cpu_before, self_cpu_before) = (server_cpu(), sys::cpu_s("self"));
     match &cmd {
         Cmd::Connect { hold, .. } => {
             tokio::time::sleep(Duration::from_secs_f64(*hold)).await;
@@ -504,6 +506,7 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
             let mut all = report::new_hist();
             while rate <= *max_rate {
                 let before = w.missing();
+                let (cpu_before, self_before) = (server_cpu(), sys::cpu_s("self"));
                 let t = Instant::now();
                 w.schedule(rate, Duration::from_secs_f64(*step_secs), &mut rng, pair_pick)
                     .await;
@@ -514,13 +517,19 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
                 let s = Summary::of(&h);
                 let missing = w.missing() - before;
                 let held = s.p99_ms <= *p99_limit_ms && missing == 0;
+                // Server CPU per message and loadgen's own share of the step (cores busy).
+                let step_wall = t.elapsed().as_secs_f64().max(1e-9);
+                let server_us = (server_cpu() - cpu_before) * 1e6 / (s.count.max(1) as f64);
+                let loadgen_cores = (sys::cpu_s("self") - self_before) / step_wall;
                 eprintln!(
-                    "capacity step {rate:>9.0} msg/s: sent in {sent_s:.2} s, p99 {:.3} ms, missing {missing} -> {}",
+                    "capacity step {rate:>9.0} msg/s: sent in {sent_s:.2} s, p99 {:.3} ms, missing {missing}, \
+                     server {server_us:.0} us CPU/msg, loadgen {loadgen_cores:.2} cores -> {}",
                     s.p99_ms,
                     if held { "held" } else { "exceeded" }
                 );
                 steps.push(serde_json::json!({"rate": rate, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
-                    "max_ms": s.max_ms, "delivered": s.count, "missing": missing, "held": held}));
+                    "max_ms": s.max_ms, "delivered": s.count, "missing": missing, "held": held,
+                    "server_cpu_us_per_msg": server_us, "loadgen_cores": loadgen_cores}));
                 if !held {
                     break;
                 }
@@ -534,6 +543,10 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
         Cmd::Compare { .. } => {}
     }
     extra.insert("phase_s".to_string(), t_phase.elapsed().as_secs_f64());
+    // CPU seconds over the traffic phase: the server's (worker 0 only, which alone knows its pid)
+    // and this worker's own; workers' figures add up in the merge.
+    extra.insert("server_cpu_total".to_string(), server_cpu() - server_cpu_before);
+    extra.insert("loadgen_cpu_total".to_string(), sys::cpu_s("self") - self_cpu_before);
     w.close_all().await;
     w.stop_sampler();
     let _ = sampler.await;
@@ -578,6 +591,16 @@ fn build_report(name: &str, cmd: &Cmd, c: &Common, m: &WorkerOut, started_at: u6
         "loadgen_rss_per_conn_bytes".to_string(),
         x("loadgen_rss_delta_kib") * 1024.0 / conns,
     );
+    let mut cpu = std::collections::BTreeMap::new();
+    if name != "connect" && x("phase_s") > 0.0 {
+        let sent = n("sent").max(1) as f64;
+        if c.server_pid.is_some() {
+            cpu.insert("server_cpu_s".to_string(), x("server_cpu_total"));
+            cpu.insert("server_cpu_us_per_msg".to_string(), x("server_cpu_total") * 1e6 / sent);
+        }
+        cpu.insert("loadgen_cpu_s".to_string(), x("loadgen_cpu_total"));
+        cpu.insert("loadgen_cores".to_string(), x("loadgen_cpu_total") / x("phase_s"));
+    }
     let mut counters = m.counters.clone();
     counters.insert("held_connections".to_string(), x("open_after_ramp") as u64);
     if name == "storm" {
@@ -633,6 +656,7 @@ fn build_report(name: &str, cmd: &Cmd, c: &Common, m: &WorkerOut, started_at: u6
         counters,
         failures: m.failures.clone(),
         memory,
+        cpu,
         steps: m.steps.clone(),
         verdict: String::new(),
     };

@@ -223,6 +223,10 @@ pub struct Report {
     pub failures: BTreeMap<String, u64>,
     /// Memory figures (bytes or KiB, as named).
     pub memory: BTreeMap<String, f64>,
+    /// CPU over the traffic phase: `server_cpu_s`, `server_cpu_us_per_msg` (server CPU time per
+    /// message sent), `loadgen_cpu_s`, `loadgen_cores` (cores the load generator kept busy).
+    #[serde(default)]
+    pub cpu: BTreeMap<String, f64>,
     /// Per-step results (capacity).
     #[serde(default)]
     pub steps: Vec<Value>,
@@ -265,6 +269,9 @@ impl Report {
         }
         for (k, v) in &self.memory {
             let _ = writeln!(s, "memory {k:<28} {v:>14.0}");
+        }
+        for (k, v) in &self.cpu {
+            let _ = writeln!(s, "cpu    {k:<28} {v:>14.2}");
         }
         let _ = writeln!(s, "verdict: {}", self.verdict);
         s

@@ -23,6 +23,24 @@ pub fn rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) `pid` ("self" for this process) has used, in seconds; 0 if
+/// unreadable. From fields 14 and 15 of `/proc/<pid>/stat`, in clock ticks of 1/100 s (Linux's
+/// `USER_HZ` on every architecture it exports to user space), so the resolution is 10 ms: use it
+/// over phases of seconds.
+pub fn cpu_s(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The command name (field 2) may hold spaces; the fields after it follow its ')'.
+            let rest = &s[s.rfind(')')? + 1..];
+            let mut f = rest.split_whitespace().skip(11);
+            let utime: u64 = f.next()?.parse().ok()?;
+            let stime: u64 = f.next()?.parse().ok()?;
+            Some((utime + stime) as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 /// This machine.
 pub fn machine(note: &str) -> Machine {
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
