@@ -70,13 +70,13 @@ fn group_info(g: sai_storage::Group, role: String) -> pb::GroupInfo {
     }
 }
 
-fn member_list(members: Vec<sai_storage::GroupMember>) -> pb::MemberList {
+fn member_list(members: &[sai_storage::GroupMember]) -> pb::MemberList {
     pb::MemberList {
         members: members
-            .into_iter()
+            .iter()
             .map(|m| pb::MemberInfo {
-                user_id: m.user_id,
-                role: m.role,
+                user_id: m.user_id.clone(),
+                role: m.role.clone(),
                 joined_at: m.joined_at,
             })
             .collect(),
@@ -361,7 +361,7 @@ impl SocialService for SocialGrpc {
         let r = req.into_inner();
         self.0.social.group_for(&user, &r.group_id).await.map_err(status)?;
         let members = self.0.social.members(&r.group_id).await.map_err(status)?;
-        Ok(Response::new(member_list(members)))
+        Ok(Response::new(member_list(&members)))
     }
 
     async fn add_members(&self, req: Request<pb::AddMembersRequest>) -> Result<Response<pb::MemberList>, Status> {
@@ -373,7 +373,7 @@ impl SocialService for SocialGrpc {
             .add_members(&user, &r.group_id, &r.user_ids)
             .await
             .map_err(status)?;
-        Ok(Response::new(member_list(added)))
+        Ok(Response::new(member_list(&added)))
     }
 
     async fn remove_member(&self, req: Request<pb::MemberRef>) -> Result<Response<pb::Empty>, Status> {

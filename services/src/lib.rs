@@ -5,6 +5,7 @@
 //! - [`messages`]: send with per-conversation seq and idempotency, sync, history, read state,
 //!   read receipts ([`receipts`]: the bitmap codec) and the conversation list.
 //! - [`social`]: friend requests, friendships, groups.
+//! - [`cache`]: the bounded read-through caches (user existence, friendships, group members).
 //! - [`sqlite`]: the embedded storage adapter (reference implementation of `sai-storage`).
 //! - [`http`]: the HTTP JSON API (axum); [`grpc`]: the tonic services.
 //! - [`bridge`]: the gateway's [`sai_gateway::Backend`], handing work from monoio shards to the
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bridge;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod grpc;

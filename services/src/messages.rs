@@ -206,20 +206,25 @@ impl MessageService {
                 )
             }
             ChatType::Group => {
-                if !self.social.group_exists(recv_id).await? {
+                // A group always has its owner as a member: no members, no group.
+                let members = self.social.members(recv_id).await?;
+                if members.is_empty() {
                     return Err(ServiceError::NotFound {
                         code: "recipient_not_found",
                         message: "group does not exist".into(),
                     });
                 }
-                let members = self.social.members(recv_id).await?;
                 if !members.iter().any(|m| m.user_id == sender) {
                     return Err(ServiceError::Forbidden {
                         code: "not_a_member",
                         message: "only members can send to a group".into(),
                     });
                 }
-                let recipients = members.into_iter().map(|m| m.user_id).filter(|u| u != sender).collect();
+                let recipients = members
+                    .iter()
+                    .filter(|m| m.user_id != sender)
+                    .map(|m| m.user_id.clone())
+                    .collect();
                 (group_conversation_id(recv_id), Vec::new(), recipients)
             }
         };
@@ -410,12 +415,12 @@ impl MessageService {
                 let bitmap = record.as_ref().map(readers).transpose()?;
                 let members = self.social.members(group_id).await?;
                 members
-                    .into_iter()
+                    .iter()
                     .filter(|m| {
                         bitmap.as_ref().is_some_and(|b| b.contains(m.slot))
                             && eligible.iter().any(|s| s.user_id == m.user_id)
                     })
-                    .map(|m| m.user_id)
+                    .map(|m| m.user_id.clone())
                     .collect()
             }
             None => eligible

@@ -1,5 +1,6 @@
 //! The social service: friend requests and friendships, groups and their members.
 
+use crate::cache::Cached;
 use crate::error::ServiceError;
 use crate::users::UserService;
 use crate::{Clock, Notifications};
@@ -26,6 +27,26 @@ pub struct SocialService {
     clock: Arc<dyn Clock>,
     /// Most members a group may have.
     pub max_group_members: u32,
+    /// Whether two users (smaller id first) are friends: every private send asks. Invalidated by
+    /// accept and unfriend.
+    friendships: Cached<(String, String), bool>,
+    /// A group's members by slot: every group send and group markChat asks. Invalidated by every
+    /// member change (add, remove, role).
+    members: Cached<String, Arc<Vec<GroupMember>>>,
+}
+
+/// Friendship answers kept (about 150 bytes each).
+const CACHED_FRIENDSHIPS: usize = 100_000;
+/// Member lists kept (a 2,000-member list is about 200 KB; most groups are far smaller).
+const CACHED_GROUPS: usize = 10_000;
+
+/// The cache key of a pair: order-free.
+fn pair(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
 }
 
 fn not_found(code: &'static str, message: &str) -> ServiceError {
@@ -64,6 +85,8 @@ impl SocialService {
             notes,
             clock,
             max_group_members,
+            friendships: Cached::new(CACHED_FRIENDSHIPS),
+            members: Cached::new(CACHED_GROUPS),
         }
     }
 
@@ -134,6 +157,7 @@ impl SocialService {
             return Err(conflict("request_not_pending", "the request was already answered"));
         }
         if accept {
+            self.friendships.invalidate(&pair(&req.from_user, &req.to_user));
             self.notes.send(
                 &req.from_user,
                 method::FRIEND_ACCEPTED,
@@ -150,12 +174,17 @@ impl SocialService {
 
     /// Whether two users are friends.
     pub async fn are_friends(&self, a: &str, b: &str) -> Result<bool, ServiceError> {
-        Ok(self.store.are_friends(a, b).await?)
+        Ok(self
+            .friendships
+            .get_or_load(&pair(a, b), self.store.are_friends(a, b))
+            .await?)
     }
 
     /// Ends a friendship.
     pub async fn unfriend(&self, user: &str, other: &str) -> Result<(), ServiceError> {
-        if self.store.remove_friend(user, other).await? {
+        let removed = self.store.remove_friend(user, other).await?;
+        self.friendships.invalidate(&pair(user, other));
+        if removed {
             Ok(())
         } else {
             Err(not_found("not_friends", "you are not friends"))
@@ -221,14 +250,14 @@ impl SocialService {
         Ok((group, me))
     }
 
-    /// A group's member record for `user`, if a member.
+    /// A group's member record for `user`, if a member (from the cached member list).
     pub async fn member(&self, group_id: &str, user: &str) -> Result<Option<GroupMember>, ServiceError> {
-        Ok(self.store.group_member(group_id, user).await?)
-    }
-
-    /// Whether the group exists.
-    pub async fn group_exists(&self, group_id: &str) -> Result<bool, ServiceError> {
-        Ok(self.store.group(group_id).await?.is_some())
+        Ok(self
+            .members(group_id)
+            .await?
+            .iter()
+            .find(|m| m.user_id == user)
+            .cloned())
     }
 
     /// Groups of `user`.
@@ -236,9 +265,10 @@ impl SocialService {
         Ok(self.store.groups_of(user).await?)
     }
 
-    /// All members (raw; callers check membership first).
-    pub async fn members(&self, group_id: &str) -> Result<Vec<GroupMember>, ServiceError> {
-        Ok(self.store.group_members(group_id).await?)
+    /// All members by slot (raw; callers check membership first); empty for no such group.
+    pub async fn members(&self, group_id: &str) -> Result<Arc<Vec<GroupMember>>, ServiceError> {
+        let load = async { self.store.group_members(group_id).await.map(Arc::new) };
+        Ok(self.members.get_or_load(&group_id.to_string(), load).await?)
     }
 
     /// Adds members; owner or admin only.
@@ -260,11 +290,12 @@ impl SocialService {
         }
         self.check_users_exist(user_ids).await?;
         let conv = group_conversation_id(group_id);
-        match self
+        let added = self
             .store
             .add_group_members(group_id, &conv, user_ids, self.max_group_members, self.clock.now_ms())
-            .await
-        {
+            .await;
+        self.members.invalidate(&group_id.to_string());
+        match added {
             Ok(added) => Ok(added),
             Err(AddMembersError::Full { limit, .. }) => Err(conflict(
                 "group_full",
@@ -300,11 +331,12 @@ impl SocialService {
                 ));
             }
         }
-        if self
+        let removed = self
             .store
             .remove_group_member(group_id, &group_conversation_id(group_id), target)
-            .await?
-        {
+            .await?;
+        self.members.invalidate(&group_id.to_string());
+        if removed {
             Ok(())
         } else {
             Err(not_found("member_not_found", "that user is not a member"))
@@ -323,7 +355,9 @@ impl SocialService {
         if target == group.owner_id {
             return Err(ServiceError::invalid("invalid_role", "the owner's role cannot change"));
         }
-        if self.store.set_group_role(group_id, target, role).await? {
+        let changed = self.store.set_group_role(group_id, target, role).await?;
+        self.members.invalidate(&group_id.to_string());
+        if changed {
             Ok(())
         } else {
             Err(not_found("member_not_found", "that user is not a member"))

@@ -1,6 +1,7 @@
 //! The user service: registration (bcrypt), login (JWT) and profile lookup.
 
 use crate::auth::{Claims, JwtKeys, TokenError};
+use crate::cache::Cached;
 use crate::error::ServiceError;
 use crate::Clock;
 use sai_storage::{StoreError, User, UserStore};
@@ -34,7 +35,13 @@ pub struct UserService {
     /// Hash compared against when the username does not exist, so a login takes the same time
     /// either way and does not reveal which part was wrong.
     dummy_hash: String,
+    /// Ids known to exist (every private send asks). Accounts are never deleted, so an entry
+    /// never goes stale; absent ids are not cached (they may be registered next).
+    known: Cached<String, ()>,
 }
+
+/// User ids [`UserService::exists`] remembers (about 100 bytes each).
+const KNOWN_USERS: usize = 100_000;
 
 impl UserService {
     /// A service over `store`.
@@ -56,6 +63,7 @@ impl UserService {
             bcrypt_cost,
             token_ttl_secs,
             dummy_hash,
+            known: Cached::new(KNOWN_USERS),
         })
     }
 
@@ -172,7 +180,21 @@ impl UserService {
 
     /// Whether a user id exists.
     pub async fn exists(&self, user_id: &str) -> Result<bool, ServiceError> {
-        Ok(self.store.user_by_id(user_id).await?.is_some())
+        let found = self
+            .known
+            .get_or_load(&user_id.to_string(), async {
+                match self.store.user_by_id(user_id).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(None),
+                    Err(e) => Err(Some(e)),
+                }
+            })
+            .await;
+        match found {
+            Ok(()) => Ok(true),
+            Err(None) => Ok(false),
+            Err(Some(e)) => Err(e.into()),
+        }
     }
 }
 
