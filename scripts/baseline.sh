@@ -16,7 +16,7 @@ ONLY=${ONLY:-}
 DATA=$(mktemp -d /tmp/sai-baseline.XXXXXX)
 mkdir -p "$OUT"
 
-cargo build --release --locked -p sai-services -p loadgen
+cargo build --release --locked -p sai-im -p loadgen
 BIN=target/release/sai-im
 LG=target/release/loadgen
 

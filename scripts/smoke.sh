@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
 FLAG=$([ "$PROFILE" = release ] && echo --release || true)
-cargo build $FLAG --locked -p sai-services -p loadgen
+cargo build $FLAG --locked -p sai-im -p loadgen
 BIN=target/$PROFILE/sai-im
 LG=target/$PROFILE/loadgen
 DATA=$(mktemp -d /tmp/sai-smoke.XXXXXX)

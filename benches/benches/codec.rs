@@ -2,6 +2,8 @@
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use sai_pipeline::frame::{data_frame, PushFrame};
+use sai_pipeline::message::{method, Push};
 use sai_proto::frame::{self, Opcode};
 use sai_proto::im;
 use sai_proto::ws::{Role, WsConn};
@@ -49,13 +51,16 @@ fn bench(c: &mut Criterion) {
     g.bench_function("parse_chat_request", |b| {
         b.iter(|| black_box(im::parse_request(black_box(CHAT)).is_ok()))
     });
-    let push: im::Push = serde_json::from_str(
+    let push: Push = serde_json::from_str(
         r#"{"conversationId":"si_load1_load2","chatType":2,"sendId":"load1","recvId":"load2","seq":12345,"msgId":"9f1c","clientMsgId":"k-42","sendTime":1795756690320,"msg":{"mType":0,"content":"hello"}}"#,
     )
     .unwrap_or_else(|e| panic!("dataset: {e}"));
     g.bench_function("encode_push", |b| {
-        b.iter(|| black_box(im::data_frame(Some("17"), im::method::PUSH, &push)))
+        b.iter(|| black_box(data_frame(Some("17"), method::PUSH, &push)))
     });
+    // Fan-out: the push is serialized once; each recipient connection only wraps it with its id.
+    let once = PushFrame::new(&push);
+    g.bench_function("push_frame_per_connection", |b| b.iter(|| black_box(once.frame(17))));
     g.finish();
 }
 

@@ -3,8 +3,9 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use sai_benches::Seeded;
-use sai_gateway::index::{ConnRef, UserIndex};
+use sai_gateway::index::UserIndex;
 use sai_gateway::wheel::TimerWheel;
+use sai_pipeline::flow::{Route, Routes};
 use std::hint::black_box;
 
 const N: u64 = 100_000;
@@ -54,8 +55,9 @@ fn bench(c: &mut Criterion) {
             for (i, u) in users.iter().enumerate() {
                 idx.register(
                     u,
-                    ConnRef {
-                        shard: i % 16,
+                    Route {
+                        node: 0,
+                        shard: (i % 16) as u32,
                         conn: i as u64,
                     },
                 );
@@ -67,8 +69,9 @@ fn bench(c: &mut Criterion) {
     for (i, u) in users.iter().enumerate() {
         idx.register(
             u,
-            ConnRef {
-                shard: i % 16,
+            Route {
+                node: 0,
+                shard: (i % 16) as u32,
                 conn: i as u64,
             },
         );

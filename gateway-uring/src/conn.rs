@@ -16,9 +16,12 @@ use crate::shard::Shard;
 use crate::AckMode;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, Splitable};
 use monoio::net::TcpStream;
+use sai_pipeline::flow::Refusal;
+use sai_pipeline::frame::{ack_frame, data_frame, error_frame, ping_frame, PushFrame};
+use sai_pipeline::message::method;
 use sai_proto::close;
 use sai_proto::handshake::{self, HandshakeError, UpgradeRequest};
-use sai_proto::im::{self, ErrorCode, Push, Request};
+use sai_proto::im::{self, ErrorCode, Request};
 use sai_proto::pending::Pending;
 use sai_proto::ws::{Event, Role, WsConn};
 use std::cell::{Cell, RefCell};
@@ -74,12 +77,12 @@ impl Conn {
     }
 
     /// Sends a push frame (tracked for resend in rigor mode).
-    pub fn push(&self, shard: &Shard, push: &Push) {
+    pub fn push(&self, shard: &Shard, push: &PushFrame) {
         let id = self.pending.borrow_mut().allocate();
-        let frame = im::data_frame(Some(&id.to_string()), im::method::PUSH, push);
+        let frame = push.frame(id);
         if self.rigor {
             if self.enqueue(shard, &frame) {
-                let tag = (Arc::from(push.conversation_id.as_str()), push.seq);
+                let tag = (push.conversation_id.clone(), push.seq);
                 self.pending.borrow_mut().track(id, frame, tag, shard.now());
                 shard.rigor_active.borrow_mut().insert(self.id);
             }
@@ -113,7 +116,7 @@ impl Conn {
             .map(|(c, s)| (c.to_string(), s))
             .collect();
         if !acked.is_empty() {
-            monoio::spawn(shard.shared.backend.mark_received(&self.user, acked));
+            monoio::spawn(shard.shared.pipeline.mark_received(&self.user, acked));
         }
     }
 
@@ -280,13 +283,13 @@ async fn respond(stream: &mut TcpStream, bytes: Vec<u8>) {
 }
 
 /// The first offered subprotocol that is a valid token wins and is echoed back.
-fn authenticate(shard: &Shard, req: &UpgradeRequest) -> Result<(String, String), crate::AuthRefusal> {
-    let mut refusal = crate::AuthRefusal {
+fn authenticate(shard: &Shard, req: &UpgradeRequest) -> Result<(String, String), Refusal> {
+    let mut refusal = Refusal {
         code: "missing_token",
         message: "send the token in Sec-WebSocket-Protocol".into(),
     };
     for p in &req.protocols {
-        match shard.shared.backend.authenticate(p) {
+        match shard.shared.pipeline.authenticate(p) {
             Ok(user) => return Ok((user, p.clone())),
             Err(r) => refusal = r,
         }
@@ -308,7 +311,7 @@ async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, requests: &RequestQue
         match ev {
             Ok(Some(Event::Text(t))) => handle_text(shard, conn, &t, requests).await,
             Ok(Some(Event::Binary(_))) => {
-                let e = im::error_frame(
+                let e = error_frame(
                     None,
                     ErrorCode::UnsupportedMessageType.as_str(),
                     "binary messages are not supported; send JSON text frames",
@@ -338,7 +341,7 @@ async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str, requests: &
     };
     match req {
         Request::Ping => {
-            conn.enqueue(shard, &im::ping_frame());
+            conn.enqueue(shard, &ping_frame());
         }
         Request::Ack { id } => {
             if conn.rigor {
@@ -362,14 +365,14 @@ async fn request_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut queue: tokio::sync::
 }
 
 async fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, req: Request) {
-    let backend = &shard.shared.backend;
+    let pipeline = &shard.shared.pipeline;
     match req {
         Request::Ping | Request::Ack { .. } => {}
         Request::MarkRead {
             id,
             conversation_id,
             read_seq,
-        } => match backend.mark_read(&conn.user, conversation_id.clone(), read_seq).await {
+        } => match pipeline.mark_read(&conn.user, conversation_id.clone(), read_seq).await {
             Ok(read_seq) => {
                 if shard.shared.cfg.ack_mode != AckMode::None {
                     #[derive(serde::Serialize)]
@@ -382,24 +385,22 @@ async fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, req: Request) {
                         conversation_id: &conversation_id,
                         read_seq,
                     };
-                    conn.enqueue(shard, &im::ack_frame(id.as_deref(), &data));
+                    conn.enqueue(shard, &ack_frame(id.as_deref(), &data));
                 }
             }
             Err(e) => {
-                conn.enqueue(shard, &im::error_frame(id.as_deref(), e.code, &e.message));
+                conn.enqueue(shard, &error_frame(id.as_deref(), e.code, &e.message));
             }
         },
-        Request::Chat { id, want_ack, chat } => match backend.send(&conn.user, chat).await {
-            Ok(d) => {
+        // The pipeline pushes the message to the other members itself (ms2ps_chat).
+        Request::Chat { id, want_ack, chat } => match pipeline.chat(&conn.user, chat).await {
+            Ok(ack) => {
                 if want_ack && shard.shared.cfg.ack_mode != AckMode::None {
-                    conn.enqueue(shard, &im::ack_frame(id.as_deref(), &d.ack));
-                }
-                if let Some(push) = &d.push {
-                    shard.deliver(&d.recipients, push);
+                    conn.enqueue(shard, &ack_frame(id.as_deref(), &ack));
                 }
             }
             Err(e) => {
-                conn.enqueue(shard, &im::error_frame(id.as_deref(), e.code, &e.message));
+                conn.enqueue(shard, &error_frame(id.as_deref(), e.code, &e.message));
             }
         },
         Request::Sync { id, conversations } => sync(shard, conn, id, conversations).await,
@@ -414,13 +415,13 @@ async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known:
     let heads = loop {
         let page = match shard
             .shared
-            .backend
+            .pipeline
             .sync(&conn.user, known.clone(), cfg.sync_page)
             .await
         {
             Ok(p) => p,
             Err(e) => {
-                conn.enqueue(shard, &im::error_frame(id.as_deref(), e.code, &e.message));
+                conn.enqueue(shard, &error_frame(id.as_deref(), e.code, &e.message));
                 return;
             }
         };
@@ -428,7 +429,7 @@ async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known:
         for p in &page.pushes {
             let seq = known.entry(p.conversation_id.clone()).or_insert(0);
             *seq = (*seq).max(p.seq);
-            conn.push(shard, p);
+            conn.push(shard, &PushFrame::new(p));
         }
         pushed += n;
         if page.complete || n == 0 {
@@ -450,7 +451,7 @@ async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known:
         conversations: &heads,
         pushed,
     };
-    conn.enqueue(shard, &im::data_frame(id.as_deref(), im::method::SYNC, &done));
+    conn.enqueue(shard, &data_frame(id.as_deref(), method::SYNC, &done));
 }
 
 async fn write_loop(conn: Rc<Conn>, mut wr: monoio::net::tcp::TcpOwnedWriteHalf) {

@@ -9,21 +9,14 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
+use sai_pipeline::flow::{Route, Routes};
+
 const STRIPES: usize = 64;
 
-/// Where a user's connection lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnRef {
-    /// Shard (thread) index.
-    pub shard: usize,
-    /// Connection id, unique in the process.
-    pub conn: u64,
-}
-
-/// The index.
+/// The index: the embedded default's [`Routes`].
 #[derive(Debug)]
 pub struct UserIndex {
-    stripes: Vec<Mutex<HashMap<String, ConnRef>>>,
+    stripes: Vec<Mutex<HashMap<String, Route>>>,
 }
 
 impl Default for UserIndex {
@@ -35,31 +28,13 @@ impl Default for UserIndex {
 }
 
 impl UserIndex {
-    fn stripe(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<String, ConnRef>> {
+    fn stripe(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
         let mut h = DefaultHasher::new();
         user.hash(&mut h);
         let m = &self.stripes[(h.finish() as usize) % STRIPES];
         // A panic while holding a stripe cannot leave the map inconsistent (single inserts and
         // removes), so a poisoned lock is still safe to use.
         m.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Makes `r` the user's connection and returns the one it replaces.
-    pub fn register(&self, user: &str, r: ConnRef) -> Option<ConnRef> {
-        self.stripe(user).insert(user.to_string(), r)
-    }
-
-    /// Removes the user's entry if it is still connection `conn`.
-    pub fn remove_if(&self, user: &str, conn: u64) {
-        let mut s = self.stripe(user);
-        if s.get(user).is_some_and(|r| r.conn == conn) {
-            s.remove(user);
-        }
-    }
-
-    /// The user's connection, if online.
-    pub fn lookup(&self, user: &str) -> Option<ConnRef> {
-        self.stripe(user).get(user).copied()
     }
 
     /// Users online.
@@ -73,5 +48,22 @@ impl UserIndex {
     /// Nobody online.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Routes for UserIndex {
+    fn lookup(&self, user: &str) -> Option<Route> {
+        self.stripe(user).get(user).copied()
+    }
+
+    fn register(&self, user: &str, route: Route) -> Option<Route> {
+        self.stripe(user).insert(user.to_string(), route)
+    }
+
+    fn remove(&self, user: &str, route: Route) {
+        let mut s = self.stripe(user);
+        if s.get(user) == Some(&route) {
+            s.remove(user);
+        }
     }
 }

@@ -7,26 +7,23 @@
 //! - Each shard owns its connections ([`conn`]), one [`wheel::TimerWheel`] for idle and close
 //!   deadlines, and an inbox channel; shards share only the [`index::UserIndex`] and each
 //!   other's inbox senders. Cross-shard delivery and exclusive-login kicks travel as messages.
-//! - Protocol work is done by the sans-IO `sai-proto` crate; storage and auth sit behind
-//!   [`Backend`], which the services crate implements (in-process here; over gRPC/Kafka later).
+//! - Protocol work is done by the sans-IO `sai-proto` crate. The gateway meets the message
+//!   pipeline only through the contract crate `sai-pipeline`: it calls the pipeline's
+//!   [`Ws2Ms`] for each client command, and offers the pipeline its user index as
+//!   [`Routes`](sai_pipeline::flow::Routes) and its shard inboxes as
+//!   [`Ms2Ps`](sai_pipeline::flow::Ms2Ps) ([`Prepared`], made before the pipeline exists, so
+//!   neither side is built late).
 
 pub mod conn;
 pub mod index;
 pub mod shard;
 pub mod wheel;
 
-pub use sai_proto::im::SyncPage;
-use sai_proto::im::{ChatAck, ChatRequest, Push};
+use sai_pipeline::flow::{Delivery, Ms2Ps, Routes, Ws2Ms};
 use sai_proto::pending::PendingConfig;
-use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A future the gateway awaits on its shard thread.
-pub type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
 
 /// When the gateway acknowledges, as in the seed design.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,78 +107,70 @@ impl Default for GatewayConfig {
     }
 }
 
-/// A refused upgrade token.
-#[derive(Debug, Clone)]
-pub struct AuthRefusal {
-    /// Stable code (`missing_token`, `invalid_token`, `token_expired`, ...).
-    pub code: &'static str,
-    /// Detail.
-    pub message: String,
-}
-
-/// A request the backend refused or failed; sent to the client as an error frame.
-#[derive(Debug, Clone)]
-pub struct BackendError {
-    /// Stable code.
-    pub code: &'static str,
-    /// Detail.
-    pub message: String,
-}
-
-/// A stored message and whom to push it to.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The sender's ack.
-    pub ack: ChatAck,
-    /// The push; `None` for a duplicate (already pushed once).
-    pub push: Option<Arc<Push>>,
-    /// Recipients other than the sender.
-    pub recipients: Vec<String>,
-}
-
-/// What the gateway needs from the services. Methods are called on shard threads; their futures
-/// are polled there, so an implementation that runs on another runtime must hand the work over.
-pub trait Backend: Send + Sync + 'static {
-    /// Verifies an upgrade token, returning the user id.
-    fn authenticate(&self, token: &str) -> Result<String, AuthRefusal>;
-    /// Stores a message from `user`.
-    fn send(&self, user: &str, chat: ChatRequest) -> LocalBoxFuture<Result<Delivery, BackendError>>;
-    /// Messages after `known` (conversation -> last seq the client has), at most `limit`.
-    fn sync(
-        &self,
-        user: &str,
-        known: BTreeMap<String, u64>,
-        limit: u32,
-    ) -> LocalBoxFuture<Result<SyncPage, BackendError>>;
-    /// `conversation.markChat`: returns the read seq now in force (never lower than before).
-    fn mark_read(
-        &self,
-        user: &str,
-        conversation_id: String,
-        read_seq: u64,
-    ) -> LocalBoxFuture<Result<u64, BackendError>>;
-    /// The user's client acknowledged these pushes (conversation, highest seq), in rigor mode.
-    fn mark_received(&self, user: &str, acked: Vec<(String, u64)>) -> LocalBoxFuture<()>;
-}
-
-/// Sends server frames (notifications such as read receipts and friend requests) to whichever
-/// connection a user has, from any thread. Offline users get nothing: notifications are not
-/// stored messages.
-#[derive(Clone)]
-pub struct Notifier {
+/// The gateway's side of the contract, made before the pipeline (which needs it) and started
+/// with it: the user index and the shard inboxes exist from here on; the shards start in
+/// [`Prepared::start`].
+pub struct Prepared {
+    cfg: GatewayConfig,
     index: Arc<index::UserIndex>,
+    inboxes: Vec<shard::Inbox>,
+    receivers: Vec<shard::InboxReceiver>,
+}
+
+impl Prepared {
+    /// "Where is this user connected", answered by this gateway's index.
+    pub fn routes(&self) -> Arc<dyn Routes> {
+        self.index.clone()
+    }
+
+    /// `ms2ps_chat` into this gateway's shards.
+    pub fn outbound(&self) -> Arc<dyn Ms2Ps> {
+        Arc::new(ShardOutbound {
+            inboxes: self.inboxes.clone(),
+        })
+    }
+
+    /// Binds `addr` (port 0 picks one) once per shard with `SO_REUSEPORT` and starts the shards,
+    /// which hand client commands to `pipeline`.
+    pub fn start(self, addr: SocketAddr, pipeline: Arc<dyn Ws2Ms>) -> std::io::Result<Gateway> {
+        shard::start(addr, self, pipeline)
+    }
+}
+
+/// [`Ms2Ps`] over the shard inboxes: one inbox message per shard however many of its
+/// connections a push goes to.
+struct ShardOutbound {
     inboxes: Vec<shard::Inbox>,
 }
 
-impl Notifier {
-    /// Queues `frame` (a complete JSON text frame) for `user` if online. Returns whether it was.
-    pub fn notify(&self, user: &str, frame: Arc<str>) -> bool {
-        let Some(r) = self.index.lookup(user) else {
-            return false;
-        };
-        self.inboxes
-            .get(r.shard)
-            .is_some_and(|i| i.send(shard::ShardMsg::Notify { conn: r.conn, frame }).is_ok())
+impl ShardOutbound {
+    fn send(&self, shard: u32, msg: shard::ShardMsg) {
+        if let Some(inbox) = self.inboxes.get(shard as usize) {
+            // A closed inbox means that shard is shutting down; its connections are closing.
+            let _ = inbox.send(msg);
+        }
+    }
+}
+
+impl Ms2Ps for ShardOutbound {
+    fn deliver(&self, delivery: Delivery) {
+        match delivery {
+            Delivery::Push { to, push } => {
+                let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); self.inboxes.len()];
+                for r in to {
+                    if let Some(v) = by_shard.get_mut(r.shard as usize) {
+                        v.push(r.conn);
+                    }
+                }
+                for (shard, conns) in by_shard.into_iter().enumerate() {
+                    if !conns.is_empty() {
+                        let push = push.clone();
+                        self.send(shard as u32, shard::ShardMsg::Push { conns, push });
+                    }
+                }
+            }
+            Delivery::Notify { to, frame } => self.send(to.shard, shard::ShardMsg::Notify { conn: to.conn, frame }),
+        }
     }
 }
 
@@ -194,9 +183,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Binds `addr` (port 0 picks one) once per shard with `SO_REUSEPORT` and starts the shards.
-    pub fn start(addr: SocketAddr, cfg: GatewayConfig, backend: Arc<dyn Backend>) -> std::io::Result<Self> {
-        shard::start(addr, cfg, backend)
+    /// The index and inboxes of a gateway with `cfg`, to wire the pipeline before starting.
+    pub fn prepare(cfg: GatewayConfig) -> Prepared {
+        let n = cfg.shards.max(1);
+        let (inboxes, receivers) = (0..n).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+        Prepared {
+            cfg,
+            index: Arc::new(index::UserIndex::default()),
+            inboxes,
+            receivers,
+        }
     }
 
     /// The bound address.
@@ -207,14 +203,6 @@ impl Gateway {
     /// Users with a live connection.
     pub fn online_users(&self) -> usize {
         self.index.len()
-    }
-
-    /// A handle that sends frames to online users from any thread.
-    pub fn notifier(&self) -> Notifier {
-        Notifier {
-            index: self.index.clone(),
-            inboxes: self.inboxes.clone(),
-        }
     }
 
     /// Closes every connection with 1001, stops accepting and joins the shard threads.

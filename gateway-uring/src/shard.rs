@@ -6,12 +6,13 @@
 //! and the [`UserIndex`].
 
 use crate::conn::{self, Conn};
-use crate::index::{ConnRef, UserIndex};
+use crate::index::UserIndex;
 use crate::wheel::TimerWheel;
-use crate::{Backend, Gateway, GatewayConfig};
+use crate::{Gateway, GatewayConfig, Prepared};
 use monoio::io::Canceller;
+use sai_pipeline::flow::{Route, Routes, Ws2Ms};
+use sai_pipeline::frame::PushFrame;
 use sai_proto::close;
-use sai_proto::im::Push;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -23,20 +24,13 @@ use tokio::sync::mpsc;
 /// A message to a shard from any thread.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Push a message to one of this shard's connections.
-    Deliver {
-        /// Target connection.
-        conn: u64,
-        /// The message.
-        push: Arc<Push>,
-    },
-    /// Push one message to several of this shard's connections (group fan-out: one channel
+    /// Push one message to some of this shard's connections (a group's fan-out is one channel
     /// message per shard, not per member).
-    DeliverMany {
+    Push {
         /// Target connections.
         conns: Vec<u64>,
-        /// The message.
-        push: Arc<Push>,
+        /// The message, serialized once.
+        push: Arc<PushFrame>,
     },
     /// Send a notification frame as is.
     Notify {
@@ -56,11 +50,13 @@ pub enum ShardMsg {
 
 /// The sending side of a shard's inbox.
 pub type Inbox = mpsc::UnboundedSender<ShardMsg>;
+/// The receiving side, owned by the shard's thread.
+pub type InboxReceiver = mpsc::UnboundedReceiver<ShardMsg>;
 
 /// What every shard shares.
 pub(crate) struct Shared {
     pub cfg: GatewayConfig,
-    pub backend: Arc<dyn Backend>,
+    pub pipeline: Arc<dyn Ws2Ms>,
     pub index: Arc<UserIndex>,
     pub inboxes: Vec<Inbox>,
 }
@@ -108,6 +104,15 @@ impl Shard {
         ((self.idx as u64) << 48) | n
     }
 
+    /// The route of connection `conn` of this shard.
+    pub fn route(&self, conn: u64) -> Route {
+        Route {
+            node: 0,
+            shard: self.idx as u32,
+            conn,
+        }
+    }
+
     /// Adds an authenticated connection: map, wheel, index, and kicks the user's older one.
     pub fn register(&self, c: &Rc<Conn>) {
         self.conns.borrow_mut().insert(c.id, c.clone());
@@ -115,15 +120,8 @@ impl Shard {
             c.id,
             c.last_active.get() + self.shared.cfg.idle_timeout.as_millis() as u64,
         );
-        let old = self.shared.index.register(
-            &c.user,
-            ConnRef {
-                shard: self.idx,
-                conn: c.id,
-            },
-        );
-        if let Some(old) = old {
-            self.send_to(old.shard, ShardMsg::Kick { conn: old.conn });
+        if let Some(old) = self.shared.index.register(&c.user, self.route(c.id)) {
+            self.send_to(old.shard as usize, ShardMsg::Kick { conn: old.conn });
         }
     }
 
@@ -133,41 +131,7 @@ impl Shard {
         self.rigor_active.borrow_mut().remove(&c.id);
         self.acked.borrow_mut().remove(&c.id);
         c.flush_received(self);
-        self.shared.index.remove_if(&c.user, c.id);
-    }
-
-    /// Pushes a message to each online recipient, batched per shard: one inbox message per shard
-    /// however many members live there. Offline users get it on sync.
-    pub fn deliver(&self, recipients: &[String], push: &Arc<Push>) {
-        if let [user] = recipients {
-            if let Some(r) = self.shared.index.lookup(user) {
-                let msg = ShardMsg::Deliver {
-                    conn: r.conn,
-                    push: push.clone(),
-                };
-                self.send_to(r.shard, msg);
-            }
-            return;
-        }
-        let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); self.shared.inboxes.len()];
-        for user in recipients {
-            if let Some(r) = self.shared.index.lookup(user) {
-                if let Some(v) = by_shard.get_mut(r.shard) {
-                    v.push(r.conn);
-                }
-            }
-        }
-        for (shard, conns) in by_shard.into_iter().enumerate() {
-            if !conns.is_empty() {
-                self.send_to(
-                    shard,
-                    ShardMsg::DeliverMany {
-                        conns,
-                        push: push.clone(),
-                    },
-                );
-            }
-        }
+        self.shared.index.remove(&c.user, self.route(c.id));
     }
 
     fn send_to(&self, shard: usize, msg: ShardMsg) {
@@ -185,12 +149,7 @@ impl Shard {
 
     fn handle(&self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Deliver { conn, push } => {
-                if let Some(c) = self.conn(conn) {
-                    c.push(self, &push);
-                }
-            }
-            ShardMsg::DeliverMany { conns, push } => {
+            ShardMsg::Push { conns, push } => {
                 for conn in conns {
                     if let Some(c) = self.conn(conn) {
                         c.push(self, &push);
@@ -257,19 +216,23 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-pub(crate) fn start(addr: SocketAddr, cfg: GatewayConfig, backend: Arc<dyn Backend>) -> std::io::Result<Gateway> {
-    let n = cfg.shards.max(1);
+pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2Ms>) -> std::io::Result<Gateway> {
+    let Prepared {
+        cfg,
+        index,
+        inboxes,
+        receivers,
+    } = prepared;
+    let n = inboxes.len();
     let first = bind_reuseport(addr)?;
     let bound = first.local_addr()?;
     let mut listeners = vec![first];
     for _ in 1..n {
         listeners.push(bind_reuseport(bound)?);
     }
-    let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
-    let index = Arc::new(UserIndex::default());
     let shared = Arc::new(Shared {
         cfg,
-        backend,
+        pipeline,
         index: index.clone(),
         inboxes: inboxes.clone(),
     });
@@ -308,7 +271,7 @@ pub(crate) fn start(addr: SocketAddr, cfg: GatewayConfig, backend: Arc<dyn Backe
 fn run_shard(
     idx: usize,
     listener: std::net::TcpListener,
-    mut rx: mpsc::UnboundedReceiver<ShardMsg>,
+    mut rx: InboxReceiver,
     shared: Arc<Shared>,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
 ) {

@@ -17,8 +17,10 @@ use crate::client::{self, Client};
 use crate::report::{new_hist, record, Second, Summary, WorkerOut};
 use crate::sys::{rss_kib, unix_us, Rng};
 use hdrhistogram::Histogram;
-use sai_proto::im::{self, Push};
-use sai_proto::token::{Claims, JwtKeys};
+use sai_pipeline::frame::frame_type;
+use sai_pipeline::message::{method, Push};
+use sai_pipeline::token::{Claims, JwtKeys};
+use sai_proto::im;
 use sai_proto::ws::Event;
 use serde::Deserialize;
 use std::cell::RefCell;
@@ -366,7 +368,7 @@ impl Worker {
             return true;
         };
         match (f.frame_type, f.method.as_deref()) {
-            (im::frame_type::ACK, _) => {
+            (frame_type::ACK, _) => {
                 let now = unix_us();
                 let mut s = self.stats.borrow_mut();
                 s.c.acked += 1;
@@ -378,7 +380,7 @@ impl Worker {
                     record(&mut s.ack, now.saturating_sub(at));
                 }
             }
-            (im::frame_type::DATA, Some(im::method::PUSH)) => {
+            (frame_type::DATA, Some(method::PUSH)) => {
                 if rigor {
                     if let Some(id) = &f.id {
                         client.ws.send_text(&format!("{{\"frameType\":2,\"id\":\"{id}\"}}"));
@@ -397,7 +399,7 @@ impl Worker {
                     self.on_push(i, &p);
                 }
             }
-            (im::frame_type::DATA, Some(im::method::SYNC)) => {
+            (frame_type::DATA, Some(method::SYNC)) => {
                 let since = self.users.borrow_mut()[i].syncing_since.take();
                 if let Some(since) = since {
                     let mut s = self.stats.borrow_mut();
@@ -405,7 +407,7 @@ impl Worker {
                     s.syncs_pending = s.syncs_pending.saturating_sub(1);
                 }
             }
-            (im::frame_type::ERROR, _) => {
+            (frame_type::ERROR, _) => {
                 let code = f
                     .data
                     .as_deref()

@@ -359,7 +359,7 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
 
 /// Creates this worker's groups over HTTP (owner = first member) and returns their ids.
 fn create_groups(o: &Opts, size: u64) -> Result<Vec<String>, String> {
-    let keys = sai_proto::token::JwtKeys::new(o.jwt_secret.as_bytes().to_vec());
+    let keys = sai_pipeline::token::JwtKeys::new(o.jwt_secret.as_bytes().to_vec());
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
@@ -370,7 +370,7 @@ fn create_groups(o: &Opts, size: u64) -> Result<Vec<String>, String> {
     for g in 0..o.users / size.max(1) {
         let first = o.first_user + g * size;
         let owner = format!("{}{first}", o.prefix);
-        let token = keys.sign(&sai_proto::token::Claims {
+        let token = keys.sign(&sai_pipeline::token::Claims {
             sub: owner,
             iat: now,
             exp: now + 3600,

@@ -1,15 +1,22 @@
 //! `sai-im admin`: maintenance commands that work on the data directory directly.
 
-use crate::config::Config;
 use crate::sqlite::SqliteStore;
 use sai_storage::{User, UserStore};
+use std::path::Path;
 use std::time::Instant;
 
 /// Users inserted per transaction.
 const BATCH: u64 = 10_000;
 
-/// Creates `<prefix>0..<prefix><count-1>` with one shared bcrypt hash of `password`.
-pub async fn seed_users(cfg: &Config, count: u64, prefix: &str, password: &str) -> Result<String, String> {
+/// Creates `<prefix>0..<prefix><count-1>` in the database of `data_dir` with one shared bcrypt
+/// hash (of `bcrypt_cost`) of `password`.
+pub async fn seed_users(
+    data_dir: &Path,
+    bcrypt_cost: u32,
+    count: u64,
+    prefix: &str,
+    password: &str,
+) -> Result<String, String> {
     let longest = format!("{prefix}{}", count.saturating_sub(1));
     let valid = (3..=32).contains(&longest.len())
         && prefix
@@ -18,12 +25,12 @@ pub async fn seed_users(cfg: &Config, count: u64, prefix: &str, password: &str) 
     if !valid || prefix.is_empty() {
         return Err("prefix must be letters, digits, '_', '.' or '-' and make usernames of 3 to 32 characters".into());
     }
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
-    let store = SqliteStore::open(&cfg.data_dir.join("sai-im.db"))
+    std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
+    let store = SqliteStore::open(&data_dir.join("sai-im.db"))
         .await
         .map_err(|e| e.to_string())?;
     let t0 = Instant::now();
-    let hash = bcrypt::hash(password, cfg.bcrypt_cost).map_err(|e| e.to_string())?;
+    let hash = bcrypt::hash(password, bcrypt_cost).map_err(|e| e.to_string())?;
     let now = crate::Clock::now_ms(&crate::SystemClock);
     let mut inserted = 0;
     let mut start = 0;

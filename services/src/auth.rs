@@ -1,7 +1,7 @@
-//! Tokens: the JWT codec lives in `sai_proto::token` (shared with the load generator); this
+//! Tokens: the JWT codec lives in `sai_pipeline::token` (shared with the load generator); this
 //! module keeps the signing secret in the data directory.
 
-pub use sai_proto::token::{Claims, JwtKeys, TokenError};
+pub use sai_pipeline::token::{Claims, JwtKeys, TokenError};
 use std::path::Path;
 
 /// Reads the secret from `path`, or generates 32 random bytes (hex) and writes them there (mode

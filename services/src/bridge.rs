@@ -1,28 +1,28 @@
-//! The gateway's [`Backend`], in-process: each call is spawned on the services' tokio runtime
-//! and its `JoinHandle` awaited from the monoio shard (tokio's handles wake any waker, and
-//! monoio's `sync` feature accepts wakes from other threads).
+//! `ws2ms_chat` in one process: the pipeline's [`Ws2Ms`] for gateways that share the process.
+//! Each command runs as a task on the services' tokio runtime; the gateway awaits its
+//! `JoinHandle` on its own thread (tokio's handles wake any waker). Pushes to the other members
+//! do not come back this way: the message service hands them to [`crate::Outbound`].
 
 use crate::error::ServiceError;
-use crate::users::UserService;
 use crate::Services;
-use sai_gateway::{AuthRefusal, Backend, BackendError, Delivery, LocalBoxFuture, SyncPage};
-use sai_proto::im::ChatRequest;
+use sai_pipeline::flow::{BoxFuture, Refusal, Ws2Ms};
+use sai_pipeline::message::{ChatAck, ChatRequest, SyncPage};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Services + the runtime they run on.
-pub struct InProcessBackend {
+pub struct InProcessPipeline {
     services: Arc<Services>,
     rt: tokio::runtime::Handle,
 }
 
-impl InProcessBackend {
-    /// A backend running calls on `rt`.
+impl InProcessPipeline {
+    /// A pipeline running commands on `rt`.
     pub fn new(services: Arc<Services>, rt: tokio::runtime::Handle) -> Self {
         Self { services, rt }
     }
 
-    fn run<T, F>(&self, fut: F) -> LocalBoxFuture<Result<T, BackendError>>
+    fn run<T, F>(&self, fut: F) -> BoxFuture<Result<T, Refusal>>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
@@ -30,36 +30,32 @@ impl InProcessBackend {
         let handle = self.rt.spawn(fut);
         Box::pin(async move {
             match handle.await {
-                Ok(r) => r.map_err(to_backend_error),
+                Ok(r) => r.map_err(refusal),
                 Err(e) => {
                     tracing::error!(error = %e, "service task failed");
-                    Err(to_backend_error(ServiceError::Internal))
+                    Err(refusal(ServiceError::Internal))
                 }
             }
         })
     }
 }
 
-fn to_backend_error(e: ServiceError) -> BackendError {
-    BackendError {
+fn refusal(e: ServiceError) -> Refusal {
+    Refusal {
         code: e.code(),
         message: e.to_string(),
     }
 }
 
-fn users(s: &Services) -> &UserService {
-    &s.users
-}
-
-impl Backend for InProcessBackend {
-    fn authenticate(&self, token: &str) -> Result<String, AuthRefusal> {
-        users(&self.services).authenticate(token).map_err(|e| AuthRefusal {
+impl Ws2Ms for InProcessPipeline {
+    fn authenticate(&self, token: &str) -> Result<String, Refusal> {
+        self.services.users.authenticate(token).map_err(|e| Refusal {
             code: e.code(),
             message: e.to_string(),
         })
     }
 
-    fn send(&self, user: &str, chat: ChatRequest) -> LocalBoxFuture<Result<Delivery, BackendError>> {
+    fn chat(&self, user: &str, chat: ChatRequest) -> BoxFuture<Result<ChatAck, Refusal>> {
         let services = self.services.clone();
         let user = user.to_string();
         self.run(async move {
@@ -67,37 +63,23 @@ impl Backend for InProcessBackend {
                 .messages
                 .send(&user, chat.chat_type, &chat.recv_id, &chat.client_msg_id, &chat.msg)
                 .await?;
-            Ok(Delivery {
-                ack: sent.ack,
-                push: sent.push.map(Arc::new),
-                recipients: sent.recipients,
-            })
+            Ok(sent.ack)
         })
     }
 
-    fn sync(
-        &self,
-        user: &str,
-        known: BTreeMap<String, u64>,
-        limit: u32,
-    ) -> LocalBoxFuture<Result<SyncPage, BackendError>> {
+    fn sync(&self, user: &str, known: BTreeMap<String, u64>, limit: u32) -> BoxFuture<Result<SyncPage, Refusal>> {
         let services = self.services.clone();
         let user = user.to_string();
         self.run(async move { services.messages.sync(&user, &known, limit).await })
     }
 
-    fn mark_read(
-        &self,
-        user: &str,
-        conversation_id: String,
-        read_seq: u64,
-    ) -> LocalBoxFuture<Result<u64, BackendError>> {
+    fn mark_read(&self, user: &str, conversation_id: String, read_seq: u64) -> BoxFuture<Result<u64, Refusal>> {
         let services = self.services.clone();
         let user = user.to_string();
         self.run(async move { services.messages.mark_read(&user, &conversation_id, read_seq).await })
     }
 
-    fn mark_received(&self, user: &str, acked: Vec<(String, u64)>) -> LocalBoxFuture<()> {
+    fn mark_received(&self, user: &str, acked: Vec<(String, u64)>) -> BoxFuture<()> {
         let services = self.services.clone();
         let user = user.to_string();
         let done = self.run(async move { services.messages.mark_received(&user, &acked).await });

@@ -3,7 +3,8 @@
 use crate::error::ServiceError;
 use crate::users::{bearer, unauthorized};
 use crate::Services;
-use sai_proto::im::{ChatType, Push};
+use sai_pipeline::conversation::ChatType;
+use sai_pipeline::message::Push;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -138,7 +139,7 @@ impl MessageService for MessageGrpc {
             .ok()
             .filter(|m| m.get().trim_start().starts_with('{'))
             .ok_or_else(|| status(ServiceError::invalid("invalid_field", "msg_json must be a JSON object")))?;
-        if r.client_msg_id.is_empty() || r.client_msg_id.len() > sai_proto::im::MAX_ID_LEN {
+        if r.client_msg_id.is_empty() || r.client_msg_id.len() > sai_pipeline::message::MAX_ID_LEN {
             return Err(status(ServiceError::invalid(
                 "invalid_field",
                 "client_msg_id must be 1 to 128 bytes",
@@ -155,7 +156,7 @@ impl MessageService for MessageGrpc {
             seq: sent.ack.seq,
             msg_id: sent.ack.msg_id,
             send_time: sent.ack.send_time,
-            duplicate: sent.push.is_none(),
+            duplicate: sent.duplicate,
         }))
     }
 

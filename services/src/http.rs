@@ -333,7 +333,7 @@ async fn create_group(State(s): State<Arc<Services>>, headers: HeaderMap, body: 
 
 fn group_json(g: &sai_storage::Group, role: &str) -> serde_json::Value {
     json!({"groupId": g.group_id, "name": g.name, "ownerId": g.owner_id, "memberCount": g.member_count,
-           "createdAt": g.created_at, "conversationId": crate::social::group_conversation_id(&g.group_id),
+           "createdAt": g.created_at, "conversationId": sai_pipeline::conversation::ConversationId::group(&g.group_id).to_string(),
            "role": role})
 }
 

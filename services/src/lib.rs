@@ -8,30 +8,33 @@
 //! - [`cache`]: the bounded read-through caches (user existence, friendships, group members).
 //! - [`sqlite`]: the embedded storage adapter (reference implementation of `sai-storage`).
 //! - [`http`]: the HTTP JSON API (axum); [`grpc`]: the tonic services.
-//! - [`bridge`]: the gateway's [`sai_gateway::Backend`], handing work from monoio shards to the
-//!   tokio runtime the services run on.
+//! - [`bridge`]: the pipeline's `ws2ms_chat` receiving side ([`sai_pipeline::flow::Ws2Ms`])
+//!   for gateways in the same process, handing each command to the tokio runtime the services
+//!   run on; [`Outbound`] is its `ms2ps_chat` sending side, the one path of every push and
+//!   notification.
 //! - [`admin`]: `sai-im admin ...` maintenance commands (bulk user seeding for load tests).
-//! - [`config`] and [`server`]: settings (flags, environment, TOML) and [`server::run`], which
-//!   starts everything in one process.
+//!
+//! This crate stands on the contract crate `sai-pipeline` and on `sai-storage`; it never sees a
+//! gateway. The `sai-im` binary (`server/`) wires the two.
 
 pub mod admin;
 pub mod auth;
 pub mod bridge;
 pub mod cache;
-pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod messages;
 pub mod receipts;
-pub mod server;
 pub mod social;
 pub mod sqlite;
 pub mod users;
 
+use sai_pipeline::flow::{Delivery, Ms2Ps, Routes};
+use sai_pipeline::frame::{data_frame, PushFrame};
+use sai_pipeline::message::Push;
 use serde::Serialize;
-use std::sync::{Arc, OnceLock};
-
+use std::sync::Arc;
 /// Wall-clock time, injected so tests can control it.
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
@@ -61,24 +64,35 @@ pub struct Services {
     pub social: Arc<social::SocialService>,
 }
 
-/// Where notifications (read receipts, friend requests) go: the gateway's [`sai_gateway::Notifier`]
-/// once the gateway runs. Notifications are best effort: an offline user gets nothing (what they
-/// announce can always be fetched over HTTP).
-#[derive(Default)]
-pub struct Notifications {
-    gateway: OnceLock<sai_gateway::Notifier>,
+/// `ms2ps_chat`, the services' one way out to clients: stored messages and notifications alike
+/// are addressed to the recipients' [`Route`](sai_pipeline::flow::Route)s and handed to the
+/// gateways. Offline users get nothing: a stored message reaches them by sync, and what a
+/// notification announces can always be fetched over HTTP.
+pub struct Outbound {
+    routes: Arc<dyn Routes>,
+    ms2ps: Arc<dyn Ms2Ps>,
 }
 
-impl Notifications {
-    /// Connects the gateway (once).
-    pub fn attach(&self, n: sai_gateway::Notifier) {
-        let _ = self.gateway.set(n);
+impl Outbound {
+    /// Deliveries to `ms2ps`, addressed through `routes`.
+    pub fn new(routes: Arc<dyn Routes>, ms2ps: Arc<dyn Ms2Ps>) -> Self {
+        Self { routes, ms2ps }
+    }
+
+    /// Pushes a stored message to the online ones of `recipients`, serialized once for all.
+    pub fn push(&self, recipients: &[String], push: &Push) {
+        let to: Vec<_> = recipients.iter().filter_map(|u| self.routes.lookup(u)).collect();
+        if !to.is_empty() {
+            let push = Arc::new(PushFrame::new(push));
+            self.ms2ps.deliver(Delivery::Push { to, push });
+        }
     }
 
     /// Sends `{"frameType":0,"method":<method>,"data":<data>}` to `user` if online.
-    pub fn send<T: Serialize>(&self, user: &str, method: &str, data: &T) {
-        if let Some(g) = self.gateway.get() {
-            g.notify(user, Arc::from(sai_proto::im::data_frame(None, method, data)));
+    pub fn notify<T: Serialize>(&self, user: &str, method: &str, data: &T) {
+        if let Some(to) = self.routes.lookup(user) {
+            let frame = Arc::from(data_frame(None, method, data));
+            self.ms2ps.deliver(Delivery::Notify { to, frame });
         }
     }
 }

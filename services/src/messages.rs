@@ -3,10 +3,11 @@
 
 use crate::error::ServiceError;
 use crate::receipts::{self, SaiCodec};
-use crate::social::{group_conversation_id, SocialService};
+use crate::social::SocialService;
 use crate::users::UserService;
-use crate::{Clock, Notifications};
-use sai_proto::im::{method, ChatAck, ChatType, Push, SyncPage};
+use crate::{Clock, Outbound};
+use sai_pipeline::conversation::{ChatType, ConversationId};
+use sai_pipeline::message::{method, ChatAck, Push, SyncPage};
 use sai_storage::{Appended, ConversationSummary, MemberState, MessageStore, NewMessage, StoredMessage};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -25,11 +26,9 @@ pub const MAX_CONVERSATIONS_PAGE: u32 = 200;
 pub struct Sent {
     /// The sender's ack.
     pub ack: ChatAck,
-    /// The push for the recipients; `None` when this was a duplicate (it was pushed already,
-    /// and anything missed is recovered through sync).
-    pub push: Option<Push>,
-    /// Users to push to (the sender excluded).
-    pub recipients: Vec<String>,
+    /// The message was stored before (same sender and clientMsgId): this is the original's ack,
+    /// and nobody was pushed to again (anything missed is recovered through sync).
+    pub duplicate: bool,
 }
 
 /// A message as history shows it: the push fields plus its delivery state.
@@ -95,25 +94,19 @@ pub struct MessageService {
     store: Arc<dyn MessageStore>,
     users: Arc<UserService>,
     social: Arc<SocialService>,
-    notes: Arc<Notifications>,
+    outbound: Arc<Outbound>,
     clock: Arc<dyn Clock>,
     policy: ChatPolicy,
 }
 
-/// `si_<a>_<b>` with `a < b`.
-pub fn private_conversation_id(a: &str, b: &str) -> String {
-    if a <= b {
-        format!("si_{a}_{b}")
-    } else {
-        format!("si_{b}_{a}")
-    }
+/// The other member of a private conversation, seen from `me`.
+fn peer_of(conversation_id: &str, me: &str) -> Option<String> {
+    ConversationId::parse(conversation_id)?.peer_of(me).map(str::to_string)
 }
 
-/// The other user of a private conversation id.
-fn peer_of(conversation_id: &str, me: &str) -> Option<String> {
-    let rest = conversation_id.strip_prefix("si_")?;
-    let (a, b) = rest.split_once('_')?;
-    Some(if a == me { b } else { a }.to_string())
+/// The group of a group conversation.
+fn group_of(conversation_id: &str) -> Option<String> {
+    ConversationId::parse(conversation_id)?.group_id().map(str::to_string)
 }
 
 /// A stored message as a push.
@@ -156,7 +149,7 @@ impl MessageService {
         store: Arc<dyn MessageStore>,
         users: Arc<UserService>,
         social: Arc<SocialService>,
-        notes: Arc<Notifications>,
+        outbound: Arc<Outbound>,
         clock: Arc<dyn Clock>,
         policy: ChatPolicy,
     ) -> Self {
@@ -164,13 +157,14 @@ impl MessageService {
             store,
             users,
             social,
-            notes,
+            outbound,
             clock,
             policy,
         }
     }
 
-    /// Stores a message from `sender` and says whom to push it to.
+    /// Stores a message from `sender` and, when it is new, pushes it to the other members that are
+    /// online (ms2ps_chat); answers once it is durable.
     pub async fn send(
         &self,
         sender: &str,
@@ -200,7 +194,7 @@ impl MessageService {
                     });
                 }
                 (
-                    private_conversation_id(sender, recv_id),
+                    ConversationId::private(sender, recv_id).to_string(),
                     vec![sender.to_string(), recv_id.to_string()],
                     vec![recv_id.to_string()],
                 )
@@ -225,7 +219,7 @@ impl MessageService {
                     .filter(|m| m.user_id != sender)
                     .map(|m| m.user_id.clone())
                     .collect();
-                (group_conversation_id(recv_id), Vec::new(), recipients)
+                (ConversationId::group(recv_id).to_string(), Vec::new(), recipients)
             }
         };
         let appended = self
@@ -259,8 +253,10 @@ impl MessageService {
             msg_id: stored.msg_id.clone(),
             send_time: stored.send_time,
         };
-        let push = if fresh { Some(to_push(stored)?) } else { None };
-        Ok(Sent { ack, push, recipients })
+        if fresh {
+            self.outbound.push(&recipients, &to_push(stored)?);
+        }
+        Ok(Sent { ack, duplicate: !fresh })
     }
 
     /// Up to `limit` messages the user lacks, given the last seq it has per conversation
@@ -356,8 +352,8 @@ impl MessageService {
     /// seq). Private chats push a `conversation.read` receipt to the other member; groups record
     /// the reader in each newly read message's bitmap. Returns the read seq in force.
     pub async fn mark_read(&self, user: &str, conversation_id: &str, read_seq: u64) -> Result<u64, ServiceError> {
-        let group_id = conversation_id.strip_prefix("sg_");
-        let slot = match group_id {
+        let group_id = group_of(conversation_id);
+        let slot = match &group_id {
             Some(g) => Some(self.social.member(g, user).await?.ok_or_else(not_a_member)?.slot),
             None => None,
         };
@@ -374,7 +370,7 @@ impl MessageService {
             .ok_or_else(not_a_member)?;
         if new > old && group_id.is_none() {
             if let Some(peer) = peer_of(conversation_id, user) {
-                self.notes.send(
+                self.outbound.notify(
                     &peer,
                     method::READ,
                     &serde_json::json!({"conversationId": conversation_id, "readerId": user, "readSeq": new}),
@@ -409,11 +405,11 @@ impl MessageService {
             .iter()
             .filter(|s| s.user_id != msg.send_id && s.joined_seq < seq)
             .collect();
-        let reader_ids: Vec<String> = match conversation_id.strip_prefix("sg_") {
+        let reader_ids: Vec<String> = match group_of(conversation_id) {
             Some(group_id) => {
                 let record = self.store.read_record(conversation_id, seq).await?;
                 let bitmap = record.as_ref().map(readers).transpose()?;
-                let members = self.social.members(group_id).await?;
+                let members = self.social.members(&group_id).await?;
                 members
                     .iter()
                     .filter(|m| {
@@ -454,7 +450,7 @@ impl MessageService {
             .map(|c| {
                 Ok(ConversationEntry {
                     peer_id: peer_of(&c.conversation_id, user),
-                    group_id: c.conversation_id.strip_prefix("sg_").map(str::to_string),
+                    group_id: group_of(&c.conversation_id),
                     conversation_id: c.conversation_id,
                     chat_type: c.chat_type,
                     last_message: c.last_message.map(to_push).transpose()?,

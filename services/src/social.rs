@@ -3,8 +3,9 @@
 use crate::cache::Cached;
 use crate::error::ServiceError;
 use crate::users::UserService;
-use crate::{Clock, Notifications};
-use sai_proto::im::method;
+use crate::{Clock, Outbound};
+use sai_pipeline::conversation::ConversationId;
+use sai_pipeline::message::method;
 use sai_storage::{AddMembersError, Friend, FriendRequest, Group, GroupMember, SocialStore, StoreError};
 use serde_json::json;
 use std::sync::Arc;
@@ -15,15 +16,15 @@ pub const MAX_REQUEST_MESSAGE_CHARS: usize = 256;
 pub const MAX_GROUP_NAME_CHARS: usize = 64;
 
 /// `sg_<groupId>`.
-pub fn group_conversation_id(group_id: &str) -> String {
-    format!("sg_{group_id}")
+fn group_conversation_id(group_id: &str) -> String {
+    ConversationId::group(group_id).to_string()
 }
 
 /// Friends and groups.
 pub struct SocialService {
     store: Arc<dyn SocialStore>,
     users: Arc<UserService>,
-    notes: Arc<Notifications>,
+    outbound: Arc<Outbound>,
     clock: Arc<dyn Clock>,
     /// Most members a group may have.
     pub max_group_members: u32,
@@ -75,14 +76,14 @@ impl SocialService {
     pub fn new(
         store: Arc<dyn SocialStore>,
         users: Arc<UserService>,
-        notes: Arc<Notifications>,
+        outbound: Arc<Outbound>,
         clock: Arc<dyn Clock>,
         max_group_members: u32,
     ) -> Self {
         Self {
             store,
             users,
-            notes,
+            outbound,
             clock,
             max_group_members,
             friendships: Cached::new(CACHED_FRIENDSHIPS),
@@ -128,7 +129,7 @@ impl SocialService {
             }
             Err(e) => return Err(e.into()),
         }
-        self.notes.send(
+        self.outbound.notify(
             to,
             method::FRIEND_REQUEST,
             &json!({"requestId": req.request_id, "fromUserId": from, "message": message, "createdAt": req.created_at}),
@@ -158,7 +159,7 @@ impl SocialService {
         }
         if accept {
             self.friendships.invalidate(&pair(&req.from_user, &req.to_user));
-            self.notes.send(
+            self.outbound.notify(
                 &req.from_user,
                 method::FRIEND_ACCEPTED,
                 &json!({"requestId": request_id, "userId": user}),

@@ -2,73 +2,17 @@
 //!
 //! Every frame is a JSON object `{"frameType", "id", "ackSeq", "errMsg", "method", "formId", "data"}`
 //! with `frameType` 0 = data (the default when absent), 1 = ping, 2 = ack, 3 = data without ack,
-//! 9 = error. [`parse_request`] turns a client's text into a typed [`Request`] or a [`ProtoError`]
-//! carrying a stable [`ErrorCode`]; the `*_frame` functions build the server's frames.
+//! 9 = error. [`parse_request`] turns a client's text into a typed [`Request`] (its payloads are
+//! the contract's domain types, `sai_pipeline::message`) or a [`ProtoError`] carrying a stable
+//! [`ErrorCode`]. The server's frames are built by `sai_pipeline::frame`.
 //! Message bodies (`msg`) stay raw JSON end to end: they are never parsed or re-encoded.
 
-use serde::{Deserialize, Serialize};
+use sai_pipeline::conversation::ChatType;
+use sai_pipeline::frame::{error_frame, frame_type};
+use sai_pipeline::message::{method, ChatRequest, MAX_ID_LEN};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
-
-/// `frameType` values.
-pub mod frame_type {
-    /// A data frame with a method.
-    pub const DATA: u8 = 0;
-    /// Application-level heartbeat.
-    pub const PING: u8 = 1;
-    /// Acknowledgement (server: message durable; client: push received).
-    pub const ACK: u8 = 2;
-    /// A data frame the sender wants no ack for.
-    pub const NO_ACK: u8 = 3;
-    /// An error.
-    pub const ERROR: u8 = 9;
-}
-
-/// Methods a client may call.
-pub mod method {
-    /// Send a message.
-    pub const CHAT: &str = "conversation.chat";
-    /// Fetch everything after the given per-conversation seqs.
-    pub const SYNC: &str = "conversation.sync";
-    /// Mark a conversation read up to a seq.
-    pub const MARK_READ: &str = "conversation.markChat";
-    /// Server-to-client read receipt (private chats).
-    pub const READ: &str = "conversation.read";
-    /// Server-to-client: someone sent you a friend request.
-    pub const FRIEND_REQUEST: &str = "friend.request";
-    /// Server-to-client: your friend request was accepted.
-    pub const FRIEND_ACCEPTED: &str = "friend.accepted";
-    /// Server-to-client message delivery.
-    pub const PUSH: &str = "push";
-}
-
-/// Conversation kinds (`chatType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChatType {
-    /// `1`: a group conversation.
-    Group,
-    /// `2`: a one-to-one conversation.
-    Private,
-}
-
-impl ChatType {
-    /// The wire value.
-    pub fn as_u8(self) -> u8 {
-        match self {
-            Self::Group => 1,
-            Self::Private => 2,
-        }
-    }
-
-    /// Parses the wire value.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            1 => Some(Self::Group),
-            2 => Some(Self::Private),
-            _ => None,
-        }
-    }
-}
 
 /// Stable error codes sent in `data.code` of error frames (and used by the HTTP API).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,19 +84,6 @@ impl ProtoError {
     }
 }
 
-/// A validated `conversation.chat` payload.
-#[derive(Debug, Clone)]
-pub struct ChatRequest {
-    /// Private or group.
-    pub chat_type: ChatType,
-    /// Recipient user (private) or group id.
-    pub recv_id: String,
-    /// The client's id for this message; a resend with the same id is not stored twice.
-    pub client_msg_id: String,
-    /// The message body, an object, kept as raw JSON.
-    pub msg: Box<RawValue>,
-}
-
 /// A parsed client frame.
 #[derive(Debug, Clone)]
 pub enum Request {
@@ -219,9 +150,6 @@ struct RawMarkRead {
 struct RawSync {
     conversations: Option<BTreeMap<String, u64>>,
 }
-
-/// Longest accepted `id`, `recvId` or `clientMsgId`, in bytes.
-pub const MAX_ID_LEN: usize = 128;
 
 /// Parses one client text message.
 pub fn parse_request(text: &str) -> Result<Request, ProtoError> {
@@ -372,117 +300,6 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..cut]
 }
 
-/// A message as delivered to a client (`data` of a push frame).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Push {
-    /// `si_<a>_<b>` for private chats (a < b), `sg_<groupId>` for groups.
-    pub conversation_id: String,
-    /// 1 group, 2 private.
-    pub chat_type: u8,
-    /// Sender.
-    pub send_id: String,
-    /// Recipient user or group.
-    pub recv_id: String,
-    /// Position in the conversation, from 1, gapless.
-    pub seq: u64,
-    /// Server-assigned id.
-    pub msg_id: String,
-    /// The sender's id for it.
-    pub client_msg_id: String,
-    /// Milliseconds since the Unix epoch, assigned when stored.
-    pub send_time: i64,
-    /// The body, as the sender sent it.
-    pub msg: Box<RawValue>,
-}
-
-/// One page of `conversation.sync`, as the message service produces it.
-#[derive(Debug, Default)]
-pub struct SyncPage {
-    /// Messages, ascending seq within each conversation.
-    pub pushes: Vec<Push>,
-    /// Newest seq of each of the user's conversations.
-    pub heads: BTreeMap<String, u64>,
-    /// Nothing left after this page.
-    pub complete: bool,
-}
-
-/// `data` of the ack a sender gets once its message is durable.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ChatAck {
-    /// Conversation the message went to.
-    pub conversation_id: String,
-    /// Its seq.
-    pub seq: u64,
-    /// Its server id.
-    pub msg_id: String,
-    /// When it was stored (ms since the epoch).
-    pub send_time: i64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct OutFrame<'a, T: Serialize> {
-    frame_type: u8,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    method: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    err_msg: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<T>,
-}
-
-fn encode<T: Serialize>(f: OutFrame<'_, T>) -> String {
-    // Serializing these types cannot fail: no maps with non-string keys, no failing Serialize impls.
-    serde_json::to_string(&f).unwrap_or_else(|_| String::from("{\"frameType\":9}"))
-}
-
-/// `{"frameType":1}`: the answer to a ping.
-pub fn ping_frame() -> String {
-    String::from("{\"frameType\":1}")
-}
-
-/// `{"frameType":2,"id":..,"data":{..}}`.
-pub fn ack_frame<T: Serialize>(id: Option<&str>, data: &T) -> String {
-    encode(OutFrame {
-        frame_type: frame_type::ACK,
-        id,
-        method: None,
-        err_msg: None,
-        data: Some(data),
-    })
-}
-
-/// A data frame from the server: `{"frameType":0,"id":..,"method":..,"data":{..}}`.
-pub fn data_frame<T: Serialize>(id: Option<&str>, method: &str, data: &T) -> String {
-    encode(OutFrame {
-        frame_type: frame_type::DATA,
-        id,
-        method: Some(method),
-        err_msg: None,
-        data: Some(data),
-    })
-}
-
-/// `{"frameType":9,"id":..,"errMsg":..,"data":{"code":..}}`. `code` is a stable snake_case code:
-/// an [`ErrorCode`] or one a service defines (e.g. `recipient_not_found`).
-pub fn error_frame(id: Option<&str>, code: &str, message: &str) -> String {
-    #[derive(Serialize)]
-    struct Code<'a> {
-        code: &'a str,
-    }
-    encode(OutFrame {
-        frame_type: frame_type::ERROR,
-        id,
-        method: None,
-        err_msg: Some(message),
-        data: Some(Code { code }),
-    })
-}
-
 /// A client's frame, as the load generator and tests see the server's frames.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -559,24 +376,6 @@ mod tests {
             assert_eq!(e.code, want, "{t}");
             assert_eq!(e.id.as_deref(), Some("x"), "{t}");
         }
-    }
-
-    #[test]
-    fn frames_encode() {
-        assert_eq!(
-            error_frame(Some("a"), ErrorCode::UnknownMethod.as_str(), "m"),
-            r#"{"frameType":9,"id":"a","errMsg":"m","data":{"code":"unknown_method"}}"#
-        );
-        let ack = ChatAck {
-            conversation_id: "c".into(),
-            seq: 3,
-            msg_id: "m".into(),
-            send_time: 5,
-        };
-        assert_eq!(
-            ack_frame(None, &ack),
-            r#"{"frameType":2,"data":{"conversationId":"c","seq":3,"msgId":"m","sendTime":5}}"#
-        );
     }
 
     proptest! {

@@ -8,17 +8,16 @@
 //! - [`frame`]: RFC 6455 frame header check + decode (two phases; "incomplete" is `Ok(None)`) and encode.
 //! - [`ws`]: [`ws::WsConn`], a WebSocket connection state machine (fragments, control frames, close
 //!   handshake, size limits) for either role.
-//! - [`im`]: the IM frame shape (`frameType`, `id`, `method`, `data`, ...), typed client requests and
-//!   the server frames built from them, with stable error codes.
+//! - [`im`]: the IM frame shape (`frameType`, `id`, `method`, `data`, ...) and typed client
+//!   requests with stable error codes. The domain types they carry and the server's frames live
+//!   in the contract crate, `sai-pipeline`.
 //! - [`pending`]: the bounded set of unacknowledged pushes of one connection in `rigor` ack mode,
 //!   with resend backoff.
 //! - [`close`]: the WebSocket close codes the server uses.
-//! - [`token`]: HS256 JWT sign / verify (the clock is an argument).
 
 pub mod close;
 pub mod frame;
 pub mod handshake;
 pub mod im;
 pub mod pending;
-pub mod token;
 pub mod ws;

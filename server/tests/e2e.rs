@@ -4,6 +4,7 @@
 mod common;
 
 use common::{authed, Client, ConnectError, Server};
+use sai_pipeline::conversation::ConversationId;
 use sai_services::auth::{Claims, JwtKeys};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -171,8 +172,8 @@ fn offline_messages_arrive_through_sync_in_order_exactly_once() {
         pushes.iter().filter(|p| p["data"]["sendId"] == carol.as_str()).count(),
         1
     );
-    let conv_ab = sai_services::messages::private_conversation_id(&alice, &bob);
-    let conv_cb = sai_services::messages::private_conversation_id(&carol, &bob);
+    let conv_ab = ConversationId::private(&alice, &bob).to_string();
+    let conv_cb = ConversationId::private(&carol, &bob).to_string();
     assert_eq!(reply["data"]["conversations"][&conv_ab], 5);
     assert_eq!(reply["data"]["conversations"][&conv_cb], 1);
     assert_eq!(reply["data"]["pushed"], 6);

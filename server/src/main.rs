@@ -1,7 +1,15 @@
 //! `sai-im`: parses settings, installs logging and runs the server until Ctrl-C / SIGTERM.
+//!
+//! # Layout
+//! - [`config`]: settings from flags, environment and a TOML file.
+//! - [`server`]: wires one deployment (the embedded default: SQLite, the services, the gateway
+//!   and the in-process pipeline flows between them) and runs it until shutdown.
+
+mod config;
+mod server;
 
 use clap::Parser;
-use sai_services::config::{AdminCommand, Cli, Command, Config};
+use config::{AdminCommand, Cli, Command, Config};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -40,7 +48,13 @@ fn admin(cfg: Config, command: AdminCommand) -> ExitCode {
             count,
             prefix,
             password,
-        } => rt.block_on(sai_services::admin::seed_users(&cfg, count, &prefix, &password)),
+        } => rt.block_on(sai_services::admin::seed_users(
+            &cfg.data_dir,
+            cfg.bcrypt_cost,
+            count,
+            &prefix,
+            &password,
+        )),
     };
     match result {
         Ok(msg) => {
@@ -62,7 +76,7 @@ fn serve(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(sai_services::server::run(cfg, shutdown_signal(), |b| {
+    let result = rt.block_on(server::run(cfg, shutdown_signal(), |b| {
         // Scripts and tests wait for this line to learn the bound ports.
         let mut out = std::io::stdout();
         let _ = writeln!(out, "sai-im ready ws={} http={} grpc={}", b.ws, b.http, b.grpc);

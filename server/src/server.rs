@@ -1,14 +1,15 @@
-//! Starts the whole system in one process: storage, services, HTTP, gRPC and the gateway.
+//! Starts the whole system in one process: storage, services, HTTP, gRPC and the gateway, and
+//! the pipeline's flows between the gateway and the services (in-process channels).
 
-use crate::auth::{load_or_create_keys, JwtKeys};
-use crate::bridge::InProcessBackend;
 use crate::config::Config;
-use crate::messages::{ChatPolicy, MessageService};
-use crate::social::SocialService;
-use crate::sqlite::SqliteStore;
-use crate::users::UserService;
-use crate::{Notifications, Services, SystemClock};
 use sai_gateway::Gateway;
+use sai_services::auth::{load_or_create_keys, JwtKeys};
+use sai_services::bridge::InProcessPipeline;
+use sai_services::messages::{ChatPolicy, MessageService};
+use sai_services::social::SocialService;
+use sai_services::sqlite::SqliteStore;
+use sai_services::users::UserService;
+use sai_services::{Outbound, Services, SystemClock};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ pub enum ServerError {
     Store(#[from] sai_storage::StoreError),
     /// Service set-up failed.
     #[error("starting services: {0}")]
-    Service(#[from] crate::error::ServiceError),
+    Service(#[from] sai_services::error::ServiceError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -72,11 +73,13 @@ pub async fn run(
         cfg.bcrypt_cost,
         cfg.token_ttl_secs,
     )?);
-    let notes = Arc::new(Notifications::default());
+    // The gateway's index and inboxes come first: the services send through them.
+    let gateway = Gateway::prepare(cfg.gateway());
+    let outbound = Arc::new(Outbound::new(gateway.routes(), gateway.outbound()));
     let social = Arc::new(SocialService::new(
         store.clone(),
         users.clone(),
-        notes.clone(),
+        outbound.clone(),
         clock.clone(),
         cfg.group.max_members,
     ));
@@ -87,7 +90,7 @@ pub async fn run(
         store.clone(),
         users.clone(),
         social.clone(),
-        notes.clone(),
+        outbound,
         clock,
         policy,
     ));
@@ -103,13 +106,13 @@ pub async fn run(
     let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_listen)
         .await
         .map_err(io(format!("binding gRPC {}", cfg.grpc_listen)))?;
-    let backend = Arc::new(InProcessBackend::new(
+    let pipeline = Arc::new(InProcessPipeline::new(
         services.clone(),
         tokio::runtime::Handle::current(),
     ));
-    let gateway = Gateway::start(cfg.ws_listen, cfg.gateway(), backend)
+    let gateway = gateway
+        .start(cfg.ws_listen, pipeline)
         .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
-    notes.attach(gateway.notifier());
     let bound = Bound {
         ws: gateway.local_addr(),
         http: http_l.local_addr().map_err(io("HTTP address"))?,
@@ -121,12 +124,12 @@ pub async fn run(
         let _ = rx.wait_for(|v| *v).await;
     };
     let http = tokio::spawn({
-        let app = crate::http::router(services.clone());
+        let app = sai_services::http::router(services.clone());
         let stop = wait(stop_rx.clone());
         async move { axum::serve(http_l, app).with_graceful_shutdown(stop).await }
     });
     let grpc = tokio::spawn({
-        let (u, m, so) = crate::grpc::services(services.clone());
+        let (u, m, so) = sai_services::grpc::services(services.clone());
         let stop = wait(stop_rx.clone());
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_l);
         async move {
