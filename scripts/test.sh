@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace on a fresh machine: unit, property and end-to-end tests, the
-# benchmarks in test mode, and the load-generator smoke. They need nothing but the Rust toolchain:
+# Runs every check of the workspace on a fresh machine: formatting, clippy with the workspace lints
+# as errors, unit, property and end-to-end tests, the benchmarks in test mode, and the
+# load-generator smoke. They need nothing but the Rust toolchain:
 # the embedded default (SQLite) is compiled in, protoc is vendored, and the end-to-end tests start
 # the real `sai-im` binary on free loopback ports with their own data directories.
 set -euo pipefail
@@ -19,6 +20,25 @@ if ! command -v cc >/dev/null 2>&1; then
         exit 1
     fi
 fi
+
+# Formatting and the workspace lints are enforced, not only declared.
+if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
+if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The layering the README's architecture section promises: the contract crate names no runtime,
+# socket library or driver, and the gateway and the services never import each other.
+deps() { cargo tree --locked -e normal -p "$1" --prefix none --format '{p}' | cut -d' ' -f1 | sort -u; }
+forbidden() { # crate, pattern
+    if deps "$1" | grep -qE "^($2)$"; then
+        echo "layering violated: $1 depends on $(deps "$1" | grep -E "^($2)$" | tr '\n' ' ')" >&2
+        exit 1
+    fi
+}
+forbidden sai-pipeline 'tokio|monoio|mio|sqlx|rusqlite|axum|tonic|sai-gateway|sai-services|sai-proto'
+forbidden sai-services 'sai-gateway|sai-proto|monoio'
+forbidden sai-gateway 'sai-services|sai-storage|sqlx|rusqlite'
 
 cargo test --workspace --locked "$@"
 
