@@ -375,7 +375,9 @@ fn stored(m: &NewMessage, seq: u64) -> StoredMessage {
 /// the writer commits every few milliseconds, so the WAL is never rewound and grows without end
 /// (ext4 zeroing its new blocks then took 20 % of the CPU). A `RESTART` checkpoint waits for the
 /// writer's lock, copies what the passive ones left (little) and makes the next commit rewind
-/// the WAL: the writer waits for that short tail only.
+/// the WAL: the writer waits for that short tail only. Passive checkpoints every 100 ms rather
+/// than 20 ms copy each hot page once for more commits (the checkpointer's CPU per message fell
+/// from 22 to 14 us at 6,000 msg/s); 250 ms with a 32 MiB WAL measured no better overall.
 pub(super) fn start_checkpointer(path: &Path) -> StoreResult<std::sync::mpsc::Sender<()>> {
     let conn = Connection::open(path).map_err(unavailable)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -403,7 +405,7 @@ pub(super) fn start_checkpointer(path: &Path) -> StoreResult<std::sync::mpsc::Se
 }
 
 /// How often the checkpointer runs.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// WAL frames (4 KiB pages) past which the checkpointer rewinds the WAL: 16 MiB.
 const RESTART_AT: i64 = 4096;
 
