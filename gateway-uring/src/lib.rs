@@ -86,6 +86,11 @@ pub struct GatewayConfig {
     pub pending: PendingConfig,
     /// Messages fetched per sync page.
     pub sync_page: u32,
+    /// A tokio runtime each shard thread enters for its lifetime, so that the pipeline's futures
+    /// that use that runtime's reactor or timers (an in-process pipeline on sqlx, say) can be
+    /// polled right on the shard: no hop to another thread and back per command. `None` when
+    /// the pipeline's futures need no runtime.
+    pub pipeline_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for GatewayConfig {
@@ -103,6 +108,7 @@ impl Default for GatewayConfig {
             tick: Duration::from_millis(100),
             pending: PendingConfig::default(),
             sync_page: 200,
+            pipeline_runtime: None,
         }
     }
 }

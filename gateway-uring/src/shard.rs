@@ -275,6 +275,8 @@ fn run_shard(
     shared: Arc<Shared>,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
 ) {
+    // Lives as long as the thread: the pipeline's futures are polled here.
+    let _pipeline_runtime = shared.cfg.pipeline_runtime.as_ref().map(|h| h.enter());
     let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build();

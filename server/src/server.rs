@@ -74,7 +74,10 @@ pub async fn run(
         cfg.token_ttl_secs,
     )?);
     // The gateway's index and inboxes come first: the services send through them.
-    let gateway = Gateway::prepare(cfg.gateway());
+    let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
+        pipeline_runtime: Some(tokio::runtime::Handle::current()),
+        ..cfg.gateway()
+    });
     let outbound = Arc::new(Outbound::new(gateway.routes(), gateway.outbound()));
     let social = Arc::new(SocialService::new(
         store.clone(),
@@ -106,10 +109,7 @@ pub async fn run(
     let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_listen)
         .await
         .map_err(io(format!("binding gRPC {}", cfg.grpc_listen)))?;
-    let pipeline = Arc::new(InProcessPipeline::new(
-        services.clone(),
-        tokio::runtime::Handle::current(),
-    ));
+    let pipeline = Arc::new(InProcessPipeline::new(services.clone()));
     let gateway = gateway
         .start(cfg.ws_listen, pipeline)
         .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
