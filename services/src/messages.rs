@@ -97,6 +97,40 @@ pub struct MessageService {
     outbound: Arc<Outbound>,
     clock: Arc<dyn Clock>,
     policy: ChatPolicy,
+    /// Keeps each conversation's pushes in seq order (see [`Ordering`]).
+    order: Ordering,
+}
+
+/// Pushes leave in seq order per conversation: a send holds its conversation's stripe from
+/// before its append until its push is handed to the gateways. Without it two members of a
+/// group whose sends land in the same commit are answered on two shards, and the later seq can
+/// reach the other members first (loadgen counted 30,318 out-of-order deliveries in 10,000 group
+/// messages at 500 msg/s). A conversation therefore appends at most one message per commit
+/// (about 150-200 messages a second, with the 5 ms commit interval); different conversations
+/// still share every commit.
+///
+/// [`STRIPES`](Self::STRIPES) async mutexes chosen by a hash of the conversation id: a bounded
+/// table with no cleanup, at the price of unrelated conversations sharing a stripe now and then.
+/// A send dropped while holding one only releases it: the message is durable, and the members
+/// get it by sync.
+struct Ordering {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Ordering {
+    const STRIPES: usize = 4096;
+
+    fn new() -> Self {
+        Self {
+            stripes: (0..Self::STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    async fn lock(&self, conversation_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(conversation_id);
+        self.stripes[(h as usize) % Self::STRIPES].lock().await
+    }
 }
 
 /// The other member of a private conversation, seen from `me`.
@@ -160,6 +194,7 @@ impl MessageService {
             outbound,
             clock,
             policy,
+            order: Ordering::new(),
         }
     }
 
@@ -222,6 +257,7 @@ impl MessageService {
                 (ConversationId::group(recv_id).to_string(), Vec::new(), recipients)
             }
         };
+        let _in_order = self.order.lock(&conversation_id).await;
         let appended = self
             .store
             .append(NewMessage {
