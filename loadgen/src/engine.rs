@@ -18,11 +18,11 @@ use crate::report::{new_hist, record, Second, Summary, WorkerOut};
 use crate::sys::{rss_kib, unix_us, Rng};
 use hdrhistogram::Histogram;
 use sai_pipeline::frame::frame_type;
-use sai_pipeline::message::{method, Push};
+use sai_pipeline::message::method;
 use sai_pipeline::token::{Claims, JwtKeys};
-use sai_proto::im;
 use sai_proto::ws::Event;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -143,6 +143,31 @@ pub struct Worker {
     /// Prefix of every clientMsgId of this run: the server dedupes `(sender, clientMsgId)` for
     /// ever, so ids must never repeat across runs against the same data.
     run_id: String,
+}
+
+/// A server frame, borrowed from the text: every delivery is parsed here, and nothing of it needs
+/// to be copied.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FrameRef<'a> {
+    frame_type: u8,
+    #[serde(borrow)]
+    id: Option<&'a str>,
+    #[serde(borrow)]
+    method: Option<&'a str>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// The fields of a push that loadgen checks, borrowed.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PushRef<'a> {
+    #[serde(borrow)]
+    conversation_id: &'a str,
+    seq: u64,
+    #[serde(borrow)]
+    msg: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -363,18 +388,17 @@ impl Worker {
             }
             _ => return true,
         };
-        let Ok(f) = serde_json::from_str::<im::ServerFrame>(&text) else {
+        let Ok(f) = serde_json::from_str::<FrameRef<'_>>(&text) else {
             self.fail("unparsable_frame".into());
             return true;
         };
-        match (f.frame_type, f.method.as_deref()) {
+        match (f.frame_type, f.method) {
             (frame_type::ACK, _) => {
                 let now = unix_us();
                 let mut s = self.stats.borrow_mut();
                 s.c.acked += 1;
                 if let Some(at) =
-                    f.id.as_deref()
-                        .and_then(|id| id.parse::<u64>().ok())
+                    f.id.and_then(|id| id.parse::<u64>().ok())
                         .and_then(|k| s.sent_at.remove(&k))
                 {
                     record(&mut s.ack, now.saturating_sub(at));
@@ -382,7 +406,7 @@ impl Worker {
             }
             (frame_type::DATA, Some(method::PUSH)) => {
                 if rigor {
-                    if let Some(id) = &f.id {
+                    if let Some(id) = f.id {
                         client.ws.send_text(&format!("{{\"frameType\":2,\"id\":\"{id}\"}}"));
                         let n = id.parse::<u64>().unwrap_or(u64::MAX);
                         if !self.users.borrow_mut()[i].push_ids.insert(n) {
@@ -391,11 +415,7 @@ impl Worker {
                         }
                     }
                 }
-                if let Some(p) = f
-                    .data
-                    .as_deref()
-                    .and_then(|d| serde_json::from_str::<Push>(d.get()).ok())
-                {
+                if let Some(p) = f.data.and_then(|d| serde_json::from_str::<PushRef<'_>>(d.get()).ok()) {
                     self.on_push(i, &p);
                 }
             }
@@ -410,7 +430,6 @@ impl Worker {
             (frame_type::ERROR, _) => {
                 let code = f
                     .data
-                    .as_deref()
                     .and_then(|d| serde_json::from_str::<serde_json::Value>(d.get()).ok())
                     .and_then(|v| v["code"].as_str().map(String::from))
                     .unwrap_or_default();
@@ -421,13 +440,16 @@ impl Worker {
         true
     }
 
-    fn on_push(&self, i: usize, p: &Push) {
+    fn on_push(&self, i: usize, p: &PushRef<'_>) {
         let now = unix_us();
         let body: MsgBody = serde_json::from_str(p.msg.get()).unwrap_or(MsgBody { t: None, k: None });
         let syncing = {
             let mut users = self.users.borrow_mut();
             let u = &mut users[i];
-            let last = u.last_seq.entry(p.conversation_id.clone()).or_insert(0);
+            let last = match u.last_seq.get_mut(p.conversation_id) {
+                Some(last) => last,
+                None => u.last_seq.entry(p.conversation_id.to_string()).or_insert(0),
+            };
             let ooo = p.seq < *last;
             *last = (*last).max(p.seq);
             let syncing = u.syncing_since.is_some();
