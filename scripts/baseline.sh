@@ -49,10 +49,13 @@ run() { # name, ack mode, loadgen args...
 # process's own), from two loadgen processes spread over 8 source addresses.
 run connect only connect --users 19800 --procs 2 --src-addrs 8 --connect-rate 4000 --hold 20
 for mode in none only rigor; do
-    for rate in 1000 2500; do
+    for rate in 1000 2500 10000; do
         run "chat-$mode-$rate" "$mode" chat --users 2000 --rate "$rate" --duration 10
     done
 done
 run group-200 only group --groups 10 --size 200 --rate-per-group 5 --duration 10 --first-user 20000
 run storm only storm --users 2000 --rate 1000 --duration 12 --drop 0.3
-run capacity only capacity --users 2000 --start-rate 500 --step-rate 500 --max-rate 20000 --step-secs 5 --p99-limit-ms 50
+run capacity only capacity --users 2000 --start-rate 1000 --step-rate 1000 --max-rate 30000 --step-secs 5 --p99-limit-ms 50
+# Group fan-out searched the same way: 10 groups of 200, rates in messages/s (x199 deliveries).
+run group-capacity only capacity --users 2000 --group-size 200 --first-user 20000 \
+    --start-rate 100 --step-rate 100 --max-rate 2000 --step-secs 5 --p99-limit-ms 50
