@@ -1,145 +1,94 @@
-//! One WebSocket connection on a shard: upgrade, then a reader task and a writer task around a
-//! sans-IO [`WsConn`].
+//! One WebSocket connection on a shard: the upgrade, then a thin monoio driver of the sans-IO
+//! [`Session`] (`sai_proto::session`), which owns the protocol: frames, deadlines, rigor resends,
+//! acks of pushes.
 //!
-//! The reader parses frames and handles requests one at a time (so a client's messages are
-//! stored in the order it sent them); everything to send, from any task, is appended to the
-//! `WsConn` output buffer and the writer is woken. The writer takes the whole buffer per wakeup
-//! and writes it with one syscall: pushes and acks produced in the same wakeup share a write.
+//! Three tasks per connection: the reader feeds the session what the socket gives and hands its
+//! requests, in order, to the request task; the request task calls the pipeline one request at a
+//! time (so a client's messages are stored in the order it sent them) and queues the answers;
+//! the writer takes everything queued since its last wakeup and writes it with one syscall. The
+//! shard's timer wheel calls [`Conn::on_timer`] at the session's next deadline.
 //!
 //! # Memory per connection
-//! A `read_buffer_bytes` buffer (4 KiB by default) held while a read is in flight, the `WsConn`
-//! input (empty between frames) and output (empty once flushed; bounded by
-//! `max_outbound_bytes`, past which the connection is closed with 4003), the rigor pending set
-//! (bounded by `PendingConfig::capacity`) and this struct.
+//! A `read_buffer_bytes` buffer (4 KiB by default) held while a read is in flight, the session
+//! (its input is empty between frames, its output empty once flushed and bounded by
+//! `max_outbound_bytes`, at most `PendingConfig::capacity` rigor pushes) and this struct.
 
 use crate::shard::Shard;
-use crate::AckMode;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, Splitable};
 use monoio::net::TcpStream;
 use sai_pipeline::flow::Refusal;
-use sai_pipeline::frame::{ack_frame, data_frame, error_frame, ping_frame, PushFrame};
+use sai_pipeline::frame::{ack_frame, data_frame, error_frame, PushFrame};
 use sai_pipeline::message::method;
-use sai_proto::close;
 use sai_proto::handshake::{self, HandshakeError, UpgradeRequest};
-use sai_proto::im::{self, ErrorCode, Request};
-use sai_proto::pending::Pending;
-use sai_proto::ws::{Event, Role, WsConn};
+use sai_proto::im::Request;
+use sai_proto::session::Session;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A live, authenticated connection.
 pub(crate) struct Conn {
     pub id: u64,
     pub user: String,
-    ws: RefCell<WsConn>,
+    session: RefCell<Session>,
     /// Wakes the writer; `notify_one` keeps a permit, so a wake is never lost.
     wake: tokio::sync::Notify,
-    /// Shard clock (ms) of the last inbound bytes; the idle deadline derives from it.
-    pub last_active: Cell<u64>,
-    pending: RefCell<Pending<(Arc<str>, u64)>>,
-    /// Highest acked push seq per conversation since the last flush (rigor mode).
-    received: RefCell<HashMap<Arc<str>, u64>>,
+    /// Wheel tick this connection is scheduled at, so an earlier deadline re-arms it and a
+    /// stale wheel entry is ignored.
+    scheduled_tick: Cell<Option<u64>>,
     /// Cancels the in-flight read when the connection must be dropped.
     canceller: RefCell<Option<Canceller>>,
-    /// Set once a close frame has been sent: drop the socket at this shard time if still open.
-    force_close_at: Cell<Option<u64>>,
     /// The reader has finished (or was aborted): the writer flushes what it can and exits.
     done: Cell<bool>,
-    rigor: bool,
-    max_outbound: usize,
 }
 
 impl Conn {
-    /// Queues a text frame and wakes the writer. Past the outbound bound the queue is dropped
-    /// and the connection closed with 4003: the client reconnects and syncs, nothing is lost.
-    fn enqueue(&self, shard: &Shard, text: &str) -> bool {
-        let mut ws = self.ws.borrow_mut();
-        if ws.close_sent() {
-            return false;
+    /// Re-arms the wheel at the session's next deadline and wakes the writer if there is
+    /// output: called after anything that may have changed either.
+    fn after(&self, shard: &Shard) {
+        let (deadline, output, drop) = {
+            let s = self.session.borrow();
+            (s.poll_timeout(), s.output_len() > 0 || s.close_sent(), s.should_drop())
+        };
+        if drop {
+            self.abort();
+            return;
         }
-        if ws.output().len() + text.len() > self.max_outbound {
-            ws.discard_output();
-            drop(ws);
-            self.close_with(
-                shard,
-                close::SLOW_CONSUMER,
-                "outbound queue overflow: reconnect and sync",
-            );
-            return false;
+        if output {
+            self.wake.notify_one();
         }
-        ws.send_text(text);
-        drop(ws);
-        self.wake.notify_one();
-        true
+        if let Some(at) = deadline {
+            let tick = shard.tick_of(at);
+            if self.scheduled_tick.get().is_none_or(|t| tick < t) {
+                self.scheduled_tick.set(Some(tick));
+                shard.schedule_tick(self.id, tick);
+            }
+        }
     }
 
-    /// Sends a push frame (tracked for resend in rigor mode).
+    /// Queues a text frame (an ack, an error, a notification, a sync reply).
+    fn send(&self, shard: &Shard, text: &str) {
+        self.session.borrow_mut().send(shard.now(), text);
+        self.after(shard);
+    }
+
+    /// Sends a push (tracked for resend in rigor mode).
     pub fn push(&self, shard: &Shard, push: &PushFrame) {
-        let id = self.pending.borrow_mut().allocate();
-        let frame = push.frame(id);
-        if self.rigor {
-            if self.enqueue(shard, &frame) {
-                let tag = (push.conversation_id.clone(), push.seq);
-                self.pending.borrow_mut().track(id, frame, tag, shard.now());
-                shard.rigor_active.borrow_mut().insert(self.id);
-            }
-        } else {
-            self.enqueue(shard, &frame);
-        }
+        self.session.borrow_mut().push(shard.now(), push);
+        self.after(shard);
     }
 
     /// Sends a notification frame (not tracked: notifications are not stored messages).
     pub fn notify(&self, shard: &Shard, frame: &str) {
-        self.enqueue(shard, frame);
-    }
-
-    /// The client acked push `id`.
-    fn acked(&self, shard: &Shard, id: &str) {
-        let Some((conv, seq)) = self.pending.borrow_mut().ack(id) else {
-            return;
-        };
-        let mut r = self.received.borrow_mut();
-        let e = r.entry(conv).or_insert(0);
-        *e = (*e).max(seq);
-        shard.acked.borrow_mut().insert(self.id);
-    }
-
-    /// Writes the received positions gathered since the last flush.
-    pub fn flush_received(&self, shard: &Shard) {
-        let acked: Vec<(String, u64)> = self
-            .received
-            .borrow_mut()
-            .drain()
-            .map(|(c, s)| (c.to_string(), s))
-            .collect();
-        if !acked.is_empty() {
-            monoio::spawn(shard.shared.pipeline.mark_received(&self.user, acked));
-        }
+        self.send(shard, frame);
     }
 
     /// Starts the close handshake with `code`; the socket is dropped after the grace period if
     /// the peer does not finish it.
     pub fn close_with(&self, shard: &Shard, code: u16, reason: &str) {
-        {
-            let mut ws = self.ws.borrow_mut();
-            if ws.close_sent() {
-                return;
-            }
-            ws.close(code, reason);
-        }
-        self.arm_close_timer(shard);
-    }
-
-    fn arm_close_timer(&self, shard: &Shard) {
-        self.wake.notify_one();
-        if self.force_close_at.get().is_none() {
-            let at = shard.now_ms() + shard.shared.cfg.close_grace.as_millis() as u64;
-            self.force_close_at.set(Some(at));
-            shard.schedule(self.id, at);
-        }
+        self.session.borrow_mut().close(shard.now(), code, reason);
+        self.after(shard);
     }
 
     /// Drops the connection now: cancels the read, lets the writer exit.
@@ -151,32 +100,29 @@ impl Conn {
         self.wake.notify_one();
     }
 
-    /// The wheel fired for this connection.
-    pub fn on_timer(&self, shard: &Shard, now_ms: u64) {
-        if let Some(at) = self.force_close_at.get() {
-            if now_ms >= at {
-                self.abort();
-            } else {
-                shard.schedule(self.id, at);
-            }
-            return;
+    /// The wheel fired at `tick` for this connection.
+    pub fn on_timer(&self, shard: &Shard, tick: u64) {
+        match self.scheduled_tick.get() {
+            // A later deadline replaced this entry's: ignore it.
+            Some(t) if t > tick => return,
+            _ => self.scheduled_tick.set(None),
         }
-        let idle_at = self.last_active.get() + shard.shared.cfg.idle_timeout.as_millis() as u64;
-        if now_ms >= idle_at {
-            self.close_with(shard, close::IDLE_TIMEOUT, "idle timeout");
-        } else {
-            shard.schedule(self.id, idle_at);
+        self.session.borrow_mut().handle_timeout(shard.now());
+        self.flush_received(shard);
+        self.after(shard);
+    }
+
+    /// Records the pushes the client acked (rigor), batched: called once per shard tick.
+    pub fn flush_received(&self, shard: &Shard) {
+        let acked = self.session.borrow_mut().take_received();
+        if !acked.is_empty() {
+            monoio::spawn(shard.shared.pipeline.mark_received(&self.user, acked));
         }
     }
 
-    /// Resends due rigor pushes; returns true when nothing is pending any more.
-    pub fn resend_due(&self, shard: &Shard, now: Instant) -> bool {
-        let mut out = Vec::new();
-        self.pending.borrow_mut().poll(now, &mut out);
-        for frame in out {
-            self.enqueue(shard, &frame);
-        }
-        self.pending.borrow().is_empty()
+    /// Whether acked pushes wait for [`Self::flush_received`].
+    pub fn has_received(&self) -> bool {
+        self.session.borrow().has_received()
     }
 }
 
@@ -214,42 +160,35 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     if res.is_err() {
         return;
     }
-    let mut ws = WsConn::new(Role::Server, cfg.max_frame_bytes, 0);
-    ws.feed(&acc[req.len..]);
     let canceller = Canceller::new();
     let handle = canceller.handle();
     let conn = Rc::new(Conn {
         id: shard.next_conn_id(),
         user,
-        ws: RefCell::new(ws),
+        session: RefCell::new(Session::new(shard.session_config(), shard.now())),
         wake: tokio::sync::Notify::new(),
-        last_active: Cell::new(shard.now_ms()),
-        pending: RefCell::new(Pending::new(cfg.pending)),
-        received: RefCell::new(HashMap::new()),
+        scheduled_tick: Cell::new(None),
         canceller: RefCell::new(Some(canceller)),
-        force_close_at: Cell::new(None),
         done: Cell::new(false),
-        rigor: cfg.ack_mode == AckMode::Rigor,
-        max_outbound: cfg.max_outbound_bytes,
     });
     shard.register(&conn);
+    // Bytes that arrived with the upgrade request.
+    conn.session.borrow_mut().handle_bytes(shard.now(), &acc[req.len..]);
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(write_loop(conn.clone(), wr));
     let (requests, queue) = tokio::sync::mpsc::channel(MAX_PIPELINED);
     monoio::spawn(request_loop(shard.clone(), conn.clone(), queue));
-    // Bytes that arrived with the upgrade request.
-    process_input(&shard, &conn, &requests).await;
+    forward_requests(&shard, &conn, &requests).await;
     let mut buf = Vec::with_capacity(cfg.read_buffer_bytes);
-    while !conn.done.get() && !conn.ws.borrow().is_closed() {
+    while !conn.done.get() && !conn.session.borrow().is_closed() {
         let (res, b) = rd.cancelable_read(buf, handle.clone()).await;
         buf = b;
         match res {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                conn.last_active.set(shard.now_ms());
-                conn.ws.borrow_mut().feed(&buf[..n]);
+                conn.session.borrow_mut().handle_bytes(shard.now(), &buf[..n]);
                 buf.clear();
-                process_input(&shard, &conn, &requests).await;
+                forward_requests(&shard, &conn, &requests).await;
             }
         }
     }
@@ -304,58 +243,23 @@ const MAX_PIPELINED: usize = 64;
 /// front, so a slot must be a pointer, not a ~200-byte request, to keep idle connections small.
 type RequestQueue = tokio::sync::mpsc::Sender<Box<Request>>;
 
-/// Handles every complete event buffered in the connection.
-async fn process_input(shard: &Rc<Shard>, conn: &Rc<Conn>, requests: &RequestQueue) {
+/// Hands the session's requests to the request task, in order. Waits (stops reading) while
+/// `MAX_PIPELINED` are queued: backpressure.
+async fn forward_requests(shard: &Rc<Shard>, conn: &Rc<Conn>, requests: &RequestQueue) {
+    conn.after(shard);
     loop {
-        let ev = conn.ws.borrow_mut().next_event();
-        match ev {
-            Ok(Some(Event::Text(t))) => handle_text(shard, conn, &t, requests).await,
-            Ok(Some(Event::Binary(_))) => {
-                let e = error_frame(
-                    None,
-                    ErrorCode::UnsupportedMessageType.as_str(),
-                    "binary messages are not supported; send JSON text frames",
-                );
-                conn.enqueue(shard, &e);
-            }
-            Ok(Some(Event::Ping | Event::Pong | Event::Close { .. })) => conn.wake.notify_one(),
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!(conn = conn.id, error = %e, "protocol error, closing");
-                conn.arm_close_timer(shard);
-                return;
-            }
-        }
+        let next = conn.session.borrow_mut().poll_request();
+        let Some(req) = next else {
+            break;
+        };
+        let _ = requests.send(Box::new(req)).await;
+    }
+    if conn.has_received() {
+        shard.acked.borrow_mut().insert(conn.id);
     }
 }
 
-/// Pings and push acks are answered on the spot; requests that wait on the backend go to the
-/// connection's request task, in order, so acks keep flowing while a send is being stored.
-async fn handle_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str, requests: &RequestQueue) {
-    let req = match im::parse_request(text) {
-        Ok(r) => r,
-        Err(e) => {
-            conn.enqueue(shard, &e.to_frame());
-            return;
-        }
-    };
-    match req {
-        Request::Ping => {
-            conn.enqueue(shard, &ping_frame());
-        }
-        Request::Ack { id } => {
-            if conn.rigor {
-                conn.acked(shard, &id);
-            }
-        }
-        other => {
-            // Waits (stops reading) while MAX_PIPELINED requests are queued: backpressure.
-            let _ = requests.send(Box::new(other)).await;
-        }
-    }
-}
-
-/// Runs a connection's backend requests one at a time, in the order they arrived, so a client's
+/// Runs a connection's pipeline requests one at a time, in the order they arrived, so a client's
 /// messages are stored in the order it sent them.
 async fn request_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut queue: tokio::sync::mpsc::Receiver<Box<Request>>) {
     // Requests already read are carried out even if the client has gone: it sent them.
@@ -374,7 +278,7 @@ async fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, req: Request) {
             read_seq,
         } => match pipeline.mark_read(&conn.user, conversation_id.clone(), read_seq).await {
             Ok(read_seq) => {
-                if shard.shared.cfg.ack_mode != AckMode::None {
+                if shard.shared.cfg.ack_mode != crate::AckMode::None {
                     #[derive(serde::Serialize)]
                     #[serde(rename_all = "camelCase")]
                     struct Marked<'a> {
@@ -385,22 +289,22 @@ async fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, req: Request) {
                         conversation_id: &conversation_id,
                         read_seq,
                     };
-                    conn.enqueue(shard, &ack_frame(id.as_deref(), &data));
+                    conn.send(shard, &ack_frame(id.as_deref(), &data));
                 }
             }
             Err(e) => {
-                conn.enqueue(shard, &error_frame(id.as_deref(), e.code, &e.message));
+                conn.send(shard, &error_frame(id.as_deref(), e.code, &e.message));
             }
         },
         // The pipeline pushes the message to the other members itself (ms2ps_chat).
         Request::Chat { id, want_ack, chat } => match pipeline.chat(&conn.user, chat).await {
             Ok(ack) => {
-                if want_ack && shard.shared.cfg.ack_mode != AckMode::None {
-                    conn.enqueue(shard, &ack_frame(id.as_deref(), &ack));
+                if want_ack && shard.shared.cfg.ack_mode != crate::AckMode::None {
+                    conn.send(shard, &ack_frame(id.as_deref(), &ack));
                 }
             }
             Err(e) => {
-                conn.enqueue(shard, &error_frame(id.as_deref(), e.code, &e.message));
+                conn.send(shard, &error_frame(id.as_deref(), e.code, &e.message));
             }
         },
         Request::Sync { id, conversations } => sync(shard, conn, id, conversations).await,
@@ -421,7 +325,7 @@ async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known:
         {
             Ok(p) => p,
             Err(e) => {
-                conn.enqueue(shard, &error_frame(id.as_deref(), e.code, &e.message));
+                conn.send(shard, &error_frame(id.as_deref(), e.code, &e.message));
                 return;
             }
         };
@@ -435,10 +339,10 @@ async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known:
         if page.complete || n == 0 {
             break page.heads;
         }
-        while conn.ws.borrow().output().len() > cfg.max_outbound_bytes / 2 && !conn.done.get() {
+        while conn.session.borrow().output_len() > cfg.max_outbound_bytes / 2 && !conn.done.get() {
             monoio::time::sleep(Duration::from_millis(2)).await;
         }
-        if conn.done.get() || conn.ws.borrow().close_sent() {
+        if conn.done.get() || conn.session.borrow().close_sent() {
             return;
         }
     };
@@ -451,17 +355,17 @@ async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known:
         conversations: &heads,
         pushed,
     };
-    conn.enqueue(shard, &data_frame(id.as_deref(), method::SYNC, &done));
+    conn.send(shard, &data_frame(id.as_deref(), method::SYNC, &done));
 }
 
 async fn write_loop(conn: Rc<Conn>, mut wr: monoio::net::tcp::TcpOwnedWriteHalf) {
     loop {
-        let out = conn.ws.borrow_mut().take_output();
+        let out = conn.session.borrow_mut().take_output();
         if out.is_empty() {
             if conn.done.get() {
                 break;
             }
-            if conn.ws.borrow().close_sent() {
+            if conn.session.borrow().close_sent() {
                 // Our close frame is out: half-close and wait for the peer (or the grace timer).
                 let _ = wr.shutdown().await;
                 while !conn.done.get() {

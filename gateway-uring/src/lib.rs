@@ -152,8 +152,7 @@ struct ShardOutbound {
 impl ShardOutbound {
     fn send(&self, shard: u32, msg: shard::ShardMsg) {
         if let Some(inbox) = self.inboxes.get(shard as usize) {
-            // A closed inbox means that shard is shutting down; its connections are closing.
-            let _ = inbox.send(msg);
+            inbox.send(msg);
         }
     }
 }
@@ -192,7 +191,7 @@ impl Gateway {
     /// The index and inboxes of a gateway with `cfg`, to wire the pipeline before starting.
     pub fn prepare(cfg: GatewayConfig) -> Prepared {
         let n = cfg.shards.max(1);
-        let (inboxes, receivers) = (0..n).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+        let (inboxes, receivers) = (0..n).map(|_| shard::inbox()).unzip();
         Prepared {
             cfg,
             index: Arc::new(index::UserIndex::default()),
@@ -214,7 +213,7 @@ impl Gateway {
     /// Closes every connection with 1001, stops accepting and joins the shard threads.
     pub fn shutdown(self) {
         for inbox in &self.inboxes {
-            let _ = inbox.send(shard::ShardMsg::Shutdown);
+            inbox.send(shard::ShardMsg::Shutdown);
         }
         for t in self.threads {
             let _ = t.join();

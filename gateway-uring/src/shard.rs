@@ -13,6 +13,7 @@ use monoio::io::Canceller;
 use sai_pipeline::flow::{Route, Routes, Ws2Ms};
 use sai_pipeline::frame::PushFrame;
 use sai_proto::close;
+use sai_proto::session::SessionConfig;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -48,10 +49,85 @@ pub enum ShardMsg {
     Shutdown,
 }
 
-/// The sending side of a shard's inbox.
-pub type Inbox = mpsc::UnboundedSender<ShardMsg>;
+/// Messages a shard's inbox holds before senders spill (see [`Inbox::send`]): 65,536, a few MiB
+/// at most (the channel allocates its slots in blocks of 32 as they fill).
+pub const INBOX_CAPACITY: usize = 65_536;
+
+/// The sending side of a shard's inbox: bounded, and never blocking its sender (a pipeline on
+/// another shard or a tokio task). What does not fit is recorded so that nothing is lost.
+#[derive(Clone)]
+pub struct Inbox {
+    tx: mpsc::Sender<ShardMsg>,
+    spill: Arc<Spill>,
+}
+
 /// The receiving side, owned by the shard's thread.
-pub type InboxReceiver = mpsc::UnboundedReceiver<ShardMsg>;
+pub type InboxReceiver = mpsc::Receiver<ShardMsg>;
+
+/// What senders could not fit in a full inbox; the shard acts on it every tick. Bounded by the
+/// shard's connections (sets of connection ids).
+#[derive(Default)]
+pub(crate) struct Spill {
+    state: std::sync::Mutex<SpillState>,
+    any: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct SpillState {
+    /// Connections that missed a push: closed with 4003; the client reconnects and syncs.
+    missed: HashSet<u64>,
+    /// Connections replaced by a newer login: closed with 4001.
+    kicked: HashSet<u64>,
+    stop: bool,
+}
+
+/// A new inbox and its receiver.
+pub fn inbox() -> (Inbox, InboxReceiver) {
+    inbox_of(INBOX_CAPACITY)
+}
+
+fn inbox_of(capacity: usize) -> (Inbox, InboxReceiver) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let spill = Arc::new(Spill::default());
+    (Inbox { tx, spill }, rx)
+}
+
+impl Inbox {
+    /// Sends `msg` without waiting. When the inbox is full the message is not dropped silently:
+    /// a push's target connections are closed with 4003 on the shard's next tick (the message is
+    /// durable; the client reconnects and syncs, as after any slow-consumer close), a kick or a
+    /// shutdown is carried out on that tick, and a notification is dropped (notifications are
+    /// best effort: what they announce is always available over HTTP).
+    pub fn send(&self, msg: ShardMsg) {
+        let msg = match self.tx.try_send(msg) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        };
+        let mut s = self.spill.state.lock().unwrap_or_else(|p| p.into_inner());
+        match msg {
+            ShardMsg::Push { conns, .. } => s.missed.extend(conns),
+            ShardMsg::Kick { conn } => {
+                s.kicked.insert(conn);
+            }
+            ShardMsg::Notify { .. } => return,
+            ShardMsg::Shutdown => s.stop = true,
+        }
+        self.spill.any.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Takes what was spilled since the last call: (missed, kicked, stop).
+    fn take_spilled(&self) -> Option<(HashSet<u64>, HashSet<u64>, bool)> {
+        if !self.spill.any.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return None;
+        }
+        let mut s = self.spill.state.lock().unwrap_or_else(|p| p.into_inner());
+        Some((
+            std::mem::take(&mut s.missed),
+            std::mem::take(&mut s.kicked),
+            std::mem::take(&mut s.stop),
+        ))
+    }
+}
 
 /// What every shard shares.
 pub(crate) struct Shared {
@@ -67,8 +143,6 @@ pub(crate) struct Shard {
     pub shared: Arc<Shared>,
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     wheel: RefCell<TimerWheel>,
-    /// Connections with unacked rigor pushes, polled each tick.
-    pub rigor_active: RefCell<HashSet<u64>>,
     /// Connections whose client acked pushes since the last tick; their received positions are
     /// written once per tick, not once per ack.
     pub acked: RefCell<HashSet<u64>>,
@@ -82,19 +156,32 @@ pub(crate) struct Shard {
 const WHEEL_SLOTS: usize = 1024;
 
 impl Shard {
-    /// Milliseconds since the shard started (the shard's clock).
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// The instant form of `now`, for the sans-IO pending set.
+    /// The shard's clock: the one place a connection's session is told the time.
     pub fn now(&self) -> Instant {
         Instant::now()
     }
 
-    /// Schedules connection `id` to be checked at `at_ms` (rounded up to a tick).
-    pub fn schedule(&self, id: u64, at_ms: u64) {
-        self.wheel.borrow_mut().insert(id, at_ms.div_ceil(self.tick_ms));
+    /// The wheel tick at or after `at` (deadlines are rounded up, never fired early).
+    pub fn tick_of(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.epoch).as_millis() as u64).div_ceil(self.tick_ms)
+    }
+
+    /// Schedules connection `id` to be checked at wheel tick `tick`.
+    pub fn schedule_tick(&self, id: u64, tick: u64) {
+        self.wheel.borrow_mut().insert(id, tick);
+    }
+
+    /// The session settings of this gateway's connections.
+    pub fn session_config(&self) -> SessionConfig {
+        let cfg = &self.shared.cfg;
+        SessionConfig {
+            idle_timeout: cfg.idle_timeout,
+            close_grace: cfg.close_grace,
+            max_message_bytes: cfg.max_frame_bytes,
+            max_outbound_bytes: cfg.max_outbound_bytes,
+            rigor: cfg.ack_mode == crate::AckMode::Rigor,
+            pending: cfg.pending,
+        }
     }
 
     /// A new connection id, unique in the process (shard index in the top 16 bits).
@@ -113,13 +200,10 @@ impl Shard {
         }
     }
 
-    /// Adds an authenticated connection: map, wheel, index, and kicks the user's older one.
+    /// Adds an authenticated connection: map, index, and kicks the user's older one. (The
+    /// connection arms the wheel itself, at its session's first deadline.)
     pub fn register(&self, c: &Rc<Conn>) {
         self.conns.borrow_mut().insert(c.id, c.clone());
-        self.schedule(
-            c.id,
-            c.last_active.get() + self.shared.cfg.idle_timeout.as_millis() as u64,
-        );
         if let Some(old) = self.shared.index.register(&c.user, self.route(c.id)) {
             self.send_to(old.shard as usize, ShardMsg::Kick { conn: old.conn });
         }
@@ -128,7 +212,6 @@ impl Shard {
     /// Removes a finished connection.
     pub fn unregister(&self, c: &Conn) {
         self.conns.borrow_mut().remove(&c.id);
-        self.rigor_active.borrow_mut().remove(&c.id);
         self.acked.borrow_mut().remove(&c.id);
         c.flush_received(self);
         self.shared.index.remove(&c.user, self.route(c.id));
@@ -138,8 +221,7 @@ impl Shard {
         if shard == self.idx {
             self.handle(msg);
         } else if let Some(inbox) = self.shared.inboxes.get(shard) {
-            // A closed inbox means that shard is shutting down; its connections are closing.
-            let _ = inbox.send(msg);
+            inbox.send(msg);
         }
     }
 
@@ -171,35 +253,43 @@ impl Shard {
     }
 
     fn on_tick(&self) {
-        let now_ms = self.now_ms();
+        // The ticks that have fully passed (deadlines round up, the clock rounds down).
+        let tick = self.now().saturating_duration_since(self.epoch).as_millis() as u64 / self.tick_ms;
         let mut fired = Vec::new();
-        self.wheel.borrow_mut().advance(now_ms / self.tick_ms, &mut fired);
+        self.wheel.borrow_mut().advance(tick, &mut fired);
         for id in fired {
             if let Some(c) = self.conn(id) {
-                c.on_timer(self, now_ms);
+                c.on_timer(self, tick);
+            }
+        }
+        if let Some((missed, kicked, stop)) = self.shared.inboxes.get(self.idx).and_then(Inbox::take_spilled) {
+            if !missed.is_empty() {
+                tracing::warn!(
+                    shard = self.idx,
+                    connections = missed.len(),
+                    "inbox full: closing connections that missed a push (4003)"
+                );
+            }
+            for id in missed {
+                if let Some(c) = self.conn(id) {
+                    c.close_with(
+                        self,
+                        close::SLOW_CONSUMER,
+                        "a push was lost in a full inbox: reconnect and sync",
+                    );
+                }
+            }
+            for id in kicked {
+                self.handle(ShardMsg::Kick { conn: id });
+            }
+            if stop {
+                self.stopping.set(true);
             }
         }
         let acked: Vec<u64> = self.acked.borrow_mut().drain().collect();
         for id in acked {
             if let Some(c) = self.conn(id) {
                 c.flush_received(self);
-            }
-        }
-        let active: Vec<u64> = self.rigor_active.borrow().iter().copied().collect();
-        if active.is_empty() {
-            return;
-        }
-        let now = self.now();
-        for id in active {
-            match self.conn(id) {
-                Some(c) => {
-                    if c.resend_due(self, now) {
-                        self.rigor_active.borrow_mut().remove(&id);
-                    }
-                }
-                None => {
-                    self.rigor_active.borrow_mut().remove(&id);
-                }
             }
         }
     }
@@ -252,7 +342,7 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 for inbox in &inboxes {
-                    let _ = inbox.send(ShardMsg::Shutdown);
+                    inbox.send(ShardMsg::Shutdown);
                 }
                 return Err(e);
             }
@@ -301,7 +391,6 @@ fn run_shard(
             shared,
             conns: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS, 0)),
-            rigor_active: RefCell::new(HashSet::new()),
             acked: RefCell::new(HashSet::new()),
             next_conn: Cell::new(0),
             epoch: Instant::now(),
@@ -364,5 +453,49 @@ async fn tick_loop(shard: Rc<Shard>) {
     while !shard.stopping.get() {
         monoio::time::sleep(tick).await;
         shard.on_tick();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(conns: Vec<u64>) -> ShardMsg {
+        let p = sai_pipeline::message::Push {
+            conversation_id: "si_a_b".into(),
+            chat_type: 2,
+            send_id: "a".into(),
+            recv_id: "b".into(),
+            seq: 1,
+            msg_id: "m".into(),
+            client_msg_id: "c".into(),
+            send_time: 0,
+            msg: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        };
+        ShardMsg::Push {
+            conns,
+            push: Arc::new(PushFrame::new(&p)),
+        }
+    }
+
+    #[test]
+    fn a_full_inbox_records_what_did_not_fit() {
+        let (inbox, mut rx) = inbox_of(1);
+        assert!(inbox.take_spilled().is_none());
+        inbox.send(push(vec![1, 2]));
+        inbox.send(push(vec![3, 4]));
+        inbox.send(ShardMsg::Kick { conn: 5 });
+        inbox.send(ShardMsg::Notify {
+            conn: 6,
+            frame: Arc::from("{}"),
+        });
+        inbox.send(ShardMsg::Shutdown);
+        let (missed, kicked, stop) = inbox.take_spilled().expect("spilled");
+        assert_eq!(missed, HashSet::from([3, 4]), "connections that missed a push");
+        assert_eq!(kicked, HashSet::from([5]));
+        assert!(stop);
+        assert!(inbox.take_spilled().is_none(), "taken once");
+        assert!(matches!(rx.try_recv(), Ok(ShardMsg::Push { conns, .. }) if conns == vec![1, 2]));
+        assert!(rx.try_recv().is_err(), "nothing else was queued");
     }
 }

@@ -13,6 +13,9 @@
 //!   in the contract crate, `sai-pipeline`.
 //! - [`pending`]: the bounded set of unacknowledged pushes of one connection in `rigor` ack mode,
 //!   with resend backoff.
+//! - [`session`]: [`session::Session`], the server side of one IM connection (WebSocket state,
+//!   idle and close deadlines, rigor resends, push acks, request order): bytes and `now` in;
+//!   requests, bytes to write and the next deadline out. The gateway is a thin driver of it.
 //! - [`close`]: the WebSocket close codes the server uses.
 
 pub mod close;
@@ -20,4 +23,5 @@ pub mod frame;
 pub mod handshake;
 pub mod im;
 pub mod pending;
+pub mod session;
 pub mod ws;
