@@ -3,9 +3,10 @@
 //! Memory per connection: the task, the socket, a 2 KiB read buffer and the codec's buffers
 //! (empty between frames).
 
-use sai_proto::ws::{Event, Role, WsConn, WsError};
+use sai_proto::session::ClientSession;
+use sai_proto::ws::{Event, WsError};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
@@ -46,8 +47,8 @@ pub struct Client {
     pub rd: OwnedReadHalf,
     /// Write half.
     pub wr: OwnedWriteHalf,
-    /// The codec.
-    pub ws: WsConn,
+    /// The client half of the protocol session (codec, heartbeat, push acks).
+    pub session: ClientSession,
     /// Read buffer.
     pub buf: Box<[u8]>,
 }
@@ -59,14 +60,23 @@ pub async fn connect(
     token: &str,
     timeout: Duration,
     seed: u64,
+    heartbeat: Duration,
+    rigor: bool,
 ) -> Result<Client, ConnectError> {
-    match tokio::time::timeout(timeout, connect_inner(addr, src, token, seed)).await {
+    match tokio::time::timeout(timeout, connect_inner(addr, src, token, seed, heartbeat, rigor)).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout),
     }
 }
 
-async fn connect_inner(addr: SocketAddr, src: Option<IpAddr>, token: &str, seed: u64) -> Result<Client, ConnectError> {
+async fn connect_inner(
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    token: &str,
+    seed: u64,
+    heartbeat: Duration,
+    rigor: bool,
+) -> Result<Client, ConnectError> {
     let io = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
         _ => ConnectError::Io(e.to_string()),
@@ -110,36 +120,36 @@ async fn connect_inner(addr: SocketAddr, src: Option<IpAddr>, token: &str, seed:
     if status != 101 {
         return Err(ConnectError::Http(status));
     }
-    let mut ws = WsConn::new(Role::Client, MAX_MESSAGE, seed);
-    ws.feed(&head[end..]);
+    let mut session = ClientSession::new(seed, MAX_MESSAGE, heartbeat, rigor, Instant::now());
+    session.handle_bytes(&head[end..]);
     let (rd, wr) = stream.into_split();
-    Ok(Client { rd, wr, ws, buf })
+    Ok(Client { rd, wr, session, buf })
 }
 
 impl Client {
     /// Writes everything the codec has queued.
     pub async fn flush(&mut self) -> std::io::Result<()> {
-        if self.ws.output().is_empty() {
+        if self.session.output_is_empty() {
             return Ok(());
         }
-        let out = self.ws.take_output();
+        let out = self.session.take_output();
         self.wr.write_all(&out).await
     }
 
     /// Buffered events first, without reading.
     pub fn poll_event(&mut self) -> Result<Option<Event>, WsError> {
-        self.ws.next_event()
+        self.session.poll_event()
     }
 
     /// Feeds `n` bytes just read into `buf`.
     pub fn feed(&mut self, n: usize) {
-        let Client { ws, buf, .. } = self;
-        ws.feed(&buf[..n]);
+        let Client { session, buf, .. } = self;
+        session.handle_bytes(&buf[..n]);
     }
 
     /// Sends a close frame and shuts the socket down.
     pub async fn close(mut self) {
-        self.ws.close(1000, "");
+        self.session.close(1000);
         let _ = self.flush().await;
         let _ = self.wr.shutdown().await;
     }

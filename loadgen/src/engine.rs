@@ -286,6 +286,8 @@ impl Worker {
             &self.token(i),
             self.opts.connect_timeout,
             seed,
+            self.opts.heartbeat,
+            self.opts.ack_mode == "rigor",
         )
         .await;
         let mut client = match c {
@@ -311,7 +313,7 @@ impl Worker {
             let known = self.users.borrow()[i].last_seq.clone();
             let f = serde_json::json!({"frameType": 0, "id": "sync", "method": "conversation.sync",
                                        "data": {"conversations": known}});
-            client.ws.send_text(&f.to_string());
+            client.session.send(&f.to_string());
             self.users.borrow_mut()[i].syncing_since = Some(unix_us());
             self.stats.borrow_mut().syncs_pending += 1;
         }
@@ -327,9 +329,10 @@ impl Worker {
     }
 
     async fn run_user(&self, i: usize, mut client: Client, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-        let mut hb = tokio::time::interval(self.opts.heartbeat);
-        hb.tick().await;
         let rigor = self.opts.ack_mode == "rigor";
+        // One timer per connection, re-armed at the session's next heartbeat.
+        let heartbeat = tokio::time::sleep_until(client.session.poll_timeout().into());
+        tokio::pin!(heartbeat);
         loop {
             loop {
                 match client.poll_event() {
@@ -363,7 +366,7 @@ impl Worker {
                         let frame = format!(
                             "{{\"frameType\":0,\"id\":\"{key}\",\"method\":\"conversation.chat\",\"data\":{{\"chatType\":{chat_type},\"recvId\":\"{to}\",\"clientMsgId\":\"{run}-{key}\",\"msg\":{{\"mType\":0,\"t\":{scheduled_us},\"k\":{key}}}}}}}"
                         );
-                        client.ws.send_text(&frame);
+                        client.session.send(&frame);
                         let mut s = self.stats.borrow_mut();
                         s.c.sent += 1;
                         if self.opts.ack_mode != "none" {
@@ -373,7 +376,10 @@ impl Worker {
                     Some(Cmd::Drop) => return,
                     Some(Cmd::Close) | None => { client.close().await; return; }
                 },
-                _ = hb.tick() => client.ws.send_text("{\"frameType\":1}"),
+                _ = &mut heartbeat => {
+                    client.session.handle_timeout(Instant::now());
+                    heartbeat.as_mut().reset(client.session.poll_timeout().into());
+                }
             }
         }
     }
@@ -407,7 +413,7 @@ impl Worker {
             (frame_type::DATA, Some(method::PUSH)) => {
                 if rigor {
                     if let Some(id) = f.id {
-                        client.ws.send_text(&format!("{{\"frameType\":2,\"id\":\"{id}\"}}"));
+                        client.session.ack_push(id);
                         let n = id.parse::<u64>().unwrap_or(u64::MAX);
                         if !self.users.borrow_mut()[i].push_ids.insert(n) {
                             self.stats.borrow_mut().c.resent += 1;

@@ -12,6 +12,9 @@
 //! pipeline reply -> send(now, frame) / push(now, &push_frame) / close(now, code, reason)
 //! ```
 //!
+//! [`ClientSession`] is the other half, as the load generator drives it: the client's WebSocket
+//! state, its heartbeat deadline and the acks of pushes in rigor mode.
+//!
 //! # Numbers
 //! Requests parsed from one read are queued until polled: at most what one read buffer holds
 //! (a 4 KiB read is at most ~200 minimal frames); the driver applies backpressure by not
@@ -264,6 +267,80 @@ impl Session {
     }
 }
 
+/// The client side of one IM connection, sans-IO: the WebSocket (masked frames), the heartbeat
+/// deadline, and in rigor mode the ack of every push.
+#[derive(Debug)]
+pub struct ClientSession {
+    ws: WsConn,
+    heartbeat: Duration,
+    /// The next `{"frameType":1}` is due then.
+    ping_at: Instant,
+    rigor: bool,
+}
+
+impl ClientSession {
+    /// A session whose upgrade completed at `now`; frames are masked from `mask_seed`.
+    pub fn new(mask_seed: u64, max_message_bytes: usize, heartbeat: Duration, rigor: bool, now: Instant) -> Self {
+        Self {
+            ws: WsConn::new(Role::Client, max_message_bytes, mask_seed),
+            heartbeat,
+            ping_at: now + heartbeat,
+            rigor,
+        }
+    }
+
+    /// Bytes read from the socket (or that came with the upgrade response).
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.ws.feed(bytes);
+    }
+
+    /// The next event from the server; after an error the session is closed.
+    pub fn poll_event(&mut self) -> Result<Option<Event>, crate::ws::WsError> {
+        self.ws.next_event()
+    }
+
+    /// Acknowledges push `id` when the server asks for acks (rigor); returns whether it did.
+    pub fn ack_push(&mut self, id: &str) -> bool {
+        if self.rigor {
+            self.ws.send_text(&format!("{{\"frameType\":2,\"id\":\"{id}\"}}"));
+        }
+        self.rigor
+    }
+
+    /// Queues a text frame.
+    pub fn send(&mut self, text: &str) {
+        self.ws.send_text(text);
+    }
+
+    /// Sends the heartbeat when it is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.ping_at {
+            self.ws.send_text(&ping_frame());
+            self.ping_at = now + self.heartbeat;
+        }
+    }
+
+    /// When the next heartbeat is due.
+    pub fn poll_timeout(&self) -> Instant {
+        self.ping_at
+    }
+
+    /// Starts the close handshake.
+    pub fn close(&mut self, code: u16) {
+        self.ws.close(code, "");
+    }
+
+    /// Takes the bytes to write.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        self.ws.take_output()
+    }
+
+    /// Nothing waits to be written.
+    pub fn output_is_empty(&self) -> bool {
+        self.ws.output().is_empty()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // Tests take one base instant; every `now` derives from it.
 mod tests {
@@ -445,6 +522,36 @@ mod tests {
         s.push(t0, &push(1));
         assert_eq!(s.pending_pushes(), 0);
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_client_session_talks_to_a_server_session() {
+        let t0 = Instant::now();
+        let mut server = Session::new(SessionConfig { rigor: true, ..cfg() }, t0);
+        let mut client = ClientSession::new(42, 1 << 20, Duration::from_secs(20), true, t0);
+        // Heartbeats every 20 s, on the virtual clock.
+        assert_eq!(client.poll_timeout(), t0 + Duration::from_secs(20));
+        client.handle_timeout(t0 + Duration::from_secs(19));
+        assert!(client.output_is_empty());
+        client.handle_timeout(t0 + Duration::from_secs(20));
+        assert_eq!(client.poll_timeout(), t0 + Duration::from_secs(40));
+        server.handle_bytes(t0 + Duration::from_secs(20), &client.take_output());
+        client.handle_bytes(&server.take_output());
+        assert_eq!(client.poll_event(), Ok(Some(Event::Text(r#"{"frameType":1}"#.into()))));
+        // A push is acked by the client and the server stops tracking it.
+        server.push(t0 + Duration::from_secs(21), &push(3));
+        client.handle_bytes(&server.take_output());
+        let Ok(Some(Event::Text(t))) = client.poll_event() else {
+            panic!("no push")
+        };
+        let id = serde_json::from_str::<serde_json::Value>(&t).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(client.ack_push(&id));
+        server.handle_bytes(t0 + Duration::from_secs(22), &client.take_output());
+        assert_eq!(server.pending_pushes(), 0);
+        assert_eq!(server.take_received(), vec![("si_a_b".to_string(), 3)]);
     }
 
     #[test]
