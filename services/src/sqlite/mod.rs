@@ -7,9 +7,9 @@
 //! - Every other write (users, friends, groups, read positions) goes through a sqlx pool of
 //!   exactly one connection; SQLite serializes it with the writer (`busy_timeout` 5 s on both).
 //! - Reads use a sqlx pool of `READERS` connections that WAL lets run beside the writers.
-//! - WAL checkpoints never run on the message writer: a checkpointer thread copies committed
-//!   pages back every 100 ms without blocking anyone, and rewinds the WAL once it holds 16 MiB
-//!   (the measurements behind this are in [`writer`]).
+//! - WAL checkpoints: a checkpointer thread copies committed pages back every 100 ms without
+//!   blocking anyone; the message writer's own passive checkpoint at 16 MiB of WAL finds little
+//!   left and lets the WAL rewind (the measurements behind this are in [`writer`]).
 //!
 //! `synchronous = NORMAL` in WAL mode: a commit survives a crash of the process; a power loss may
 //! drop the last commits before a checkpoint (documented in the README). The in-memory seqs assume

@@ -86,7 +86,7 @@ pub(super) fn start(path: &Path) -> StoreResult<(mpsc::Sender<Job>, std::thread:
     // [`start_checkpointer`] for the checkpoint set-up.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;
-         PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 0;",
+         PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 4096;",
     )
     .map_err(unavailable)?;
     conn.busy_handler(Some(busy_wait)).map_err(unavailable)?;
@@ -364,19 +364,23 @@ fn stored(m: &NewMessage, seq: u64) -> StoredMessage {
 }
 
 /// Starts the checkpointer: a thread with a connection of its own that runs a passive checkpoint
-/// every [`CHECKPOINT_EVERY`] and, once the WAL holds [`RESTART_AT`] frames, a `RESTART` one,
-/// until the returned sender is dropped or sent to. The writer never checkpoints.
+/// every [`CHECKPOINT_EVERY`] until the returned sender is dropped or sent to.
 ///
-/// Measured at 5,000-8,000 msg/s: SQLite's automatic checkpoint on the writer's thread stalls the
-/// batch behind it (40 ms at p99 with the default 1,000 pages, 60 ms with 8,192) and its fsync was
-/// 7 % of the server's CPU on the one thread every message waits for. Passive checkpoints from
-/// another thread copy frames back without blocking anyone, but alone they rarely finish while
-/// the writer commits every few milliseconds, so the WAL is never rewound and grows without end
-/// (ext4 zeroing its new blocks then took 20 % of the CPU). A `RESTART` checkpoint waits for the
-/// writer's lock, copies what the passive ones left (little) and makes the next commit rewind
-/// the WAL: the writer waits for that short tail only. Passive checkpoints every 100 ms rather
-/// than 20 ms copy each hot page once for more commits (the checkpointer's CPU per message fell
-/// from 22 to 14 us at 6,000 msg/s); 250 ms with a 32 MiB WAL measured no better overall.
+/// Who checkpoints, measured at 5,000-8,000 msg/s:
+/// - SQLite's automatic checkpoint alone, on the writer's thread: it stalls the batch behind it
+///   (40 ms at p99 with the default 1,000 pages, 60 ms with 8,192), and its fsync was 7 % of the
+///   server's CPU on the one thread every message waits for.
+/// - Passive checkpoints from another thread alone: they copy frames back without blocking
+///   anyone, but rarely finish while the writer commits every few milliseconds, so the WAL is
+///   never rewound and grows without end (ext4 zeroing its new blocks then took 20 % of the CPU).
+/// - This thread's passive checkpoints plus a `RESTART` one at 16 MiB: a `RESTART` blocks new
+///   writers while it waits for every reader to leave old snapshots, and with readers about
+///   (sync, history) a send then waited tens to hundreds of milliseconds: p99 60 ms at
+///   1,000 msg/s on a database of 700,000 messages.
+/// - Now: this thread copies nearly every frame back every 100 ms (each hot page once for many
+///   commits; every 20 ms cost 22 us of CPU per message against 14), and the writer's own
+///   automatic checkpoint at 4,096 pages finds little left, never waits for anyone (it is
+///   passive), and lets the next commit rewind the WAL once it is fully copied.
 pub(super) fn start_checkpointer(path: &Path) -> StoreResult<std::sync::mpsc::Sender<()>> {
     let conn = Connection::open(path).map_err(unavailable)?;
     conn.busy_handler(Some(busy_wait)).map_err(unavailable)?;
@@ -384,16 +388,8 @@ pub(super) fn start_checkpointer(path: &Path) -> StoreResult<std::sync::mpsc::Se
     std::thread::Builder::new()
         .name("sai-sqlite-checkpoint".into())
         .spawn(move || {
-            let checkpoint = |mode: &str| -> rusqlite::Result<i64> {
-                // Columns: busy, frames in the WAL, frames checkpointed.
-                conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1))
-            };
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(CHECKPOINT_EVERY) {
-                let done = match checkpoint("PASSIVE") {
-                    Ok(frames) if frames >= RESTART_AT => checkpoint("RESTART"),
-                    other => other,
-                };
-                if let Err(e) = done {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::warn!(error = %e, "WAL checkpoint failed");
                 }
             }
@@ -404,13 +400,10 @@ pub(super) fn start_checkpointer(path: &Path) -> StoreResult<std::sync::mpsc::Se
 
 /// How often the checkpointer runs.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
-/// WAL frames (4 KiB pages) past which the checkpointer rewinds the WAL: 16 MiB.
-const RESTART_AT: i64 = 4096;
 
 /// The busy handler of the writer and the checkpointer: retry every 200 us, for 5 s in all.
 /// SQLite's own (`busy_timeout`) sleeps 1, 2, 5, 10, 15, 20, 25 ms and on, so a writer that waits
-/// out a `RESTART` checkpoint of a millisecond could oversleep by tens of milliseconds: that was
-/// the p99 of a send at 6,000-8,000 msg/s.
+/// out another connection's write of a millisecond could oversleep by tens of milliseconds.
 fn busy_wait(attempt: i32) -> bool {
     std::thread::sleep(BUSY_RETRY);
     attempt < (5_000_000 / BUSY_RETRY.as_micros()) as i32
