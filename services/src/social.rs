@@ -233,6 +233,8 @@ impl SocialService {
         self.store
             .create_group(&group, &group_conversation_id(&group.group_id), &members)
             .await?;
+        // A send to this id before it existed cached an empty member list.
+        self.members.invalidate(&group.group_id);
         Ok(group.group_id)
     }
 
