@@ -34,11 +34,13 @@ use tokio::sync::{mpsc, oneshot};
 pub(super) const MAX_BATCH: usize = 512;
 /// Jobs queued for the writer before callers wait (backpressure: `send` awaits a free slot).
 pub(super) const QUEUE: usize = 8192;
-/// Shortest time between two commits' starts. A commit's cost is mostly the pages it writes to
-/// the WAL, and a batch of 10 messages dirties little more than a batch of 1 (the same index and
-/// table pages), so under load a message waits up to this long to share a commit. Idle, the first
-/// message after a quiet spell is committed at once.
+/// Under load, the shortest time between two commits' starts: a message waits up to this long
+/// to share a commit, which amortizes each commit's fixed cost (WAL header and index, locks).
+/// Light load commits at once: the wait applies only after a batch of [`GATHER_FROM`] jobs or
+/// more (with it always on, the median send at 1,000 msg/s rose from 1.5 to 4 ms).
 const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+/// Batch size from which the writer waits out [`COMMIT_INTERVAL`] before the next commit.
+const GATHER_FROM: usize = 8;
 /// Rows per multi-row `INSERT INTO messages` (9 parameters a row, far below SQLite's 32,766).
 const INSERT_ROWS: usize = 32;
 /// Conversations whose high-water mark is kept in memory; past it the map is cleared and refilled
@@ -104,14 +106,17 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut stop = false;
     let mut last_commit = std::time::Instant::now();
+    let mut last_len = 0;
     while !stop {
         let Some(first) = rx.blocking_recv() else {
             break;
         };
         batch.push(first);
-        // Let a batch gather for what is left of the commit interval since the last commit.
-        if let Some(wait) = COMMIT_INTERVAL.checked_sub(last_commit.elapsed()) {
-            std::thread::sleep(wait);
+        // Under load, let a batch gather for what is left of the commit interval.
+        if last_len >= GATHER_FROM {
+            if let Some(wait) = COMMIT_INTERVAL.checked_sub(last_commit.elapsed()) {
+                std::thread::sleep(wait);
+            }
         }
         last_commit = std::time::Instant::now();
         while batch.len() < MAX_BATCH {
@@ -120,6 +125,7 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        last_len = batch.len();
         if let Some(i) = batch.iter().position(|j| matches!(j, Job::Stop)) {
             // Jobs behind the stop were sent after close(): refuse them.
             for j in batch.drain(i..) {
