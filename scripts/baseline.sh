@@ -20,11 +20,18 @@ cargo build --release --locked -p sai-im -p loadgen
 BIN=target/release/sai-im
 LG=target/release/loadgen
 
-"$BIN" --data-dir "$DATA" admin seed-users --count 25000 --prefix load
+# Every run starts from the same freshly seeded database (a copy of this one), so no run
+# measures the messages an earlier run left behind: capacity falls as the database grows
+# (results/pipeline/README.md).
+SEED="$DATA/seed"
+"$BIN" --data-dir "$SEED" admin seed-users --count 25000 --prefix load
+RUN="$DATA/run"
 
 SERVER_PID=
 start_server() { # $1 = ack mode
-    "$BIN" --data-dir "$DATA" --ack-mode "$1" --require-friendship false \
+    rm -rf "$RUN"
+    cp -r "$SEED" "$RUN"
+    "$BIN" --data-dir "$RUN" --ack-mode "$1" --require-friendship false \
         --ws-listen 127.0.0.1:18080 --http-listen 127.0.0.1:18081 --grpc-listen 127.0.0.1:18082 \
         > "$DATA/server.log" 2>&1 &
     SERVER_PID=$!
@@ -39,7 +46,7 @@ run() { # name, ack mode, loadgen args...
     if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     echo "=== $name"
     start_server "$mode"
-    "$LG" "$@" --ws 127.0.0.1:18080 --http http://127.0.0.1:18081 --data-dir "$DATA" \
+    "$LG" "$@" --ws 127.0.0.1:18080 --http http://127.0.0.1:18081 --data-dir "$RUN" \
         --ack-mode "$mode" --server-pid "$SERVER_PID" --note "$NOTE" --quiet --out "$OUT/$name" \
         | tee "$OUT/$name.txt"
     stop_server
