@@ -1,9 +1,10 @@
 //! One shard: a thread, its monoio runtime, its listener, its connections and its timer wheel.
 //!
-//! Tasks on a shard: the accept loop, the inbox loop (messages from other shards), the tick loop
-//! (timer wheel + rigor resends), and a reader and a writer task per connection. They share the
-//! shard through an `Rc`: nothing here is touched from another thread except the inbox channel
-//! and the [`UserIndex`].
+//! Tasks on a shard: the accept loop, the inbox loop (pushes, notifications and kicks from any
+//! thread), the tick loop (the timer wheel, which calls each connection's session at its next
+//! deadline: idle, close grace, rigor resends; batched push acks; what a full inbox spilled), and
+//! a reader, a request and a writer task per connection. They share the shard through an `Rc`:
+//! nothing here is touched from another thread except the inbox and the [`UserIndex`].
 
 use crate::conn::{self, Conn};
 use crate::index::UserIndex;

@@ -97,8 +97,8 @@ pub struct MessageService {
     outbound: Arc<Outbound>,
     clock: Arc<dyn Clock>,
     policy: ChatPolicy,
-    /// Keeps each conversation's pushes in seq order (see [`Ordering`]).
-    order: Ordering,
+    /// Keeps each conversation's pushes in seq order (see [`PushOrder`]).
+    order: PushOrder,
 }
 
 /// Pushes leave in seq order per conversation: a send holds its conversation's stripe from
@@ -113,11 +113,11 @@ pub struct MessageService {
 /// table with no cleanup, at the price of unrelated conversations sharing a stripe now and then.
 /// A send dropped while holding one only releases it: the message is durable, and the members
 /// get it by sync.
-struct Ordering {
+struct PushOrder {
     stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
-impl Ordering {
+impl PushOrder {
     const STRIPES: usize = 4096;
 
     fn new() -> Self {
@@ -194,7 +194,7 @@ impl MessageService {
             outbound,
             clock,
             policy,
-            order: Ordering::new(),
+            order: PushOrder::new(),
         }
     }
 
