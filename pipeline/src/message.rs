@@ -30,6 +30,41 @@ pub mod method {
 /// Longest accepted frame `id`, `recvId` or `clientMsgId`, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 
+/// Deepest nesting of objects and arrays a message body (`msg`) may have; the body object itself
+/// is level 1. Deeper bodies are refused with `invalid_message` before they are stored: common
+/// JSON parsers (serde_json's default among them) give up at 128 levels, so a deeper stored body
+/// would break every reader of the conversation.
+pub const MAX_MSG_DEPTH: usize = 32;
+
+/// How deeply `json` nests objects and arrays (0 for a scalar), counting brackets outside
+/// strings. `json` is already known to be valid JSON; this only measures it, in one pass
+/// without recursion, so no depth can exhaust the stack.
+pub fn json_depth(json: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// A validated `conversation.chat` payload.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
@@ -90,4 +125,24 @@ pub struct ChatAck {
     pub msg_id: String,
     /// When it was stored (ms since the epoch).
     pub send_time: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_depth_counts_brackets_outside_strings() {
+        assert_eq!(json_depth("1"), 0);
+        assert_eq!(json_depth("{}"), 1);
+        assert_eq!(json_depth(r#"{"a":[1,{"b":[]}]}"#), 4);
+        assert_eq!(json_depth(r#"{"a":"[[[{{{"}"#), 1, "brackets in strings do not count");
+        assert_eq!(
+            json_depth(r#"{"a":"\"[[","b":{}}"#),
+            2,
+            "an escaped quote does not end the string"
+        );
+        let deep = format!("{}{}", "[".repeat(30_000), "]".repeat(30_000));
+        assert_eq!(json_depth(&deep), 30_000);
+    }
 }

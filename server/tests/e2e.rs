@@ -351,6 +351,42 @@ fn bad_input_gets_error_frames_and_the_connection_stays_open() {
 }
 
 #[test]
+fn deeply_nested_messages_are_refused_and_history_stays_readable() {
+    let s = Server::start(&[]);
+    let (alice, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    s.befriend(&ta, &bob, &tb);
+    let mut a = s.connect(&ta);
+    // `{"a":{"a":...{}}}`, `depth` objects deep.
+    let nested = |depth: usize| format!("{}{{}}{}", r#"{"a":"#.repeat(depth - 1), "}".repeat(depth - 1));
+    let chat = |id: &str, depth: usize| {
+        format!(
+            r#"{{"frameType":0,"id":"{id}","method":"conversation.chat","data":{{"chatType":2,"recvId":"{bob}","clientMsgId":"{id}","msg":{}}}}}"#,
+            nested(depth)
+        )
+    };
+    for depth in [33, 200, 5_000] {
+        a.send_text(&chat(&format!("deep{depth}"), depth));
+        let e = a.recv();
+        assert_eq!(e["frameType"], 9, "depth {depth}: {e}");
+        assert_eq!(e["data"]["code"], "invalid_message", "depth {depth}");
+    }
+    // The deepest accepted body is stored, acked and read back as it was sent.
+    a.send_text(&chat("ok32", 32));
+    let ack = a.recv();
+    assert_eq!(ack["frameType"], 2, "{ack}");
+    let conv = sai_pipeline::conversation::ConversationId::private(&alice, &bob).to_string();
+    let (status, page) = s.get(&format!("/v1/conversations/{conv}/messages"), Some(&ta));
+    assert_eq!(status, 200, "{page}");
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 1, "only the accepted message was stored");
+    assert_eq!(messages[0]["msg"].to_string(), nested(32));
+    let (status, list) = s.get("/v1/conversations", Some(&tb));
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["conversations"][0]["lastMessage"]["seq"], 1);
+}
+
+#[test]
 fn oversized_frame_closes_with_1009() {
     let s = Server::start(&["--max-frame-bytes", "1024"]);
     let (_, ta) = s.user("alice");

@@ -95,7 +95,20 @@ pub fn router(services: Arc<Services>) -> Router {
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // The last line of defence: a handler that panics answers 500 `internal_error` (and is
+        // logged once, here) instead of dropping the connection.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
         .with_state(services)
+}
+
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = detail, "HTTP handler panicked");
+    ApiError(ServiceError::Internal).into_response()
 }
 
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -193,8 +206,14 @@ async fn history(
     let user_id = caller(&s, &headers)?;
     let before = query_u64(&q, "beforeSeq")?;
     let limit = query_u64(&q, "limit")?.map(|l| u32::try_from(l).unwrap_or(u32::MAX));
-    let msgs = s.messages.history(&user_id, &id, before, limit).await?;
-    Ok(Json(json!({ "messages": msgs })).into_response())
+    let messages = s.messages.history(&user_id, &id, before, limit).await?;
+    // Typed, so stored bodies are written out as they are, never parsed again (`json!` would
+    // parse each into a `Value`).
+    #[derive(serde::Serialize)]
+    struct Page {
+        messages: Vec<crate::messages::HistoryMessage>,
+    }
+    Ok(Json(Page { messages }).into_response())
 }
 
 async fn conversations(
@@ -213,7 +232,11 @@ async fn conversations(
             u32::try_from(limit).unwrap_or(u32::MAX),
         )
         .await?;
-    Ok(Json(json!({ "conversations": list })).into_response())
+    #[derive(serde::Serialize)]
+    struct List {
+        conversations: Vec<crate::messages::ConversationEntry>,
+    }
+    Ok(Json(List { conversations: list }).into_response())
 }
 
 #[derive(Deserialize)]

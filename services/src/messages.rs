@@ -7,7 +7,7 @@ use crate::social::SocialService;
 use crate::users::UserService;
 use crate::{Clock, Outbound};
 use sai_pipeline::conversation::{ChatType, ConversationId};
-use sai_pipeline::message::{method, ChatAck, Push, SyncPage};
+use sai_pipeline::message::{json_depth, method, ChatAck, Push, SyncPage, MAX_MSG_DEPTH};
 use sai_storage::{Appended, ConversationSummary, MemberState, MessageStore, NewMessage, StoredMessage};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -208,6 +208,12 @@ impl MessageService {
         client_msg_id: &str,
         msg: &RawValue,
     ) -> Result<Sent, ServiceError> {
+        if json_depth(msg.get()) > MAX_MSG_DEPTH {
+            return Err(ServiceError::invalid(
+                "invalid_message",
+                format!("msg nests objects and arrays deeper than {MAX_MSG_DEPTH} levels"),
+            ));
+        }
         let (conversation_id, members, recipients) = match chat_type {
             ChatType::Private => {
                 if recv_id == sender {
