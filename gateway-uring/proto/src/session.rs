@@ -97,11 +97,19 @@ impl Session {
     /// Bytes read from the socket at `now`: every complete frame is handled. Pings are answered
     /// and push acks recorded here; requests that need the pipeline wait for
     /// [`Self::poll_request`]. A protocol violation queues the close frame and starts the grace.
+    ///
+    /// Only complete frames count as activity: a client that trickles a partial frame a byte at
+    /// a time is still closed at the idle deadline. Pongs (queued by the WebSocket layer for each
+    /// ping) count against the outbound bound like any frame: a ping flood from a client that
+    /// never reads is closed with 4003.
     pub fn handle_bytes(&mut self, now: Instant, bytes: &[u8]) {
-        self.idle_at = now + self.cfg.idle_timeout;
         self.ws.feed(bytes);
         loop {
-            match self.ws.next_event() {
+            let event = self.ws.next_event();
+            if let Ok(Some(_)) = event {
+                self.idle_at = now + self.cfg.idle_timeout;
+            }
+            match event {
                 Ok(Some(Event::Text(t))) => self.handle_text(now, &t),
                 Ok(Some(Event::Binary(_))) => {
                     let e = error_frame(
@@ -111,7 +119,13 @@ impl Session {
                     );
                     self.send(now, &e);
                 }
-                Ok(Some(Event::Ping | Event::Pong)) => {}
+                Ok(Some(Event::Ping)) => {
+                    if self.ws.output().len() > self.cfg.max_outbound_bytes {
+                        self.overflow(now);
+                        return;
+                    }
+                }
+                Ok(Some(Event::Pong)) => {}
                 Ok(Some(Event::Close { .. })) => {
                     // Our reply is queued; the driver closes once it is written.
                     self.arm_close(now);
@@ -193,12 +207,18 @@ impl Session {
             return false;
         }
         if self.ws.output().len() + text.len() > self.cfg.max_outbound_bytes {
-            self.ws.discard_output();
-            self.close(now, close::SLOW_CONSUMER, "outbound queue overflow: reconnect and sync");
+            self.overflow(now);
             return false;
         }
         self.ws.send_text(text);
         true
+    }
+
+    /// The client does not read what it is sent: the backlog is dropped (whole frames only, so
+    /// the stream stays well-formed) and the session closed with 4003; it reconnects and syncs.
+    fn overflow(&mut self, now: Instant) {
+        self.ws.discard_output();
+        self.close(now, close::SLOW_CONSUMER, "outbound queue overflow: reconnect and sync");
     }
 
     /// Queues a push with a fresh push id; in rigor mode it is tracked until acked.
@@ -522,6 +542,44 @@ mod tests {
         s.push(t0, &push(1));
         assert_eq!(s.pending_pushes(), 0);
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_ping_flood_that_is_never_read_is_closed_with_4003() {
+        let t0 = Instant::now();
+        let mut s = Session::new(
+            SessionConfig {
+                max_outbound_bytes: 10_000,
+                ..cfg()
+            },
+            t0,
+        );
+        let mut ping = Vec::new();
+        wsframe::encode(&mut ping, Opcode::Ping, true, &[7; 100], Some([1, 2, 3, 4]));
+        let flood: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 1_000).collect();
+        s.handle_bytes(t0, &flood);
+        assert!(s.close_sent(), "closed");
+        let out = s.take_output();
+        assert!(
+            out.len() < 200,
+            "the pong backlog was dropped: {} bytes left",
+            out.len()
+        );
+        assert_eq!(texts(&out), vec!["close 4003"]);
+    }
+
+    #[test]
+    fn a_trickled_partial_frame_does_not_keep_the_session_alive() {
+        let t0 = Instant::now();
+        let mut s = Session::new(cfg(), t0);
+        let frame = client_text(&format!(r#"{{"frameType":1,"pad":"{}"}}"#, "x".repeat(200)));
+        // One byte a second: the frame never completes within the idle timeout.
+        for sec in 0..60u64 {
+            s.handle_bytes(t0 + Duration::from_secs(sec), &frame[sec as usize..sec as usize + 1]);
+        }
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+        s.handle_timeout(t0 + Duration::from_secs(60));
+        assert_eq!(texts(&s.take_output()), vec!["close 4002"]);
     }
 
     #[test]
