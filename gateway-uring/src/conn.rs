@@ -14,7 +14,9 @@
 //! `max_outbound_bytes`, at most `PendingConfig::capacity` rigor pushes) and this struct.
 
 use crate::shard::Shard;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller, Splitable,
+};
 use monoio::net::TcpStream;
 use sai_pipeline::flow::Refusal;
 use sai_pipeline::frame::{ack_frame, data_frame, error_frame, PushFrame};
@@ -37,7 +39,8 @@ pub(crate) struct Conn {
     /// Wheel tick this connection is scheduled at, so an earlier deadline re-arms it and a
     /// stale wheel entry is ignored.
     scheduled_tick: Cell<Option<u64>>,
-    /// Cancels the in-flight read when the connection must be dropped.
+    /// Cancels the in-flight read and write when the connection must be dropped (a write to a
+    /// client that stopped reading would otherwise hold the socket open for ever).
     canceller: RefCell<Option<Canceller>>,
     /// The reader has finished (or was aborted): the writer flushes what it can and exits.
     done: Cell<bool>,
@@ -175,7 +178,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     // Bytes that arrived with the upgrade request.
     conn.session.borrow_mut().handle_bytes(shard.now(), &acc[req.len..]);
     let (mut rd, wr) = stream.into_split();
-    monoio::spawn(write_loop(conn.clone(), wr));
+    monoio::spawn(write_loop(conn.clone(), wr, handle.clone()));
     let (requests, queue) = tokio::sync::mpsc::channel(MAX_PIPELINED);
     monoio::spawn(request_loop(shard.clone(), conn.clone(), queue));
     forward_requests(&shard, &conn, &requests).await;
@@ -358,7 +361,7 @@ async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known:
     conn.send(shard, &data_frame(id.as_deref(), method::SYNC, &done));
 }
 
-async fn write_loop(conn: Rc<Conn>, mut wr: monoio::net::tcp::TcpOwnedWriteHalf) {
+async fn write_loop(conn: Rc<Conn>, mut wr: monoio::net::tcp::TcpOwnedWriteHalf, cancel: CancelHandle) {
     loop {
         let out = conn.session.borrow_mut().take_output();
         if out.is_empty() {
@@ -376,7 +379,7 @@ async fn write_loop(conn: Rc<Conn>, mut wr: monoio::net::tcp::TcpOwnedWriteHalf)
             conn.wake.notified().await;
             continue;
         }
-        let (res, _) = wr.write_all(out).await;
+        let (res, _) = monoio::io::CancelableAsyncWriteRentExt::write_all(&mut wr, out, cancel.clone()).await;
         if res.is_err() {
             conn.abort();
             break;

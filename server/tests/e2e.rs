@@ -386,6 +386,56 @@ fn deeply_nested_messages_are_refused_and_history_stays_readable() {
     assert_eq!(list["conversations"][0]["lastMessage"]["seq"], 1);
 }
 
+/// The kernel's TCP state (`/proc/net/tcp`, hex `st`) of the socket from `local_port` to
+/// `remote_port` on 127.0.0.1, if there is one.
+fn tcp_state(local_port: u16, remote_port: u16) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let want = (
+        format!("0100007F:{local_port:04X}"),
+        format!("0100007F:{remote_port:04X}"),
+    );
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&want.0.as_str()) && f.get(2) == Some(&want.1.as_str()))
+            .then(|| u8::from_str_radix(f[3], 16).unwrap())
+    })
+}
+
+#[test]
+fn a_client_that_stops_reading_is_released_after_the_close_grace() {
+    const ESTABLISHED: u8 = 1;
+    let s = Server::start(&[]);
+    let (alice, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    s.befriend(&ta, &bob, &tb);
+    // Alice connects and never reads again.
+    let a = s.connect(&ta);
+    let alice_port = a.ws.get_ref().local_addr().unwrap().port();
+    let server_port: u16 = s.ws.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(tcp_state(server_port, alice_port), Some(ESTABLISHED));
+    // About 9 MB of pushes: more than the loopback socket buffers and the 1 MiB outbound bound
+    // hold, so the server's write to her blocks and her session is closed with 4003; the close
+    // frame itself can never be delivered.
+    let mut b = s.connect(&tb);
+    let body = "x".repeat(60_000);
+    for i in 0..150 {
+        b.chat(&alice, &format!("big{i}"), &body);
+        assert_eq!(b.recv()["frameType"], 2);
+    }
+    // After the close grace (3 s) the server drops the socket even though the write is stuck:
+    // its side of the connection leaves ESTABLISHED (it lingers in FIN_WAIT1 against her zero
+    // window, with no descriptor and no task of ours behind it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while tcp_state(server_port, alice_port) == Some(ESTABLISHED) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server still holds the connection of a client that stopped reading"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(a);
+}
+
 #[test]
 fn oversized_frame_closes_with_1009() {
     let s = Server::start(&["--max-frame-bytes", "1024"]);
