@@ -150,7 +150,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         respond(&mut stream, body).await;
         return;
     }
-    let (user, protocol) = match authenticate(&shard, &req) {
+    let (user, protocol) = match authenticate(&shard, &req).await {
         Ok(v) => v,
         Err(r) => {
             respond(&mut stream, handshake::response_error(401, r.code, &r.message)).await;
@@ -225,13 +225,13 @@ async fn respond(stream: &mut TcpStream, bytes: Vec<u8>) {
 }
 
 /// The first offered subprotocol that is a valid token wins and is echoed back.
-fn authenticate(shard: &Shard, req: &UpgradeRequest) -> Result<(String, String), Refusal> {
+async fn authenticate(shard: &Shard, req: &UpgradeRequest) -> Result<(String, String), Refusal> {
     let mut refusal = Refusal {
         code: "missing_token",
         message: "send the token in Sec-WebSocket-Protocol".into(),
     };
     for p in &req.protocols {
-        match shard.shared.pipeline.authenticate(p) {
+        match shard.shared.pipeline.authenticate(p).await {
             Ok(user) => return Ok((user, p.clone())),
             Err(r) => refusal = r,
         }

@@ -82,8 +82,8 @@ pub struct Refusal {
 
 /// The receiving side of `ws2ms_chat`: what a gateway asks of the pipeline for one user.
 pub trait Ws2Ms: Send + Sync + 'static {
-    /// Verifies an upgrade token, returning the user id.
-    fn authenticate(&self, token: &str) -> Result<String, Refusal>;
+    /// Verifies an upgrade token and that its user exists, resolving to the user id.
+    fn authenticate(&self, token: &str) -> BoxFuture<Result<String, Refusal>>;
     /// Stores a message from `user` and resolves, once it is durable, to the sender's ack. The
     /// pipeline pushes a new message to the other members itself (ms2ps_chat); a resend of a
     /// stored `clientMsgId` gets the original's ack and is not pushed again.

@@ -517,6 +517,13 @@ fn bad_tokens_get_401_and_no_upgrade() {
         exp: now_secs() - 3600,
     });
     expect_401(&expired, "token_expired");
+    // Valid signature and expiry, but no such user.
+    let ghost = JwtKeys::new(s.secret()).sign(&Claims {
+        sub: "no-such-user".into(),
+        iat: now_secs(),
+        exp: now_secs() + 3600,
+    });
+    expect_401(&ghost, "invalid_token");
     // And a wrong path is 404.
     let mut t = std::net::TcpStream::connect(&s.ws).unwrap();
     write!(t, "GET /other HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
