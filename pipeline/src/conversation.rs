@@ -68,7 +68,8 @@ impl ConversationId {
     }
 
     /// Reads a wire id; `None` for anything that is neither `si_<a>_<b>` nor `sg_<id>`. User ids
-    /// contain no `_` (the split is at the first one after the prefix).
+    /// contain no `_` (the split is at the first one after the prefix): registration makes hex
+    /// ids and `sai-im admin seed-users` refuses `_` in its prefix.
     pub fn parse(s: &str) -> Option<Self> {
         if let Some(rest) = s.strip_prefix(PRIVATE_PREFIX) {
             let (a, b) = rest.split_once('_')?;

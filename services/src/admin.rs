@@ -9,7 +9,9 @@ use std::time::Instant;
 const BATCH: u64 = 10_000;
 
 /// Creates `<prefix>0..<prefix><count-1>` in the database of `data_dir` with one shared bcrypt
-/// hash (of `bcrypt_cost`) of `password`.
+/// hash (of `bcrypt_cost`) of `password`. The names are also the user ids, so the prefix may not
+/// hold `_`: private conversation ids join two user ids with `_` (`si_<a>_<b>`), and ids with
+/// `_` in them made two pairs share one conversation.
 pub async fn seed_users(
     data_dir: &Path,
     bcrypt_cost: u32,
@@ -21,9 +23,13 @@ pub async fn seed_users(
     let valid = (3..=32).contains(&longest.len())
         && prefix
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
     if !valid || prefix.is_empty() {
-        return Err("prefix must be letters, digits, '_', '.' or '-' and make usernames of 3 to 32 characters".into());
+        return Err(
+            "prefix must be letters, digits, '.' or '-' (no '_': it separates the user ids of a \
+             conversation id) and make usernames of 3 to 32 characters"
+                .into(),
+        );
     }
     std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
     let store = SqliteStore::open(&data_dir.join("sai-im.db"))
@@ -58,4 +64,19 @@ pub async fn seed_users(
         count.saturating_sub(1),
         t0.elapsed().as_secs_f64()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn prefixes_that_would_make_ambiguous_conversation_ids_are_refused() {
+        let dir = std::env::temp_dir().join(format!("sai-admin-{}", std::process::id()));
+        for bad in ["load_", "a_b", "", "x y"] {
+            let e = seed_users(&dir, 4, 2, bad, "password1").await.unwrap_err();
+            assert!(e.contains("no '_'"), "{bad:?}: {e}");
+        }
+        assert!(!dir.join("sai-im.db").exists(), "nothing was created");
+    }
 }
