@@ -9,9 +9,8 @@
 //! - [`sqlite`]: the embedded storage adapter (reference implementation of `sai-storage`).
 //! - [`http`]: the HTTP JSON API (axum); [`grpc`]: the tonic services.
 //! - [`bridge`]: the pipeline's `ws2ms_chat` receiving side ([`sai_pipeline::flow::Ws2Ms`])
-//!   for gateways in the same process, handing each command to the tokio runtime the services
-//!   run on; [`Outbound`] is its `ms2ps_chat` sending side, the one path of every push and
-//!   notification.
+//!   for gateways in the same process: each command is a future the gateway shard polls itself;
+//!   [`Outbound`] is its `ms2ps_chat` sending side, the one path of every push and notification.
 //! - [`admin`]: `sai-im admin ...` maintenance commands (bulk user seeding for load tests).
 //!
 //! This crate stands on the contract crate `sai-pipeline` and on `sai-storage`; it never sees a

@@ -28,9 +28,9 @@ pub struct SocialService {
     clock: Arc<dyn Clock>,
     /// Most members a group may have.
     pub max_group_members: u32,
-    /// Whether two users (smaller id first) are friends: every private send asks. Invalidated by
-    /// accept and unfriend.
-    friendships: Cached<(String, String), bool>,
+    /// Whether the two users of a private conversation are friends (keyed by its id, which
+    /// orders the pair): every private send asks. Invalidated by accept and unfriend.
+    friendships: Cached<ConversationId, bool>,
     /// A group's members by slot: every group send and group markChat asks. Invalidated by every
     /// member change (add, remove, role).
     members: Cached<String, Arc<Vec<GroupMember>>>,
@@ -40,15 +40,6 @@ pub struct SocialService {
 const CACHED_FRIENDSHIPS: usize = 100_000;
 /// Member lists kept (a 2,000-member list is about 200 KB; most groups are far smaller).
 const CACHED_GROUPS: usize = 10_000;
-
-/// The cache key of a pair: order-free.
-fn pair(a: &str, b: &str) -> (String, String) {
-    if a <= b {
-        (a.to_string(), b.to_string())
-    } else {
-        (b.to_string(), a.to_string())
-    }
-}
 
 fn not_found(code: &'static str, message: &str) -> ServiceError {
     ServiceError::NotFound {
@@ -158,7 +149,8 @@ impl SocialService {
             return Err(conflict("request_not_pending", "the request was already answered"));
         }
         if accept {
-            self.friendships.invalidate(&pair(&req.from_user, &req.to_user));
+            self.friendships
+                .invalidate(&ConversationId::private(&req.from_user, &req.to_user));
             self.outbound.notify(
                 &req.from_user,
                 method::FRIEND_ACCEPTED,
@@ -177,14 +169,14 @@ impl SocialService {
     pub async fn are_friends(&self, a: &str, b: &str) -> Result<bool, ServiceError> {
         Ok(self
             .friendships
-            .get_or_load(&pair(a, b), self.store.are_friends(a, b))
+            .get_or_load(&ConversationId::private(a, b), self.store.are_friends(a, b))
             .await?)
     }
 
     /// Ends a friendship.
     pub async fn unfriend(&self, user: &str, other: &str) -> Result<(), ServiceError> {
         let removed = self.store.remove_friend(user, other).await?;
-        self.friendships.invalidate(&pair(user, other));
+        self.friendships.invalidate(&ConversationId::private(user, other));
         if removed {
             Ok(())
         } else {
