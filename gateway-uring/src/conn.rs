@@ -153,7 +153,11 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let (user, protocol) = match authenticate(&shard, &req).await {
         Ok(v) => v,
         Err(r) => {
-            respond(&mut stream, handshake::response_error(401, r.code, &r.message)).await;
+            respond(
+                &mut stream,
+                handshake::response_error(refusal_status(r.code), r.code, &r.message),
+            )
+            .await;
             return;
         }
     };
@@ -222,6 +226,16 @@ async fn read_request(stream: &mut TcpStream) -> Result<Option<(UpgradeRequest, 
 async fn respond(stream: &mut TcpStream, bytes: Vec<u8>) {
     let _ = stream.write_all(bytes).await;
     let _ = stream.shutdown().await;
+}
+
+/// The HTTP status of a refused upgrade: 403 for a disabled account, 503 when the pipeline could
+/// not check the token, 401 for every other refusal of the token.
+fn refusal_status(code: &str) -> u16 {
+    match code {
+        "account_disabled" => 403,
+        "service_unavailable" | "server_busy" => 503,
+        _ => 401,
+    }
 }
 
 /// The first offered subprotocol that is a valid token wins and is echoed back.

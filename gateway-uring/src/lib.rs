@@ -19,7 +19,8 @@ pub mod index;
 pub mod shard;
 pub mod wheel;
 
-use sai_pipeline::flow::{Delivery, Ms2Ps, Routes, Ws2Ms};
+use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, Routes, Ws2Ms};
+use sai_proto::close;
 use sai_proto::pending::PendingConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -175,6 +176,18 @@ impl Ms2Ps for ShardOutbound {
                 }
             }
             Delivery::Notify { to, frame } => self.send(to.shard, shard::ShardMsg::Notify { conn: to.conn, frame }),
+            Delivery::Close { to, reason } => {
+                let (code, reason) = match reason {
+                    CloseReason::TokenRevoked => (close::TOKEN_REVOKED, "token revoked: log in again"),
+                    CloseReason::AccountDisabled => (close::ACCOUNT_DISABLED, "account disabled"),
+                };
+                let kick = shard::ShardMsg::Kick {
+                    conn: to.conn,
+                    code,
+                    reason,
+                };
+                self.send(to.shard, kick);
+            }
         }
     }
 }

@@ -41,10 +41,14 @@ pub enum ShardMsg {
         /// The frame.
         frame: Arc<str>,
     },
-    /// Exclusive login: close this connection with 4001.
+    /// Close this connection: exclusive login (4001) or a revoked token (4004, 4005).
     Kick {
         /// Target connection.
         conn: u64,
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'static str,
     },
     /// Close everything and stop.
     Shutdown,
@@ -77,10 +81,13 @@ pub(crate) struct Spill {
 struct SpillState {
     /// Connections that missed a push: closed with 4003; the client reconnects and syncs.
     missed: HashSet<u64>,
-    /// Connections replaced by a newer login: closed with 4001.
-    kicked: HashSet<u64>,
+    /// Connections to close (a newer login, a revoked token), with code and reason.
+    kicked: HashMap<u64, (u16, &'static str)>,
     stop: bool,
 }
+
+/// What [`Inbox::take_spilled`] hands over: (missed, kicked, stop).
+type Spilled = (HashSet<u64>, HashMap<u64, (u16, &'static str)>, bool);
 
 /// A new inbox and its receiver.
 pub fn inbox() -> (Inbox, InboxReceiver) {
@@ -107,8 +114,8 @@ impl Inbox {
         let mut s = self.spill.state.lock().unwrap_or_else(|p| p.into_inner());
         match msg {
             ShardMsg::Push { conns, .. } => s.missed.extend(conns),
-            ShardMsg::Kick { conn } => {
-                s.kicked.insert(conn);
+            ShardMsg::Kick { conn, code, reason } => {
+                s.kicked.insert(conn, (code, reason));
             }
             ShardMsg::Notify { .. } => return,
             ShardMsg::Shutdown => s.stop = true,
@@ -117,7 +124,7 @@ impl Inbox {
     }
 
     /// Takes what was spilled since the last call: (missed, kicked, stop).
-    fn take_spilled(&self) -> Option<(HashSet<u64>, HashSet<u64>, bool)> {
+    fn take_spilled(&self) -> Option<Spilled> {
         if !self.spill.any.swap(false, std::sync::atomic::Ordering::AcqRel) {
             return None;
         }
@@ -206,7 +213,12 @@ impl Shard {
     pub fn register(&self, c: &Rc<Conn>) {
         self.conns.borrow_mut().insert(c.id, c.clone());
         if let Some(old) = self.shared.index.register(&c.user, self.route(c.id)) {
-            self.send_to(old.shard as usize, ShardMsg::Kick { conn: old.conn });
+            let kick = ShardMsg::Kick {
+                conn: old.conn,
+                code: close::REPLACED,
+                reason: "replaced by a new login",
+            };
+            self.send_to(old.shard as usize, kick);
         }
     }
 
@@ -244,9 +256,9 @@ impl Shard {
                     c.notify(self, &frame);
                 }
             }
-            ShardMsg::Kick { conn } => {
+            ShardMsg::Kick { conn, code, reason } => {
                 if let Some(c) = self.conn(conn) {
-                    c.close_with(self, close::REPLACED, "replaced by a new login");
+                    c.close_with(self, code, reason);
                 }
             }
             ShardMsg::Shutdown => self.stopping.set(true),
@@ -280,8 +292,8 @@ impl Shard {
                     );
                 }
             }
-            for id in kicked {
-                self.handle(ShardMsg::Kick { conn: id });
+            for (conn, (code, reason)) in kicked {
+                self.handle(ShardMsg::Kick { conn, code, reason });
             }
             if stop {
                 self.stopping.set(true);
@@ -485,7 +497,11 @@ mod tests {
         assert!(inbox.take_spilled().is_none());
         inbox.send(push(vec![1, 2]));
         inbox.send(push(vec![3, 4]));
-        inbox.send(ShardMsg::Kick { conn: 5 });
+        inbox.send(ShardMsg::Kick {
+            conn: 5,
+            code: close::REPLACED,
+            reason: "replaced",
+        });
         inbox.send(ShardMsg::Notify {
             conn: 6,
             frame: Arc::from("{}"),
@@ -493,7 +509,7 @@ mod tests {
         inbox.send(ShardMsg::Shutdown);
         let (missed, kicked, stop) = inbox.take_spilled().expect("spilled");
         assert_eq!(missed, HashSet::from([3, 4]), "connections that missed a push");
-        assert_eq!(kicked, HashSet::from([5]));
+        assert_eq!(kicked, HashMap::from([(5, (close::REPLACED, "replaced"))]));
         assert!(stop);
         assert!(inbox.take_spilled().is_none(), "taken once");
         assert!(matches!(rx.try_recv(), Ok(ShardMsg::Push { conns, .. }) if conns == vec![1, 2]));

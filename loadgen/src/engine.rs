@@ -214,6 +214,7 @@ impl Worker {
     fn token(&self, i: usize) -> String {
         let now = (unix_us() / 1_000_000) as i64;
         self.keys.sign(&Claims {
+            gen: 0,
             sub: self.user_id(i),
             iat: now,
             exp: now + 24 * 3600,

@@ -377,6 +377,7 @@ fn create_groups(o: &Opts, size: u64) -> Result<Vec<String>, String> {
         let first = o.first_user + g * size;
         let owner = format!("{}{first}", o.prefix);
         let token = keys.sign(&sai_pipeline::token::Claims {
+            gen: 0,
             sub: owner,
             iat: now,
             exp: now + 3600,

@@ -62,6 +62,22 @@ pub enum Delivery {
         /// A complete JSON text frame.
         frame: Arc<str>,
     },
+    /// Close the connection (its token no longer holds); the gateway picks the close code.
+    Close {
+        /// The connection.
+        to: Route,
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+/// Why the pipeline closes a client's connection ([`Delivery::Close`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The session's token was revoked: the user logged out or changed the password.
+    TokenRevoked,
+    /// The account was disabled.
+    AccountDisabled,
 }
 
 /// The sending side of `ms2ps_chat`.

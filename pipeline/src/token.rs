@@ -2,7 +2,9 @@
 //! upgrade tokens with it; the load generator mints tokens with it in benchmark mode.
 //!
 //! Tokens are `base64url(header).base64url(claims).base64url(HMAC-SHA256)` with claims
-//! `{"sub": userId, "iat", "exp"}` in seconds. Only `alg: HS256` is accepted (no `none`, no key
+//! `{"sub": userId, "iat", "exp", "gen"}` (times in seconds; `gen` is the account's token
+//! epoch when the token was issued: logout, a password change or disabling the account start a
+//! new epoch, and the services refuse tokens of an older one). Only `alg: HS256` is accepted (no `none`, no key
 //! confusion), the MAC is compared in constant time, and the clock is passed in.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -55,6 +57,9 @@ pub struct Claims {
     pub iat: i64,
     /// Expires at (seconds since the epoch).
     pub exp: i64,
+    /// The account's token epoch at issue (absent in tokens of older builds: epoch 0).
+    #[serde(default)]
+    pub gen: u32,
 }
 
 /// The HS256 key.
@@ -131,6 +136,7 @@ mod tests {
 
     fn claims(exp: i64) -> Claims {
         Claims {
+            gen: 0,
             sub: "u1".into(),
             iat: 100,
             exp,

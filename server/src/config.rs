@@ -3,6 +3,8 @@
 
 use clap::{Args, Parser, Subcommand};
 use sai_gateway::{AckMode, GatewayConfig};
+use sai_services::throttle::{AttemptLimit, HashPoolConfig, LoginLimits};
+use sai_services::users::UserConfig;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -100,6 +102,9 @@ pub struct Overrides {
     /// JWT signing secret; when unset one is generated and kept in the data dir.
     #[arg(long, env = "SAI_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Bearer token of the admin routes (at least 16 bytes); unset turns them off.
+    #[arg(long, env = "SAI_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// The effective settings.
@@ -131,10 +136,66 @@ pub struct Config {
     pub token_ttl_secs: i64,
     /// JWT secret (generated and stored in the data dir when absent).
     pub jwt_secret: Option<String>,
+    /// Bearer token of the admin routes (`/v1/admin/...`: disable and enable accounts); the
+    /// routes answer 403 while it is unset.
+    pub admin_token: Option<String>,
     /// Chat policy (`[chat]` table).
     pub chat: ChatConfig,
     /// Groups (`[group]` table).
     pub group: GroupConfig,
+    /// Login and registration limits, and the bcrypt threads (`[auth]` table).
+    pub auth: AuthConfig,
+}
+
+/// `[auth]` settings: the brakes on login and registration (see `sai_services::throttle`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Threads that run bcrypt (0: half the cores, at least one).
+    pub hash_threads: usize,
+    /// Hash jobs waiting at most; past it login and registration answer 503 `server_busy`.
+    pub hash_queue: usize,
+    /// Login attempts per account name before blocks start (0: no limit).
+    pub login_attempts_per_account: u32,
+    /// Login attempts per client address before blocks start (0: no limit).
+    pub login_attempts_per_address: u32,
+    /// Registrations per client address before blocks start (0: no limit).
+    pub registrations_per_address: u32,
+    /// Blocks double from 1 s up to this.
+    pub max_block_secs: u64,
+    /// An account or address that makes no attempt for this long starts over.
+    pub window_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        let l = LoginLimits::default();
+        let h = HashPoolConfig::default();
+        Self {
+            hash_threads: h.threads,
+            hash_queue: h.queue,
+            login_attempts_per_account: l.account.free,
+            login_attempts_per_address: l.address.free,
+            registrations_per_address: l.register.free,
+            max_block_secs: u64::try_from(l.account.max_block_ms / 1000).unwrap_or(300),
+            window_secs: u64::try_from(l.account.window_ms / 1000).unwrap_or(900),
+        }
+    }
+}
+
+impl AuthConfig {
+    fn limits(&self) -> LoginLimits {
+        let limit = |free| AttemptLimit {
+            free,
+            max_block_ms: i64::try_from(self.max_block_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            window_ms: i64::try_from(self.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+        };
+        LoginLimits {
+            account: limit(self.login_attempts_per_account),
+            address: limit(self.login_attempts_per_address),
+            register: limit(self.registrations_per_address),
+        }
+    }
 }
 
 /// `[chat]` settings.
@@ -188,8 +249,10 @@ impl Default for Config {
             bcrypt_cost: 12,
             token_ttl_secs: 7 * 24 * 3600,
             jwt_secret: None,
+            admin_token: None,
             chat: ChatConfig::default(),
             group: GroupConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -228,6 +291,9 @@ impl Config {
         if o.jwt_secret.is_some() {
             c.jwt_secret = o.jwt_secret;
         }
+        if o.admin_token.is_some() {
+            c.admin_token = o.admin_token;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -251,10 +317,32 @@ impl Config {
         if self.token_ttl_secs <= 0 {
             return Err("token_ttl_secs must be positive".into());
         }
+        if self.auth.hash_queue == 0 {
+            return Err("auth.hash_queue must be at least 1".into());
+        }
+        if self.auth.max_block_secs == 0 || self.auth.window_secs == 0 {
+            return Err("auth.max_block_secs and auth.window_secs must be at least 1".into());
+        }
+        if self.admin_token.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err("admin_token must be at least 16 bytes".into());
+        }
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return Err("jwt_secret must be at least 16 bytes".into());
         }
         Ok(())
+    }
+
+    /// The user service's part.
+    pub fn users(&self) -> UserConfig {
+        UserConfig {
+            bcrypt_cost: self.bcrypt_cost,
+            token_ttl_secs: self.token_ttl_secs,
+            limits: self.auth.limits(),
+            hash_pool: HashPoolConfig {
+                threads: self.auth.hash_threads,
+                queue: self.auth.hash_queue,
+            },
+        }
     }
 
     /// The gateway's part.

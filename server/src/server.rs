@@ -66,19 +66,19 @@ pub async fn run(
         }
     };
     let clock = Arc::new(SystemClock);
-    let users = Arc::new(UserService::new(
-        store.clone(),
-        keys,
-        clock.clone(),
-        cfg.bcrypt_cost,
-        cfg.token_ttl_secs,
-    )?);
     // The gateway's index and inboxes come first: the services send through them.
     let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
         pipeline_runtime: Some(tokio::runtime::Handle::current()),
         ..cfg.gateway()
     });
     let outbound = Arc::new(Outbound::new(gateway.routes(), gateway.outbound()));
+    let users = Arc::new(UserService::new(
+        store.clone(),
+        keys,
+        clock.clone(),
+        cfg.users(),
+        outbound.clone(),
+    )?);
     let social = Arc::new(SocialService::new(
         store.clone(),
         users.clone(),
@@ -101,6 +101,7 @@ pub async fn run(
         users,
         messages,
         social,
+        admin_token: cfg.admin_token.clone(),
     });
 
     let http_l = tokio::net::TcpListener::bind(cfg.http_listen)
@@ -126,6 +127,8 @@ pub async fn run(
     let http = tokio::spawn({
         let app = sai_services::http::router(services.clone());
         let stop = wait(stop_rx.clone());
+        // With the peer's address: login and registration are limited per address.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         async move { axum::serve(http_l, app).with_graceful_shutdown(stop).await }
     });
     let grpc = tokio::spawn({

@@ -500,6 +500,7 @@ fn bad_tokens_get_401_and_no_upgrade() {
     expect_401("not-a-jwt", "malformed_token");
     // Forged: right shape, signed with another secret.
     let forged = JwtKeys::new(b"not the server secret".to_vec()).sign(&Claims {
+        gen: 0,
         sub: uid.clone(),
         iat: now_secs(),
         exp: now_secs() + 3600,
@@ -512,6 +513,7 @@ fn bad_tokens_get_401_and_no_upgrade() {
     expect_401(&parts.join("."), "invalid_token");
     // Expired: signed with the server's own secret, exp in the past.
     let expired = JwtKeys::new(s.secret()).sign(&Claims {
+        gen: 0,
         sub: uid,
         iat: now_secs() - 7200,
         exp: now_secs() - 3600,
@@ -519,6 +521,7 @@ fn bad_tokens_get_401_and_no_upgrade() {
     expect_401(&expired, "token_expired");
     // Valid signature and expiry, but no such user.
     let ghost = JwtKeys::new(s.secret()).sign(&Claims {
+        gen: 0,
         sub: "no-such-user".into(),
         iat: now_secs(),
         exp: now_secs() + 3600,

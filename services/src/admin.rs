@@ -51,6 +51,8 @@ pub async fn seed_users(
                     nickname: name,
                     password_hash: hash.clone(),
                     created_at: now,
+                    token_epoch: 0,
+                    disabled: false,
                 }
             })
             .collect();

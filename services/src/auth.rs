@@ -46,6 +46,7 @@ mod tests {
         let a = load_or_create_keys(&p).unwrap();
         let b = load_or_create_keys(&p).unwrap();
         let claims = Claims {
+            gen: 0,
             sub: "u1".into(),
             iat: 100,
             exp: 200,

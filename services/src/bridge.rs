@@ -43,25 +43,13 @@ fn refusal(e: ServiceError) -> Refusal {
 
 impl Ws2Ms for InProcessPipeline {
     fn authenticate(&self, token: &str) -> BoxFuture<Result<String, Refusal>> {
-        let user = self.services.users.authenticate(token).map_err(|e| Refusal {
-            code: e.code(),
-            message: e.to_string(),
-        });
         let services = self.services.clone();
-        Box::pin(async move {
-            let user = user?;
-            // A validly signed token of a user that does not exist (any more) is refused: its
-            // messages would otherwise land in real users' histories. Cached, so an upgrade
-            // costs a store read only the first time a user connects.
-            match services.users.exists(&user).await {
-                Ok(true) => Ok(user),
-                Ok(false) => Err(Refusal {
-                    code: "invalid_token",
-                    message: "the token's user does not exist".into(),
-                }),
-                Err(e) => Err(refusal(e)),
-            }
-        })
+        let token = token.to_string();
+        // Signature, expiry, and an account that exists, is enabled and has not revoked the
+        // token: a validly signed token of a user that does not exist would otherwise put
+        // messages in real users' histories. Cached, so an upgrade costs a store read only the
+        // first time a user connects.
+        self.run(async move { services.users.authorize(&token).await })
     }
 
     fn chat(&self, user: &str, chat: ChatRequest) -> BoxFuture<Result<ChatAck, Refusal>> {

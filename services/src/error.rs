@@ -49,6 +49,15 @@ pub enum ServiceError {
         /// Detail for the client.
         message: String,
     },
+    /// Too many attempts from this account or address; retry after the given seconds (429).
+    #[error("too many attempts: retry in {retry_after_secs} s")]
+    TooManyAttempts {
+        /// Seconds until an attempt is accepted again (the `Retry-After` header).
+        retry_after_secs: u64,
+    },
+    /// A bounded queue in front of expensive work is full; retry shortly (503).
+    #[error("server busy: retry shortly")]
+    Busy,
     /// A backend is unavailable; retrying may succeed (503).
     #[error("service temporarily unavailable")]
     Unavailable,
@@ -74,6 +83,8 @@ impl ServiceError {
             | Self::Forbidden { code, .. }
             | Self::NotFound { code, .. }
             | Self::Conflict { code, .. } => code,
+            Self::TooManyAttempts { .. } => "too_many_attempts",
+            Self::Busy => "server_busy",
             Self::Unavailable => "service_unavailable",
             Self::Internal => "internal_error",
         }
@@ -87,8 +98,18 @@ impl ServiceError {
             Self::Forbidden { .. } => 403,
             Self::NotFound { .. } => 404,
             Self::Conflict { .. } => 409,
-            Self::Unavailable => 503,
+            Self::TooManyAttempts { .. } => 429,
+            Self::Busy | Self::Unavailable => 503,
             Self::Internal => 500,
+        }
+    }
+
+    /// Seconds a client should wait before retrying (`Retry-After`), where that is known.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::TooManyAttempts { retry_after_secs } => Some(*retry_after_secs),
+            Self::Busy => Some(1),
+            _ => None,
         }
     }
 
@@ -101,6 +122,7 @@ impl ServiceError {
             Self::Forbidden { .. } => tonic::Status::permission_denied(msg),
             Self::NotFound { .. } => tonic::Status::not_found(msg),
             Self::Conflict { .. } => tonic::Status::already_exists(msg),
+            Self::TooManyAttempts { .. } | Self::Busy => tonic::Status::resource_exhausted(msg),
             Self::Unavailable => tonic::Status::unavailable(msg),
             Self::Internal => tonic::Status::internal(msg),
         }

@@ -38,10 +38,10 @@ fn status(e: ServiceError) -> Status {
     e.to_status()
 }
 
-fn caller<T>(s: &Services, req: &Request<T>) -> Result<String, Status> {
+async fn caller<T>(s: &Services, req: &Request<T>) -> Result<String, Status> {
     let h = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
     let token = bearer(h).map_err(|e| status(unauthorized(e)))?;
-    s.users.authenticate(token).map_err(|e| status(unauthorized(e)))
+    s.users.authorize(token).await.map_err(status)
 }
 
 fn to_pb(p: Push) -> pb::Message {
@@ -90,20 +90,27 @@ pub struct UserGrpc(Arc<Services>);
 #[tonic::async_trait]
 impl UserService for UserGrpc {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let from = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
         let nick = (!r.nickname.is_empty()).then_some(r.nickname.as_str());
         let user_id = self
             .0
             .users
-            .register(&r.username, &r.password, nick)
+            .register(&r.username, &r.password, nick, from)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::RegisterResponse { user_id }))
     }
 
     async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
+        let from = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
-        let s = self.0.users.login(&r.username, &r.password).await.map_err(status)?;
+        let s = self
+            .0
+            .users
+            .login(&r.username, &r.password, from)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::LoginResponse {
             token: s.token,
             user_id: s.user_id,
@@ -112,7 +119,7 @@ impl UserService for UserGrpc {
     }
 
     async fn get_me(&self, req: Request<pb::GetMeRequest>) -> Result<Response<pb::UserInfo>, Status> {
-        let user_id = caller(&self.0, &req)?;
+        let user_id = caller(&self.0, &req).await?;
         let u = self.0.users.get(&user_id).await.map_err(status)?;
         Ok(Response::new(pb::UserInfo {
             user_id: u.user_id,
@@ -129,7 +136,7 @@ pub struct MessageGrpc(Arc<Services>);
 #[tonic::async_trait]
 impl MessageService for MessageGrpc {
     async fn send(&self, req: Request<pb::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let chat_type = u8::try_from(r.chat_type)
             .ok()
@@ -161,7 +168,7 @@ impl MessageService for MessageGrpc {
     }
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<pb::SyncResponse>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let limit = if r.limit == 0 {
             200
@@ -178,7 +185,7 @@ impl MessageService for MessageGrpc {
     }
 
     async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let before = (r.before_seq != 0).then_some(r.before_seq);
         let limit = (r.limit != 0).then_some(r.limit);
@@ -201,7 +208,7 @@ impl MessageService for MessageGrpc {
     }
 
     async fn mark_read(&self, req: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let read_seq = self
             .0
@@ -216,7 +223,7 @@ impl MessageService for MessageGrpc {
         &self,
         req: Request<pb::ListConversationsRequest>,
     ) -> Result<Response<pb::ConversationList>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit };
         let list = self
@@ -243,7 +250,7 @@ impl MessageService for MessageGrpc {
     }
 
     async fn get_reads(&self, req: Request<pb::GetReadsRequest>) -> Result<Response<pb::GetReadsResponse>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let reads = self
             .0
@@ -268,7 +275,7 @@ impl SocialService for SocialGrpc {
         &self,
         req: Request<pb::SendFriendRequestRequest>,
     ) -> Result<Response<pb::SendFriendRequestResponse>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let request_id = self
             .0
@@ -280,7 +287,7 @@ impl SocialService for SocialGrpc {
     }
 
     async fn list_friend_requests(&self, req: Request<pb::Empty>) -> Result<Response<pb::FriendRequestList>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let reqs = self.0.social.incoming(&user).await.map_err(status)?;
         Ok(Response::new(pb::FriendRequestList {
             requests: reqs
@@ -299,7 +306,7 @@ impl SocialService for SocialGrpc {
         &self,
         req: Request<pb::AnswerFriendRequestRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         self.0
             .social
@@ -310,7 +317,7 @@ impl SocialService for SocialGrpc {
     }
 
     async fn list_friends(&self, req: Request<pb::Empty>) -> Result<Response<pb::FriendList>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let friends = self.0.social.friends(&user).await.map_err(status)?;
         Ok(Response::new(pb::FriendList {
             friends: friends
@@ -324,14 +331,14 @@ impl SocialService for SocialGrpc {
     }
 
     async fn remove_friend(&self, req: Request<pb::UserRef>) -> Result<Response<pb::Empty>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         self.0.social.unfriend(&user, &r.user_id).await.map_err(status)?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn create_group(&self, req: Request<pb::CreateGroupRequest>) -> Result<Response<pb::GroupRef>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let group_id = self
             .0
@@ -343,7 +350,7 @@ impl SocialService for SocialGrpc {
     }
 
     async fn list_groups(&self, req: Request<pb::Empty>) -> Result<Response<pb::GroupList>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let groups = self.0.social.groups_of(&user).await.map_err(status)?;
         Ok(Response::new(pb::GroupList {
             groups: groups.into_iter().map(|(g, m)| group_info(g, m.role)).collect(),
@@ -351,14 +358,14 @@ impl SocialService for SocialGrpc {
     }
 
     async fn get_group(&self, req: Request<pb::GroupRef>) -> Result<Response<pb::GroupInfo>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let (g, me) = self.0.social.group_for(&user, &r.group_id).await.map_err(status)?;
         Ok(Response::new(group_info(g, me.role)))
     }
 
     async fn list_members(&self, req: Request<pb::GroupRef>) -> Result<Response<pb::MemberList>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         self.0.social.group_for(&user, &r.group_id).await.map_err(status)?;
         let members = self.0.social.members(&r.group_id).await.map_err(status)?;
@@ -366,7 +373,7 @@ impl SocialService for SocialGrpc {
     }
 
     async fn add_members(&self, req: Request<pb::AddMembersRequest>) -> Result<Response<pb::MemberList>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let added = self
             .0
@@ -378,7 +385,7 @@ impl SocialService for SocialGrpc {
     }
 
     async fn remove_member(&self, req: Request<pb::MemberRef>) -> Result<Response<pb::Empty>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         self.0
             .social
@@ -389,7 +396,7 @@ impl SocialService for SocialGrpc {
     }
 
     async fn set_role(&self, req: Request<pb::SetRoleRequest>) -> Result<Response<pb::Empty>, Status> {
-        let user = caller(&self.0, &req)?;
+        let user = caller(&self.0, &req).await?;
         let r = req.into_inner();
         self.0
             .social

@@ -5,6 +5,9 @@
 //! | `POST /v1/users/register` | - | `{"username","password","nickname"}` | `{"userId"}` |
 //! | `POST /v1/users/login` | - | `{"username","password"}` | `{"token","userId","expiresAt"}` |
 //! | `GET /v1/users/me` | bearer | - | `{"userId","username","nickname","createdAt"}` |
+//! | `POST /v1/users/logout` | bearer | - | 204; every token of the user is revoked, the live session closed with 4004 |
+//! | `POST /v1/users/me/password` | bearer | `{"currentPassword","newPassword"}` | `{"token","userId","expiresAt"}`; earlier tokens revoked (4004) |
+//! | `POST /v1/admin/users/{id}/disable` and `/enable` | admin token | - | 204; disabling closes the live session with 4005 |
 //! | `GET /v1/conversations/{id}/messages` | bearer | `beforeSeq`, `limit` | `{"messages":[..]}` newest first |
 //! | `GET /v1/conversations` | bearer | `offset`, `limit` | `{"conversations":[..]}` newest activity first |
 //! | `POST /v1/conversations/{id}/read` | bearer | `{"readSeq"}` | `{"conversationId","readSeq"}` |
@@ -22,6 +25,10 @@
 //! | `DELETE /v1/groups/{id}/members/{userId}` | bearer | - | 204 |
 //! | `PUT /v1/groups/{id}/members/{userId}/role` | bearer | `{"role"}` | 204 |
 //! | `GET /healthz` | - | - | `{"status":"ok"}` |
+//!
+//! Login and registration answer 429 `too_many_attempts` with `Retry-After` past their attempt
+//! limits, and 503 `server_busy` (also with `Retry-After`) when the bcrypt queue is full
+//! ([`crate::throttle`]).
 
 use crate::error::ServiceError;
 use crate::users::{bearer, unauthorized};
@@ -36,6 +43,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 /// Largest request body.
@@ -54,18 +62,28 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({ "code": self.0.code(), "message": self.0.to_string() });
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if let Some(secs) = self.0.retry_after_secs() {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The router.
+/// The router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that login
+/// and registration are limited per client address (without it only the per-account limit
+/// applies).
 pub fn router(services: Arc<Services>) -> Router {
     Router::new()
         .route("/v1/users/register", post(register))
         .route("/v1/users/login", post(login))
         .route("/v1/users/me", get(me))
+        .route("/v1/users/logout", post(logout))
+        .route("/v1/users/me/password", post(change_password))
+        .route("/v1/admin/users/{id}/disable", post(disable_user))
+        .route("/v1/admin/users/{id}/enable", post(enable_user))
         .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{id}/messages", get(history))
         .route("/v1/conversations/{id}/read", post(mark_read))
@@ -123,13 +141,30 @@ fn required<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, ApiError> 
         .ok_or_else(|| ApiError(ServiceError::invalid("missing_field", format!("missing field {name}"))))
 }
 
-fn caller(services: &Services, headers: &HeaderMap) -> Result<String, ApiError> {
+async fn caller(services: &Services, headers: &HeaderMap) -> Result<String, ApiError> {
     let h = headers.get("authorization").and_then(|v| v.to_str().ok());
     let token = bearer(h).map_err(|e| ApiError(unauthorized(e)))?;
-    services
-        .users
-        .authenticate(token)
-        .map_err(|e| ApiError(unauthorized(e)))
+    Ok(services.users.authorize(token).await?)
+}
+
+/// `Authorization: Bearer <admin_token>` of the configuration; without one configured the
+/// admin routes answer 403.
+fn admin(services: &Services, headers: &HeaderMap) -> Result<(), ApiError> {
+    let forbidden = |message: &str| {
+        ApiError(ServiceError::Forbidden {
+            code: "not_admin",
+            message: message.into(),
+        })
+    };
+    let Some(expected) = services.admin_token.as_deref() else {
+        return Err(forbidden("no admin token is configured"));
+    };
+    let h = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let token = bearer(h).map_err(|e| ApiError(unauthorized(e)))?;
+    if !same_secret(token.as_bytes(), expected.as_bytes()) {
+        return Err(forbidden("not the admin token"));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -139,7 +174,20 @@ struct RegisterBody {
     nickname: Option<String>,
 }
 
-async fn register(State(s): State<Arc<Services>>, body: Bytes) -> ApiResult {
+/// The client's address, where the server was started with connection info (see
+/// [`router`]); the attempt limits of login and registration are kept per address.
+struct ClientAddr(Option<IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let info = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>();
+        Ok(Self(info.map(|c| c.0.ip())))
+    }
+}
+
+async fn register(State(s): State<Arc<Services>>, ClientAddr(from): ClientAddr, body: Bytes) -> ApiResult {
     let b: RegisterBody = parse_body(&body)?;
     let user_id = s
         .users
@@ -147,6 +195,7 @@ async fn register(State(s): State<Arc<Services>>, body: Bytes) -> ApiResult {
             required(&b.username, "username")?,
             required(&b.password, "password")?,
             b.nickname.as_deref(),
+            from,
         )
         .await?;
     Ok((StatusCode::CREATED, Json(json!({ "userId": user_id }))).into_response())
@@ -158,11 +207,15 @@ struct LoginBody {
     password: Option<String>,
 }
 
-async fn login(State(s): State<Arc<Services>>, body: Bytes) -> ApiResult {
+async fn login(State(s): State<Arc<Services>>, ClientAddr(from): ClientAddr, body: Bytes) -> ApiResult {
     let b: LoginBody = parse_body(&body)?;
     let session = s
         .users
-        .login(required(&b.username, "username")?, required(&b.password, "password")?)
+        .login(
+            required(&b.username, "username")?,
+            required(&b.password, "password")?,
+            from,
+        )
         .await?;
     Ok(Json(json!({
         "token": session.token,
@@ -172,8 +225,57 @@ async fn login(State(s): State<Arc<Services>>, body: Bytes) -> ApiResult {
     .into_response())
 }
 
+/// Compares in time that depends on the length only, not on where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn logout(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
+    let user_id = caller(&s, &headers).await?;
+    s.users.logout(&user_id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PasswordBody {
+    current_password: Option<String>,
+    new_password: Option<String>,
+}
+
+async fn change_password(State(s): State<Arc<Services>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let user_id = caller(&s, &headers).await?;
+    let b: PasswordBody = parse_body(&body)?;
+    let session = s
+        .users
+        .change_password(
+            &user_id,
+            required(&b.current_password, "currentPassword")?,
+            required(&b.new_password, "newPassword")?,
+        )
+        .await?;
+    Ok(Json(json!({
+        "token": session.token,
+        "userId": session.user_id,
+        "expiresAt": session.expires_at,
+    }))
+    .into_response())
+}
+
+async fn disable_user(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    admin(&s, &headers)?;
+    s.users.set_disabled(&id, true).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn enable_user(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    admin(&s, &headers)?;
+    s.users.set_disabled(&id, false).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn me(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let u = s.users.get(&user_id).await?;
     Ok(Json(json!({
         "userId": u.user_id,
@@ -203,7 +305,7 @@ async fn history(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let before = query_u64(&q, "beforeSeq")?;
     let limit = query_u64(&q, "limit")?.map(|l| u32::try_from(l).unwrap_or(u32::MAX));
     let messages = s.messages.history(&user_id, &id, before, limit).await?;
@@ -221,7 +323,7 @@ async fn conversations(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let offset = query_u64(&q, "offset")?.unwrap_or(0);
     let limit = query_u64(&q, "limit")?.unwrap_or(50);
     let list = s
@@ -251,7 +353,7 @@ async fn mark_read(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let b: ReadBody = parse_body(&body)?;
     let read_seq = b
         .read_seq
@@ -265,7 +367,7 @@ async fn reads(
     headers: HeaderMap,
     Path((id, seq)): Path<(String, String)>,
 ) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let seq: u64 = seq.parse().map_err(|_| {
         ApiError(ServiceError::invalid(
             "invalid_query",
@@ -285,7 +387,7 @@ struct FriendRequestBody {
 }
 
 async fn request_friend(State(s): State<Arc<Services>>, headers: HeaderMap, body: Bytes) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let b: FriendRequestBody = parse_body(&body)?;
     let to = required(&b.to_user_id, "toUserId")?;
     let id = s.social.request_friend(&user_id, to, &b.message).await?;
@@ -293,7 +395,7 @@ async fn request_friend(State(s): State<Arc<Services>>, headers: HeaderMap, body
 }
 
 async fn incoming_requests(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let reqs: Vec<_> = s
         .social
         .incoming(&user_id)
@@ -308,7 +410,7 @@ async fn incoming_requests(State(s): State<Arc<Services>>, headers: HeaderMap) -
 }
 
 async fn answer(s: &Services, headers: &HeaderMap, id: &str, accept: bool) -> ApiResult {
-    let user_id = caller(s, headers)?;
+    let user_id = caller(s, headers).await?;
     s.social.answer(&user_id, id, accept).await?;
     let status = if accept { "accepted" } else { "rejected" };
     Ok(Json(json!({ "requestId": id, "status": status })).into_response())
@@ -323,7 +425,7 @@ async fn reject_request(State(s): State<Arc<Services>>, headers: HeaderMap, Path
 }
 
 async fn friends(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let mut out = Vec::new();
     for f in s.social.friends(&user_id).await? {
         let u = s.users.get(&f.user_id).await?;
@@ -333,7 +435,7 @@ async fn friends(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResul
 }
 
 async fn unfriend(State(s): State<Arc<Services>>, headers: HeaderMap, Path(other): Path<String>) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     s.social.unfriend(&user_id, &other).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -347,7 +449,7 @@ struct CreateGroupBody {
 }
 
 async fn create_group(State(s): State<Arc<Services>>, headers: HeaderMap, body: Bytes) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let b: CreateGroupBody = parse_body(&body)?;
     let name = required(&b.name, "name")?;
     let id = s.social.create_group(&user_id, name, &b.member_ids).await?;
@@ -365,7 +467,7 @@ fn member_json(m: &sai_storage::GroupMember) -> serde_json::Value {
 }
 
 async fn my_groups(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let groups: Vec<_> = s
         .social
         .groups_of(&user_id)
@@ -377,13 +479,13 @@ async fn my_groups(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiRes
 }
 
 async fn group(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let (g, me) = s.social.group_for(&user_id, &id).await?;
     Ok(Json(group_json(&g, &me.role)).into_response())
 }
 
 async fn group_members(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     s.social.group_for(&user_id, &id).await?;
     let members: Vec<_> = s.social.members(&id).await?.iter().map(member_json).collect();
     Ok(Json(json!({ "members": members })).into_response())
@@ -401,7 +503,7 @@ async fn add_members(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let b: AddMembersBody = parse_body(&body)?;
     let ids = b
         .user_ids
@@ -421,7 +523,7 @@ async fn remove_member(
     headers: HeaderMap,
     Path((id, target)): Path<(String, String)>,
 ) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     s.social.remove_member(&user_id, &id, &target).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -437,7 +539,7 @@ async fn set_role(
     Path((id, target)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let user_id = caller(&s, &headers)?;
+    let user_id = caller(&s, &headers).await?;
     let b: RoleBody = parse_body(&body)?;
     let role = required(&b.role, "role")?;
     s.social.set_role(&user_id, &id, &target, role).await?;

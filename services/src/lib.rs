@@ -1,7 +1,8 @@
 //! SAI-IM services and the one-binary server.
 //!
 //! # Layout
-//! - [`users`]: registration (bcrypt), login, tokens ([`auth`]: HS256 JWT).
+//! - [`users`]: registration (bcrypt), login, tokens ([`auth`]: HS256 JWT); [`throttle`]: the
+//!   attempt limits of login and registration and the bounded bcrypt pool.
 //! - [`messages`]: send with per-conversation seq and idempotency, sync, history, read state,
 //!   read receipts ([`receipts`]: the bitmap codec) and the conversation list.
 //! - [`social`]: friend requests, friendships, groups.
@@ -27,9 +28,10 @@ pub mod messages;
 pub mod receipts;
 pub mod social;
 pub mod sqlite;
+pub mod throttle;
 pub mod users;
 
-use sai_pipeline::flow::{Delivery, Ms2Ps, Routes};
+use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, Routes};
 use sai_pipeline::frame::{data_frame, PushFrame};
 use sai_pipeline::message::Push;
 use serde::Serialize;
@@ -61,6 +63,8 @@ pub struct Services {
     pub messages: Arc<messages::MessageService>,
     /// Friends and groups.
     pub social: Arc<social::SocialService>,
+    /// The bearer token of the admin routes (`/v1/admin/...`); `None` turns them off.
+    pub admin_token: Option<String>,
 }
 
 /// `ms2ps_chat`, the services' one way out to clients: stored messages and notifications alike
@@ -84,6 +88,13 @@ impl Outbound {
         if !to.is_empty() {
             let push = Arc::new(PushFrame::new(push));
             self.ms2ps.deliver(Delivery::Push { to, push });
+        }
+    }
+
+    /// Closes `user`'s live connection, if any, for `reason`.
+    pub fn close(&self, user: &str, reason: CloseReason) {
+        if let Some(to) = self.routes.lookup(user) {
+            self.ms2ps.deliver(Delivery::Close { to, reason });
         }
     }
 

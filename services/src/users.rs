@@ -3,8 +3,11 @@
 use crate::auth::{Claims, JwtKeys, TokenError};
 use crate::cache::Cached;
 use crate::error::ServiceError;
-use crate::Clock;
+use crate::throttle::{address_key, HashPool, HashPoolConfig, LoginLimits, LoginThrottle};
+use crate::{Clock, Outbound};
+use sai_pipeline::flow::CloseReason;
 use sai_storage::{StoreError, User, UserStore};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// bcrypt reads at most 72 bytes of a password; longer ones are refused rather than truncated.
@@ -25,6 +28,19 @@ pub struct Session {
     pub expires_at: i64,
 }
 
+/// How the user service hashes, issues and throttles.
+#[derive(Debug, Clone, Copy)]
+pub struct UserConfig {
+    /// bcrypt cost of new passwords.
+    pub bcrypt_cost: u32,
+    /// Token lifetime.
+    pub token_ttl_secs: i64,
+    /// Login and registration attempt limits.
+    pub limits: LoginLimits,
+    /// The bcrypt threads.
+    pub hash_pool: HashPoolConfig,
+}
+
 /// Users and tokens.
 pub struct UserService {
     store: Arc<dyn UserStore>,
@@ -32,16 +48,32 @@ pub struct UserService {
     clock: Arc<dyn Clock>,
     bcrypt_cost: u32,
     token_ttl_secs: i64,
+    /// bcrypt runs here, never on the runtime's threads (see [`crate::throttle`]).
+    hashes: HashPool,
+    /// Attempt limits of login and registration.
+    throttle: LoginThrottle,
     /// Hash compared against when the username does not exist, so a login takes the same time
     /// either way and does not reveal which part was wrong.
     dummy_hash: String,
-    /// Ids known to exist (every private send asks). Accounts are never deleted, so an entry
-    /// never goes stale; absent ids are not cached (they may be registered next).
-    known: Cached<String, ()>,
+    /// What the token check needs of each account, for the upgrade and every authenticated
+    /// request, and existence for every private send. Invalidated by every revocation; absent
+    /// ids are not cached (they may be registered next).
+    accounts: Cached<String, Account>,
+    /// Where revoked sessions are closed.
+    outbound: Arc<Outbound>,
 }
 
-/// User ids [`UserService::exists`] remembers (about 100 bytes each).
-const KNOWN_USERS: usize = 100_000;
+/// Accounts [`UserService`] remembers (about 100 bytes each).
+const CACHED_ACCOUNTS: usize = 100_000;
+
+/// The part of an account that decides whether its tokens hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Account {
+    /// Only tokens of this epoch are accepted.
+    epoch: u32,
+    /// Disabled accounts' tokens are refused.
+    disabled: bool,
+}
 
 impl UserService {
     /// A service over `store`.
@@ -49,21 +81,28 @@ impl UserService {
         store: Arc<dyn UserStore>,
         keys: JwtKeys,
         clock: Arc<dyn Clock>,
-        bcrypt_cost: u32,
-        token_ttl_secs: i64,
+        cfg: UserConfig,
+        outbound: Arc<Outbound>,
     ) -> Result<Self, ServiceError> {
-        let dummy_hash = bcrypt::hash("not a real password", bcrypt_cost).map_err(|e| {
+        let dummy_hash = bcrypt::hash("not a real password", cfg.bcrypt_cost).map_err(|e| {
             tracing::error!(error = %e, "bcrypt setup failed");
+            ServiceError::Internal
+        })?;
+        let hashes = HashPool::new(cfg.hash_pool).map_err(|e| {
+            tracing::error!(error = %e, "starting the hash threads failed");
             ServiceError::Internal
         })?;
         Ok(Self {
             store,
             keys,
             clock,
-            bcrypt_cost,
-            token_ttl_secs,
+            bcrypt_cost: cfg.bcrypt_cost,
+            token_ttl_secs: cfg.token_ttl_secs,
+            hashes,
+            throttle: LoginThrottle::new(cfg.limits),
             dummy_hash,
-            known: Cached::new(KNOWN_USERS),
+            accounts: Cached::new(CACHED_ACCOUNTS),
+            outbound,
         })
     }
 
@@ -72,26 +111,17 @@ impl UserService {
         &self.keys
     }
 
-    /// Creates an account and returns its id.
+    /// Creates an account and returns its id. `from` is the client's address (registrations
+    /// per address are limited; `None` for callers that are not clients).
     pub async fn register(
         &self,
         username: &str,
         password: &str,
         nickname: Option<&str>,
+        from: Option<IpAddr>,
     ) -> Result<String, ServiceError> {
         validate_username(username)?;
-        if password.chars().count() < MIN_PASSWORD_CHARS {
-            return Err(ServiceError::invalid(
-                "invalid_password",
-                format!("password must be at least {MIN_PASSWORD_CHARS} characters"),
-            ));
-        }
-        if password.len() > MAX_PASSWORD_BYTES {
-            return Err(ServiceError::invalid(
-                "invalid_password",
-                format!("password must be at most {MAX_PASSWORD_BYTES} bytes"),
-            ));
-        }
+        validate_password(password)?;
         let nickname = nickname.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(username);
         if nickname.chars().count() > MAX_NICKNAME_CHARS || nickname.chars().any(char::is_control) {
             return Err(ServiceError::invalid(
@@ -102,21 +132,26 @@ impl UserService {
         if self.store.user_by_name(username).await?.is_some() {
             return Err(username_taken());
         }
+        // Counted only once the request is valid and would cost a hash.
+        if let Some(ip) = from {
+            self.throttle
+                .registrations
+                .begin(&address_key(ip), self.clock.now_ms())?;
+        }
         let cost = self.bcrypt_cost;
         let pw = password.to_string();
-        let hash = tokio::task::spawn_blocking(move || bcrypt::hash(pw, cost))
-            .await
-            .map_err(|_| ServiceError::Internal)?
-            .map_err(|e| {
-                tracing::error!(error = %e, "bcrypt hash failed");
-                ServiceError::Internal
-            })?;
+        let hash = self.hashes.run(move || bcrypt::hash(pw, cost)).await?.map_err(|e| {
+            tracing::error!(error = %e, "bcrypt hash failed");
+            ServiceError::Internal
+        })?;
         let user = User {
             user_id: uuid::Uuid::new_v4().simple().to_string(),
             username: username.to_string(),
             nickname: nickname.to_string(),
             password_hash: hash,
             created_at: self.clock.now_ms(),
+            token_epoch: 0,
+            disabled: false,
         };
         match self.store.create_user(&user).await {
             Ok(()) => Ok(user.user_id),
@@ -126,34 +161,55 @@ impl UserService {
     }
 
     /// Checks credentials and issues a token. 401 `invalid_credentials` for an unknown user and
-    /// for a wrong password alike.
-    pub async fn login(&self, username: &str, password: &str) -> Result<Session, ServiceError> {
+    /// for a wrong password alike; 429 `too_many_attempts` while the account name or `from` (the
+    /// client's address) is blocked by the attempt limits (see [`crate::throttle`]).
+    pub async fn login(&self, username: &str, password: &str, from: Option<IpAddr>) -> Result<Session, ServiceError> {
+        let now = self.clock.now_ms();
+        let account = username.to_string();
+        let address = from.map(address_key);
+        if let Some(a) = &address {
+            self.throttle.addresses.begin(a, now)?;
+        }
+        if let Err(e) = self.throttle.accounts.begin(&account, now) {
+            if let Some(a) = &address {
+                // Refused before any work: not held against the address.
+                self.throttle.addresses.forgive(a);
+            }
+            return Err(e);
+        }
         let user = self.store.user_by_name(username).await?;
         let hash = user
             .as_ref()
             .map(|u| u.password_hash.clone())
             .unwrap_or_else(|| self.dummy_hash.clone());
         let pw = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(pw, &hash).unwrap_or(false))
-            .await
-            .map_err(|_| ServiceError::Internal)?;
+        let ok = self
+            .hashes
+            .run(move || bcrypt::verify(pw, &hash).unwrap_or(false))
+            .await?;
         let (Some(user), true) = (user, ok) else {
-            return Err(ServiceError::Unauthorized {
-                code: "invalid_credentials",
-                message: "invalid username or password".into(),
-            });
+            return Err(invalid_credentials());
         };
-        Ok(self.issue(&user.user_id))
+        self.throttle.accounts.reset(&account);
+        if let Some(a) = &address {
+            self.throttle.addresses.forgive(a);
+        }
+        // Told only to who knows the password.
+        if user.disabled {
+            return Err(disabled());
+        }
+        Ok(self.issue(&user.user_id, user.token_epoch))
     }
 
-    /// Issues a token for `user_id` valid for the configured TTL.
-    pub fn issue(&self, user_id: &str) -> Session {
+    /// Issues a token for `user_id` in token epoch `gen`, valid for the configured TTL.
+    fn issue(&self, user_id: &str, gen: u32) -> Session {
         let iat = self.clock.now_ms() / 1000;
         let exp = iat + self.token_ttl_secs;
         let token = self.keys.sign(&Claims {
             sub: user_id.to_string(),
             iat,
             exp,
+            gen,
         });
         Session {
             token,
@@ -162,39 +218,140 @@ impl UserService {
         }
     }
 
-    /// Verifies a token and returns its user id. Does not touch storage.
-    pub fn authenticate(&self, token: &str) -> Result<String, TokenError> {
-        self.keys.verify(token, self.clock.now_ms() / 1000).map(|c| c.sub)
+    /// Verifies a token and returns its user id: signed by us, not expired, of an account that
+    /// exists, is not disabled and has not revoked it (its epoch is the account's). The account
+    /// is read through a cache, so this costs a store read only the first time.
+    pub async fn authorize(&self, token: &str) -> Result<String, ServiceError> {
+        let claims = self
+            .keys
+            .verify(token, self.clock.now_ms() / 1000)
+            .map_err(unauthorized)?;
+        match self.account(&claims.sub).await? {
+            None => Err(ServiceError::Unauthorized {
+                code: "invalid_token",
+                message: "the token's user does not exist".into(),
+            }),
+            Some(a) if a.disabled => Err(disabled()),
+            Some(a) if a.epoch != claims.gen => Err(ServiceError::Unauthorized {
+                code: "token_revoked",
+                message: "this token was revoked: log in again".into(),
+            }),
+            Some(_) => Ok(claims.sub),
+        }
     }
 
-    /// The account behind an id.
-    pub async fn get(&self, user_id: &str) -> Result<User, ServiceError> {
-        self.store
-            .user_by_id(user_id)
+    /// Logs `user_id` out everywhere: every token issued so far is refused from now on and the
+    /// live session is closed with 4004.
+    pub async fn logout(&self, user_id: &str) -> Result<(), ServiceError> {
+        self.store.revoke_tokens(user_id).await?.ok_or_else(user_not_found)?;
+        self.revoked(user_id, CloseReason::TokenRevoked);
+        Ok(())
+    }
+
+    /// Replaces the password after checking the current one (attempts count against the
+    /// account's limit like logins). Earlier tokens are revoked (the live session is closed
+    /// with 4004); the answer is a token of the new epoch.
+    pub async fn change_password(&self, user_id: &str, current: &str, new: &str) -> Result<Session, ServiceError> {
+        validate_password(new)?;
+        let user = self.get(user_id).await?;
+        let now = self.clock.now_ms();
+        self.throttle.accounts.begin(&user.username, now)?;
+        let (pw, hash) = (current.to_string(), user.password_hash.clone());
+        if !self
+            .hashes
+            .run(move || bcrypt::verify(pw, &hash).unwrap_or(false))
             .await?
-            .ok_or_else(|| ServiceError::NotFound {
-                code: "user_not_found",
-                message: "no such user".into(),
-            })
+        {
+            return Err(invalid_credentials());
+        }
+        self.throttle.accounts.reset(&user.username);
+        let (pw, cost) = (new.to_string(), self.bcrypt_cost);
+        let hash = self.hashes.run(move || bcrypt::hash(pw, cost)).await?.map_err(|e| {
+            tracing::error!(error = %e, "bcrypt hash failed");
+            ServiceError::Internal
+        })?;
+        let epoch = self
+            .store
+            .set_password(user_id, &hash)
+            .await?
+            .ok_or_else(user_not_found)?;
+        self.revoked(user_id, CloseReason::TokenRevoked);
+        Ok(self.issue(user_id, epoch))
     }
 
-    /// Whether a user id exists.
-    pub async fn exists(&self, user_id: &str) -> Result<bool, ServiceError> {
+    /// Disables (or enables again) an account. Disabling refuses its logins and tokens and
+    /// closes its live session with 4005; enabling lets it log in again (earlier tokens stay
+    /// revoked).
+    pub async fn set_disabled(&self, user_id: &str, disabled: bool) -> Result<(), ServiceError> {
+        self.store
+            .set_disabled(user_id, disabled)
+            .await?
+            .ok_or_else(user_not_found)?;
+        let reason = if disabled {
+            CloseReason::AccountDisabled
+        } else {
+            CloseReason::TokenRevoked
+        };
+        self.revoked(user_id, reason);
+        Ok(())
+    }
+
+    /// After a committed revocation: forget the cached account, close the live session.
+    fn revoked(&self, user_id: &str, reason: CloseReason) {
+        self.accounts.invalidate(&user_id.to_string());
+        self.outbound.close(user_id, reason);
+    }
+
+    async fn account(&self, user_id: &str) -> Result<Option<Account>, ServiceError> {
         let found = self
-            .known
+            .accounts
             .get_or_load(&user_id.to_string(), async {
                 match self.store.user_by_id(user_id).await {
-                    Ok(Some(_)) => Ok(()),
+                    Ok(Some(u)) => Ok(Account {
+                        epoch: u.token_epoch,
+                        disabled: u.disabled,
+                    }),
                     Ok(None) => Err(None),
                     Err(e) => Err(Some(e)),
                 }
             })
             .await;
         match found {
-            Ok(()) => Ok(true),
-            Err(None) => Ok(false),
+            Ok(a) => Ok(Some(a)),
+            Err(None) => Ok(None),
             Err(Some(e)) => Err(e.into()),
         }
+    }
+
+    /// The account behind an id.
+    pub async fn get(&self, user_id: &str) -> Result<User, ServiceError> {
+        self.store.user_by_id(user_id).await?.ok_or_else(user_not_found)
+    }
+
+    /// Whether a user id exists (disabled accounts exist).
+    pub async fn exists(&self, user_id: &str) -> Result<bool, ServiceError> {
+        Ok(self.account(user_id).await?.is_some())
+    }
+}
+
+fn invalid_credentials() -> ServiceError {
+    ServiceError::Unauthorized {
+        code: "invalid_credentials",
+        message: "invalid username or password".into(),
+    }
+}
+
+fn disabled() -> ServiceError {
+    ServiceError::Forbidden {
+        code: "account_disabled",
+        message: "this account is disabled".into(),
+    }
+}
+
+fn user_not_found() -> ServiceError {
+    ServiceError::NotFound {
+        code: "user_not_found",
+        message: "no such user".into(),
     }
 }
 
@@ -203,6 +360,23 @@ fn username_taken() -> ServiceError {
         code: "username_taken",
         message: "username already exists".into(),
     }
+}
+
+/// [`MIN_PASSWORD_CHARS`] characters to [`MAX_PASSWORD_BYTES`] bytes.
+fn validate_password(password: &str) -> Result<(), ServiceError> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(ServiceError::invalid(
+            "invalid_password",
+            format!("password must be at least {MIN_PASSWORD_CHARS} characters"),
+        ));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(ServiceError::invalid(
+            "invalid_password",
+            format!("password must be at most {MAX_PASSWORD_BYTES} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// 3 to 32 characters of `A-Z a-z 0-9 _ . -`.

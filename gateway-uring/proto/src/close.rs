@@ -18,3 +18,7 @@ pub const REPLACED: u16 = 4001;
 pub const IDLE_TIMEOUT: u16 = 4002;
 /// The client fell too far behind: its outbound queue overflowed. It should reconnect and sync.
 pub const SLOW_CONSUMER: u16 = 4003;
+/// The session's token was revoked (the user logged out or changed the password); log in again.
+pub const TOKEN_REVOKED: u16 = 4004;
+/// The account was disabled.
+pub const ACCOUNT_DISABLED: u16 = 4005;

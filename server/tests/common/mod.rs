@@ -139,6 +139,24 @@ impl Server {
         )
     }
 
+    /// Like [`Server::post`], with the `Retry-After` header.
+    pub fn post_retry_after(&self, path: &str, body: &Value) -> (u16, Value, Option<u64>) {
+        let mut resp = Self::agent()
+            .post(format!("{}{path}", self.http))
+            .send_json(body)
+            .expect("http");
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_json().unwrap_or(Value::Null),
+            retry,
+        )
+    }
+
     pub fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
         let mut resp = Self::agent()
             .post(format!("{}{path}", self.http))

@@ -48,7 +48,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Each step moves the schema one version up; a database at version `v` gets steps `v..`.
 /// Steps are only ever appended, never edited.
-const MIGRATIONS: &[&[&str]] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&[&str]] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 /// Users, conversations, messages.
 const SCHEMA_V1: &[&str] = &[
@@ -123,6 +123,12 @@ const SCHEMA_V2: &[&str] = &[
         format INTEGER NOT NULL,
         bitmap BLOB NOT NULL,
         PRIMARY KEY (conversation_id, seq)) WITHOUT ROWID",
+];
+
+/// Token revocation and disabled accounts.
+const SCHEMA_V3: &[&str] = &[
+    "ALTER TABLE users ADD COLUMN token_epoch INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
 ];
 
 /// The message writer thread (joined on close) and the checkpointer's stop signal.
@@ -245,7 +251,13 @@ fn user_from_row(r: &SqliteRow) -> StoreResult<User> {
         nickname: r.try_get("nickname").map_err(corrupt)?,
         password_hash: r.try_get("password_hash").map_err(corrupt)?,
         created_at: r.try_get("created_at").map_err(corrupt)?,
+        token_epoch: epoch(r.try_get("token_epoch").map_err(corrupt)?)?,
+        disabled: r.try_get("disabled").map_err(corrupt)?,
     })
+}
+
+fn epoch(v: i64) -> StoreResult<u32> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("token_epoch = {v}")))
 }
 
 fn message_from_row(r: &SqliteRow) -> StoreResult<StoredMessage> {
@@ -329,6 +341,44 @@ impl UserStore for SqliteStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(inserted)
+    }
+
+    async fn revoke_tokens(&self, user_id: &str) -> StoreResult<Option<u32>> {
+        let q = sqlx::query_scalar(
+            "UPDATE users SET token_epoch = token_epoch + 1 WHERE user_id = ? RETURNING token_epoch",
+        )
+        .bind(user_id);
+        q.fetch_optional(&self.writer)
+            .await
+            .map_err(unavailable)?
+            .map(epoch)
+            .transpose()
+    }
+
+    async fn set_password(&self, user_id: &str, password_hash: &str) -> StoreResult<Option<u32>> {
+        let q = sqlx::query_scalar(
+            "UPDATE users SET password_hash = ?, token_epoch = token_epoch + 1 WHERE user_id = ? RETURNING token_epoch",
+        )
+        .bind(password_hash)
+        .bind(user_id);
+        q.fetch_optional(&self.writer)
+            .await
+            .map_err(unavailable)?
+            .map(epoch)
+            .transpose()
+    }
+
+    async fn set_disabled(&self, user_id: &str, disabled: bool) -> StoreResult<Option<u32>> {
+        let q = sqlx::query_scalar(
+            "UPDATE users SET disabled = ?, token_epoch = token_epoch + 1 WHERE user_id = ? RETURNING token_epoch",
+        )
+        .bind(disabled)
+        .bind(user_id);
+        q.fetch_optional(&self.writer)
+            .await
+            .map_err(unavailable)?
+            .map(epoch)
+            .transpose()
     }
 
     async fn user_by_id(&self, user_id: &str) -> StoreResult<Option<User>> {

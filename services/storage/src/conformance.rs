@@ -19,6 +19,8 @@ fn user(id: &str, name: &str) -> User {
         nickname: name.into(),
         password_hash: "$2b$04$hash".into(),
         created_at: 1,
+        token_epoch: 0,
+        disabled: false,
     }
 }
 
@@ -66,6 +68,28 @@ pub async fn check_users(s: &dyn UserStore) {
         s.user_by_id("bulk49").await.expect("bulk user").map(|u| u.username),
         Some("bulk49".into())
     );
+    check_revocation(s).await;
+}
+
+/// Every revocation starts a new token epoch, atomically with the change it comes with.
+async fn check_revocation(s: &dyn UserStore) {
+    s.create_user(&user("u-r", "revoked")).await.expect("create");
+    assert_eq!(s.revoke_tokens("u-r").await.expect("revoke"), Some(1));
+    assert_eq!(s.revoke_tokens("u-r").await.expect("revoke"), Some(2));
+    assert_eq!(s.set_password("u-r", "$2b$04$new").await.expect("password"), Some(3));
+    let u = s.user_by_id("u-r").await.expect("read").expect("exists");
+    assert_eq!(
+        (u.password_hash.as_str(), u.token_epoch, u.disabled),
+        ("$2b$04$new", 3, false)
+    );
+    assert_eq!(s.set_disabled("u-r", true).await.expect("disable"), Some(4));
+    let u = s.user_by_name("revoked").await.expect("read").expect("exists");
+    assert_eq!((u.token_epoch, u.disabled), (4, true));
+    assert_eq!(s.set_disabled("u-r", false).await.expect("enable"), Some(5));
+    assert!(!s.user_by_id("u-r").await.expect("read").expect("exists").disabled);
+    assert_eq!(s.revoke_tokens("nobody").await.expect("unknown"), None);
+    assert_eq!(s.set_password("nobody", "x").await.expect("unknown"), None);
+    assert_eq!(s.set_disabled("nobody", true).await.expect("unknown"), None);
 }
 
 /// Seqs start at 1 per conversation, increase by one, and a repeated `(send_id, client_msg_id)`

@@ -45,6 +45,11 @@ pub struct User {
     pub password_hash: String,
     /// Milliseconds since the Unix epoch.
     pub created_at: i64,
+    /// Tokens carry the epoch they were issued in; only those of the current one are accepted.
+    /// Starts at 0; every revocation (logout, password change, disable) adds one.
+    pub token_epoch: u32,
+    /// A disabled account cannot log in and its tokens are refused.
+    pub disabled: bool,
 }
 
 /// Accounts.
@@ -59,6 +64,13 @@ pub trait UserStore: Send + Sync + 'static {
     /// Inserts many users at once, skipping any whose id or username exists; returns how many
     /// were inserted. For provisioning load tests, not for sign-up.
     async fn create_users_bulk(&self, users: &[User]) -> StoreResult<u64>;
+    /// Starts a new token epoch of `user_id` (every token issued before is refused from now on);
+    /// the new epoch, or `None` for an unknown user. Atomic: two revocations give two epochs.
+    async fn revoke_tokens(&self, user_id: &str) -> StoreResult<Option<u32>>;
+    /// Replaces the password hash and starts a new token epoch in one write; the new epoch.
+    async fn set_password(&self, user_id: &str, password_hash: &str) -> StoreResult<Option<u32>>;
+    /// Disables or enables the account and starts a new token epoch in one write; the new epoch.
+    async fn set_disabled(&self, user_id: &str, disabled: bool) -> StoreResult<Option<u32>>;
 }
 
 /// A message to append; the store assigns its `seq`.
