@@ -13,6 +13,7 @@
 //! (its input is empty between frames, its output empty once flushed and bounded by
 //! `max_outbound_bytes`, at most `PendingConfig::capacity` rigor pushes) and this struct.
 
+use crate::admission::Ticket;
 use crate::shard::Shard;
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller, Splitable,
@@ -130,7 +131,8 @@ impl Conn {
 }
 
 /// Serves one accepted TCP connection to the end.
-pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+/// `ticket` holds the connection's place ([`crate::admission`]) until it ends.
+pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Ticket) {
     let _ = stream.set_nodelay(true);
     let cfg = &shard.shared.cfg;
     let (req, acc) = match monoio::time::timeout(cfg.handshake_timeout, read_request(&mut stream)).await {
@@ -161,6 +163,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             return;
         }
     };
+    ticket.handshake_done();
     let (res, _) = stream
         .write_all(handshake::response_101(&req.key, Some(&protocol)))
         .await;
@@ -223,7 +226,8 @@ async fn read_request(stream: &mut TcpStream) -> Result<Option<(UpgradeRequest, 
     }
 }
 
-async fn respond(stream: &mut TcpStream, bytes: Vec<u8>) {
+/// Writes a whole answer and shuts the socket down for writing.
+pub(crate) async fn respond(stream: &mut TcpStream, bytes: Vec<u8>) {
     let _ = stream.write_all(bytes).await;
     let _ = stream.shutdown().await;
 }

@@ -14,6 +14,7 @@
 //!   [`Ms2Ps`](sai_pipeline::flow::Ms2Ps) ([`Prepared`], made before the pipeline exists, so
 //!   neither side is built late).
 
+pub mod admission;
 pub mod conn;
 pub mod index;
 pub mod shard;
@@ -79,6 +80,8 @@ pub struct GatewayConfig {
     pub read_buffer_bytes: usize,
     /// Time allowed for the HTTP upgrade.
     pub handshake_timeout: Duration,
+    /// Caps on connections in all and per client address ([`admission`]).
+    pub admission: admission::Limits,
     /// After we send a close frame, how long the peer gets to answer before the socket is dropped.
     pub close_grace: Duration,
     /// Timer wheel tick.
@@ -105,6 +108,7 @@ impl Default for GatewayConfig {
             max_outbound_bytes: 1024 * 1024,
             read_buffer_bytes: 4096,
             handshake_timeout: Duration::from_secs(10),
+            admission: admission::Limits::default(),
             close_grace: Duration::from_secs(3),
             tick: Duration::from_millis(100),
             pending: PendingConfig::default(),

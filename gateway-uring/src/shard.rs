@@ -6,6 +6,7 @@
 //! a reader, a request and a writer task per connection. They share the shard through an `Rc`:
 //! nothing here is touched from another thread except the inbox and the [`UserIndex`].
 
+use crate::admission::{Admission, Refused};
 use crate::conn::{self, Conn};
 use crate::index::UserIndex;
 use crate::wheel::TimerWheel;
@@ -140,6 +141,8 @@ impl Inbox {
 /// What every shard shares.
 pub(crate) struct Shared {
     pub cfg: GatewayConfig,
+    /// Connection places, per address and in all.
+    pub admission: Arc<Admission>,
     pub pipeline: Arc<dyn Ws2Ms>,
     pub index: Arc<UserIndex>,
     pub inboxes: Vec<Inbox>,
@@ -333,7 +336,17 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
     for _ in 1..n {
         listeners.push(bind_reuseport(bound)?);
     }
+    let nofile = Admission::nofile();
+    let admission = Admission::new(cfg.admission, nofile);
+    tracing::info!(
+        max_connections = admission.total_cap(),
+        descriptor_limit = nofile,
+        per_address = cfg.admission.max_per_address,
+        handshakes_per_address = cfg.admission.max_handshakes_per_address,
+        "gateway connection limits"
+    );
     let shared = Arc::new(Shared {
+        admission,
         cfg,
         pipeline,
         index: index.clone(),
@@ -439,26 +452,83 @@ fn run_shard(
     });
 }
 
+/// Refusals being written at once per shard; more are closed without an answer.
+const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+/// How long a refusal's answer may take to write before the socket is closed anyway.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Accept errors are logged at most once per this.
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
 async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, cancel: monoio::io::CancelHandle) {
+    // A descriptor held in reserve: when accept fails for want of descriptors (EMFILE or
+    // ENFILE), it is given up so that the waiting connection can be accepted and closed rather
+    // than left in the backlog until its client gives up.
+    let mut spare = std::fs::File::open("/dev/null").ok();
+    let refusals = Rc::new(Cell::new(0usize));
+    let mut backoff = Duration::ZERO;
+    let mut last_log: Option<Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 if shard.stopping.get() {
                     return;
                 }
-                monoio::spawn(conn::serve(shard.clone(), stream));
+                backoff = Duration::ZERO;
+                match shard.shared.admission.admit(peer.ip()) {
+                    Ok(ticket) => {
+                        monoio::spawn(conn::serve(shard.clone(), stream, ticket));
+                    }
+                    Err(why) => refuse(stream, why, &refusals),
+                }
             }
             Err(e) => {
                 if shard.stopping.get() {
                     return;
                 }
-                // EMFILE / ENFILE under the fd cap, or a connection reset before accept: back off
-                // briefly instead of spinning.
-                tracing::warn!(error = %e, shard = shard.idx, "accept failed");
-                monoio::time::sleep(Duration::from_millis(50)).await;
+                let out_of_fds = matches!(e.raw_os_error(), Some(code) if code == EMFILE || code == ENFILE);
+                if out_of_fds && spare.take().is_some() {
+                    if let Ok((stream, _)) = listener.cancelable_accept(cancel.clone()).await {
+                        refuse(stream, Refused::Full, &refusals);
+                    }
+                    spare = std::fs::File::open("/dev/null").ok();
+                }
+                // One line per ACCEPT_ERROR_LOG_EVERY, however many errors: the others are
+                // counted into the next line.
+                if last_log.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                    tracing::warn!(error = %e, shard = shard.idx, more_since_last_line = unlogged, "accept failed; backing off");
+                    last_log = Some(Instant::now());
+                    unlogged = 0;
+                } else {
+                    unlogged += 1;
+                }
+                // 10 ms doubling up to 1 s while accept keeps failing, instead of spinning.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                monoio::time::sleep(backoff).await;
             }
         }
     }
+}
+
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
+/// Answers a connection that gets no place with its HTTP status and code, then closes it. At
+/// most [`MAX_REFUSALS_IN_FLIGHT`] answers are in flight per shard (each is one small write into
+/// an empty socket buffer, done within microseconds); past that the socket is just closed.
+fn refuse(stream: monoio::net::TcpStream, why: Refused, in_flight: &Rc<Cell<usize>>) {
+    if in_flight.get() >= MAX_REFUSALS_IN_FLIGHT {
+        return;
+    }
+    in_flight.set(in_flight.get() + 1);
+    let in_flight = in_flight.clone();
+    monoio::spawn(async move {
+        let (status, code, message) = why.answer();
+        let mut stream = stream;
+        let answer = conn::respond(&mut stream, sai_proto::handshake::response_error(status, code, message));
+        let _ = monoio::time::timeout(REFUSAL_WRITE_TIMEOUT, answer).await;
+        in_flight.set(in_flight.get() - 1);
+    });
 }
 
 async fn tick_loop(shard: Rc<Shard>) {

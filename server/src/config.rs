@@ -102,6 +102,15 @@ pub struct Overrides {
     /// JWT signing secret; when unset one is generated and kept in the data dir.
     #[arg(long, env = "SAI_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Most WebSocket connections in all (0: the descriptor limit minus `fd_reserve`).
+    #[arg(long, env = "SAI_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<usize>,
+    /// Most WebSocket connections from one client address (IPv6: one /64).
+    #[arg(long, env = "SAI_MAX_CONNECTIONS_PER_ADDRESS", global = true)]
+    pub max_connections_per_address: Option<usize>,
+    /// Most unfinished WebSocket handshakes from one client address.
+    #[arg(long, env = "SAI_MAX_HANDSHAKES_PER_ADDRESS", global = true)]
+    pub max_handshakes_per_address: Option<usize>,
     /// Bearer token of the admin routes (at least 16 bytes); unset turns them off.
     #[arg(long, env = "SAI_ADMIN_TOKEN", global = true, hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -130,6 +139,14 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Most bytes queued for one WebSocket connection.
     pub max_outbound_bytes: usize,
+    /// Most WebSocket connections in all; 0 = the descriptor limit minus `fd_reserve`.
+    pub max_connections: usize,
+    /// Descriptors kept for everything but WebSocket connections when `max_connections` is 0.
+    pub fd_reserve: usize,
+    /// Most WebSocket connections per client address.
+    pub max_connections_per_address: usize,
+    /// Most unfinished handshakes per client address.
+    pub max_handshakes_per_address: usize,
     /// bcrypt cost.
     pub bcrypt_cost: u32,
     /// Token lifetime in seconds.
@@ -236,6 +253,7 @@ fn de_ack_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<AckMode, D::Err
 impl Default for Config {
     fn default() -> Self {
         let ip = std::net::Ipv4Addr::LOCALHOST;
+        let limits = sai_gateway::admission::Limits::default();
         Self {
             ws_listen: (ip, 8080).into(),
             http_listen: (ip, 8081).into(),
@@ -246,6 +264,10 @@ impl Default for Config {
             shards: 0,
             max_frame_bytes: 64 * 1024,
             max_outbound_bytes: 1024 * 1024,
+            max_connections: limits.max_connections,
+            fd_reserve: limits.fd_reserve,
+            max_connections_per_address: limits.max_per_address,
+            max_handshakes_per_address: limits.max_handshakes_per_address,
             bcrypt_cost: 12,
             token_ttl_secs: 7 * 24 * 3600,
             jwt_secret: None,
@@ -279,6 +301,9 @@ impl Config {
             idle_timeout_secs,
             shards,
             max_frame_bytes,
+            max_connections,
+            max_connections_per_address,
+            max_handshakes_per_address,
             bcrypt_cost,
             token_ttl_secs
         );
@@ -310,6 +335,9 @@ impl Config {
         }
         if self.max_outbound_bytes < self.max_frame_bytes {
             return Err("max_outbound_bytes must be at least max_frame_bytes".into());
+        }
+        if self.max_connections_per_address == 0 || self.max_handshakes_per_address == 0 {
+            return Err("max_connections_per_address and max_handshakes_per_address must be at least 1".into());
         }
         if self.group.max_members < 2 {
             return Err("group.max_members must be at least 2".into());
@@ -352,6 +380,12 @@ impl Config {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             max_frame_bytes: self.max_frame_bytes,
             max_outbound_bytes: self.max_outbound_bytes,
+            admission: sai_gateway::admission::Limits {
+                max_connections: self.max_connections,
+                fd_reserve: self.fd_reserve,
+                max_per_address: self.max_connections_per_address,
+                max_handshakes_per_address: self.max_handshakes_per_address,
+            },
             ..GatewayConfig::default()
         };
         if self.shards > 0 {

@@ -52,7 +52,12 @@ impl Server {
                 "--grpc-listen",
                 "127.0.0.1:0",
             ])
-            .args(["--bcrypt-cost", "4", "--shards", "2"])
+            .args(["--bcrypt-cost", "4"])
+            .args(if self.args.iter().any(|a| a == "--shards") {
+                &[][..]
+            } else {
+                &["--shards", "2"][..]
+            })
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
