@@ -47,3 +47,11 @@ cargo bench --locked -p sai-benches -p sai-bitmap -- --test
 
 # Load-generator smoke: correctness counters only.
 ./scripts/smoke.sh
+
+# Fuzzing (AFL++ through cargo-afl): the committed corpora replayed as tests, then one minute of
+# coverage-guided fuzzing per target (frame codec, handshake, IM requests, bitmap); any crash or
+# hang fails the run. scripts/fuzz.sh installs cargo-afl when missing.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnings
+cargo test --manifest-path fuzz/Cargo.toml --locked
+FUZZ_OUT=$(mktemp -d /tmp/sai-fuzz-ci.XXXXXX) ./scripts/fuzz.sh all "${FUZZ_SECS:-60}"
