@@ -19,6 +19,7 @@
 //! never per frame. Each map holds only addresses with a live connection, so its size is
 //! bounded by the connections.
 
+use sai_pipeline::client::address_key;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -207,21 +208,6 @@ impl Drop for Ticket {
             }
         }
         self.admission.total.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// IPv4 addresses as they are (IPv4-mapped IPv6 too), IPv6 by their /64.
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut s = v6.segments();
-                s[4..].fill(0);
-                IpAddr::V6(s.into())
-            }
-        },
     }
 }
 

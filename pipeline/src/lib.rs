@@ -14,6 +14,7 @@
 //! binary that wires a deployment sees both.
 //!
 //! # Layout
+//! - [`client`]: client addresses as the abuse limits key them.
 //! - [`conversation`]: [`ChatType`](conversation::ChatType) and the typed
 //!   [`ConversationId`](conversation::ConversationId) (`si_<a>_<b>` / `sg_<group>`).
 //! - [`message`]: the domain messages: chat request, ack, push, sync page; method names.
@@ -24,6 +25,7 @@
 //! - [`token`]: HS256 JWT sign / verify (the clock is an argument): services issue tokens,
 //!   gateways and the load generator present them.
 
+pub mod client;
 pub mod conversation;
 pub mod flow;
 pub mod frame;

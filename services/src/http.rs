@@ -217,12 +217,17 @@ async fn login(State(s): State<Arc<Services>>, ClientAddr(from): ClientAddr, bod
             from,
         )
         .await?;
-    Ok(Json(json!({
+    Ok(session_answer(&session))
+}
+
+/// `{"token","userId","expiresAt"}`: the answer of login and of a password change.
+fn session_answer(session: &crate::users::Session) -> Response {
+    Json(json!({
         "token": session.token,
         "userId": session.user_id,
         "expiresAt": session.expires_at,
     }))
-    .into_response())
+    .into_response()
 }
 
 /// Compares in time that depends on the length only, not on where the first difference is.
@@ -254,12 +259,7 @@ async fn change_password(State(s): State<Arc<Services>>, headers: HeaderMap, bod
             required(&b.new_password, "newPassword")?,
         )
         .await?;
-    Ok(Json(json!({
-        "token": session.token,
-        "userId": session.user_id,
-        "expiresAt": session.expires_at,
-    }))
-    .into_response())
+    Ok(session_answer(&session))
 }
 
 async fn disable_user(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {

@@ -23,6 +23,7 @@
 //! instead of waiting in line. So a login flood can take at most `threads` (niced) cores.
 
 use crate::error::ServiceError;
+pub use sai_pipeline::client::address_key;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -119,22 +120,6 @@ impl<K: Eq + Hash + Clone> Attempts<K> {
 fn too_many(wait_ms: i64) -> ServiceError {
     let secs = u64::try_from((wait_ms + 999) / 1000).unwrap_or(1).max(1);
     ServiceError::TooManyAttempts { retry_after_secs: secs }
-}
-
-/// The address a limit is kept for: IPv4 addresses as they are, IPv6 addresses by their /64
-/// (one host usually holds a whole /64).
-pub fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut s = v6.segments();
-                s[4..].fill(0);
-                IpAddr::V6(s.into())
-            }
-        },
-    }
 }
 
 /// The limits of login and registration.
@@ -357,17 +342,6 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(wait(a.begin(&"k".to_string(), 5)), None);
         }
-    }
-
-    #[test]
-    fn ipv6_addresses_share_their_slash_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(address_key(a), address_key(b));
-        assert_ne!(address_key(a), address_key(c));
-        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
-        assert_eq!(address_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 
     #[tokio::test]

@@ -256,6 +256,18 @@ fn user_from_row(r: &SqliteRow) -> StoreResult<User> {
     })
 }
 
+/// Runs an `UPDATE users ... RETURNING token_epoch`: the new epoch, `None` for no such user.
+async fn new_epoch<'q>(
+    q: sqlx::query::QueryScalar<'q, sqlx::Sqlite, i64, sqlx::sqlite::SqliteArguments>,
+    writer: &SqlitePool,
+) -> StoreResult<Option<u32>> {
+    q.fetch_optional(writer)
+        .await
+        .map_err(unavailable)?
+        .map(epoch)
+        .transpose()
+}
+
 fn epoch(v: i64) -> StoreResult<u32> {
     u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("token_epoch = {v}")))
 }
@@ -346,39 +358,22 @@ impl UserStore for SqliteStore {
     async fn revoke_tokens(&self, user_id: &str) -> StoreResult<Option<u32>> {
         let q = sqlx::query_scalar(
             "UPDATE users SET token_epoch = token_epoch + 1 WHERE user_id = ? RETURNING token_epoch",
-        )
-        .bind(user_id);
-        q.fetch_optional(&self.writer)
-            .await
-            .map_err(unavailable)?
-            .map(epoch)
-            .transpose()
+        );
+        new_epoch(q.bind(user_id), &self.writer).await
     }
 
     async fn set_password(&self, user_id: &str, password_hash: &str) -> StoreResult<Option<u32>> {
         let q = sqlx::query_scalar(
             "UPDATE users SET password_hash = ?, token_epoch = token_epoch + 1 WHERE user_id = ? RETURNING token_epoch",
-        )
-        .bind(password_hash)
-        .bind(user_id);
-        q.fetch_optional(&self.writer)
-            .await
-            .map_err(unavailable)?
-            .map(epoch)
-            .transpose()
+        );
+        new_epoch(q.bind(password_hash).bind(user_id), &self.writer).await
     }
 
     async fn set_disabled(&self, user_id: &str, disabled: bool) -> StoreResult<Option<u32>> {
         let q = sqlx::query_scalar(
             "UPDATE users SET disabled = ?, token_epoch = token_epoch + 1 WHERE user_id = ? RETURNING token_epoch",
-        )
-        .bind(disabled)
-        .bind(user_id);
-        q.fetch_optional(&self.writer)
-            .await
-            .map_err(unavailable)?
-            .map(epoch)
-            .transpose()
+        );
+        new_epoch(q.bind(disabled).bind(user_id), &self.writer).await
     }
 
     async fn user_by_id(&self, user_id: &str) -> StoreResult<Option<User>> {
