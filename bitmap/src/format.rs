@@ -429,12 +429,8 @@ impl<'a> View<'a> {
     /// re-encoded. This is the read-receipt write path. On a view from [`View::parse`] whose
     /// body breaks the format's invariants, the result is unspecified but it never panics.
     pub fn inserted(&self, slot: u32) -> Vec<u8> {
-        if self.contains(slot) {
-            let mut out = header(self.kind, self.width as u8, self.card, self.body.len());
-            out.extend_from_slice(self.body);
-            return out;
-        }
-        let card = self.card.saturating_add(1);
+        let present = self.contains(slot);
+        let card = self.card.saturating_add(u32::from(!present));
         let max = self.max().map_or(slot, |m| m.max(slot));
         let left = slot > 0 && self.contains(slot - 1);
         let right = slot < u32::MAX && self.contains(slot + 1);
@@ -443,9 +439,21 @@ impl<'a> View<'a> {
         // Runs only need counting up to the point where they can no longer be the smallest body
         // (one more than that, as the new slot may join two runs into one).
         let old_runs = self.count_runs(runs_limit(others, width) + 1);
-        let runs = (old_runs + 1).saturating_sub(usize::from(left) + usize::from(right));
+        let runs = if present {
+            old_runs
+        } else {
+            (old_runs + 1).saturating_sub(usize::from(left) + usize::from(right))
+        };
         let (kind, width, body_len) = choose(card, max, runs);
-        if kind != self.kind || width as usize != self.width {
+        if present && kind == self.kind && width as usize == self.width {
+            // Already a member, and already in the encoding the writer picks: the same bytes.
+            let mut out = header(self.kind, self.width as u8, self.card, self.body.len());
+            out.extend_from_slice(self.body);
+            return out;
+        }
+        // Bytes another writer encoded otherwise (valid, but not the smallest body; found by
+        // fuzzing) are re-encoded, so that the result never depends on how the input was written.
+        if present || kind != self.kind || width as usize != self.width {
             let mut b = crate::Bitmap::from_view(self);
             b.insert(slot);
             return b.serialize();
@@ -784,6 +792,17 @@ mod tests {
         let dense: Bitmap = (0..200u32).filter(|s| s % 3 != 0).collect();
         assert_eq!(dense.serialize()[1], KIND_BITS);
         assert_eq!(Bitmap::new().serialize(), vec![1, 1, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn inserting_a_member_into_bytes_written_otherwise_gives_the_canonical_bytes() {
+        // Slots 0..=135 as runs of width 2 (width 1 suffices): valid, not what we write.
+        let wide = [1, KIND_RUNS, 2, 0, 136, 0, 0, 0, 1, 0, 0, 0, 0, 0, 135, 0];
+        let view = validate(&wide).unwrap();
+        let canonical: Bitmap = (0..=135u32).collect();
+        assert_eq!(view.inserted(0), canonical.serialize());
+        assert_eq!(view.inserted(135), canonical.serialize());
+        fuzz_bytes(&wide);
     }
 
     #[test]
