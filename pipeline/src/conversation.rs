@@ -62,6 +62,15 @@ impl ConversationId {
         }
     }
 
+    /// The private conversation of `a` and `b` when both can be one end of one: each id is
+    /// non-empty and has no `_`, the separator of the wire form `si_<low>_<high>`. Otherwise
+    /// `None`: with `_` allowed, the pairs (`a`, `a_b`) and (`a_a`, `b`) would both be
+    /// `si_a_a_b`, one conversation, and each pair would read the other's messages.
+    pub fn private_between(a: &str, b: &str) -> Option<Self> {
+        let ok = |id: &str| !id.is_empty() && !id.contains('_');
+        (ok(a) && ok(b)).then(|| Self::private(a, b))
+    }
+
     /// The conversation of group `group_id`.
     pub fn group(group_id: &str) -> Self {
         Self::Group(group_id.to_string())
@@ -122,6 +131,21 @@ impl fmt::Display for ConversationId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_that_would_share_a_wire_form_get_no_private_conversation() {
+        // (a, a_b) and (a_a, b) would both be si_a_a_b.
+        assert_eq!(
+            ConversationId::private("a", "a_b").to_string(),
+            ConversationId::private("a_a", "b").to_string()
+        );
+        assert_eq!(ConversationId::private_between("a", "a_b"), None);
+        assert_eq!(ConversationId::private_between("a_a", "b"), None);
+        assert_eq!(ConversationId::private_between("", "b"), None);
+        let ok = ConversationId::private_between("b", "a").unwrap();
+        assert_eq!(ok.to_string(), "si_a_b");
+        assert_eq!(ConversationId::parse("si_a_b"), Some(ok));
+    }
 
     #[test]
     fn private_ids_are_order_free_and_round_trip() {

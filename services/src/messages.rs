@@ -222,6 +222,14 @@ impl MessageService {
                         "cannot send a message to yourself",
                     ));
                 }
+                let Some(conversation) = ConversationId::private_between(sender, recv_id) else {
+                    // Ids made before `_` was refused in them (issue 10): chatting is refused
+                    // rather than mixed with another pair's conversation.
+                    return Err(ServiceError::invalid(
+                        "invalid_recipient",
+                        "user ids containing '_' cannot have private conversations",
+                    ));
+                };
                 if !self.users.exists(recv_id).await? {
                     return Err(ServiceError::NotFound {
                         code: "recipient_not_found",
@@ -235,7 +243,7 @@ impl MessageService {
                     });
                 }
                 (
-                    ConversationId::private(sender, recv_id).to_string(),
+                    conversation.to_string(),
                     vec![sender.to_string(), recv_id.to_string()],
                     vec![recv_id.to_string()],
                 )
