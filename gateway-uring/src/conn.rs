@@ -22,6 +22,7 @@ use monoio::net::TcpStream;
 use sai_pipeline::flow::Refusal;
 use sai_pipeline::frame::{ack_frame, data_frame, error_frame, PushFrame};
 use sai_pipeline::message::method;
+use sai_proto::close;
 use sai_proto::handshake::{self, HandshakeError, UpgradeRequest};
 use sai_proto::im::Request;
 use sai_proto::session::Session;
@@ -182,6 +183,19 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
         done: Cell::new(false),
     });
     shard.register(&conn);
+    // A revocation (logout, password change, disable) that committed while this upgrade was
+    // being checked closed whatever route it found, which may not have been this one yet: ask
+    // again now that the route is registered (a cache hit, unless the account just changed).
+    // (A failure to check, `service_unavailable`, leaves the connection alone.)
+    if let Err(r) = shard.shared.pipeline.authenticate(&protocol).await {
+        match r.code {
+            "account_disabled" => conn.close_with(&shard, close::ACCOUNT_DISABLED, "account disabled"),
+            "token_revoked" | "invalid_token" => {
+                conn.close_with(&shard, close::TOKEN_REVOKED, "token revoked: log in again")
+            }
+            _ => {}
+        }
+    }
     // Bytes that arrived with the upgrade request.
     conn.session.borrow_mut().handle_bytes(shard.now(), &acc[req.len..]);
     let (mut rd, wr) = stream.into_split();
