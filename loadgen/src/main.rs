@@ -149,7 +149,9 @@ struct Common {
     /// Connect + upgrade timeout, seconds.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout: f64,
-    /// Spread connections over this many source addresses (127.0.0.1, .2, ...); 0 = kernel's choice.
+    /// Spread connections over this many source addresses (127.0.0.1, .2, ...); 0 = automatic:
+    /// one per 2,000 connections against a loopback gateway (under its per-address cap), else
+    /// the kernel's choice.
     #[arg(long, default_value_t = 0)]
     src_addrs: u32,
     /// Gateway pid, to sample its RSS.
@@ -319,6 +321,28 @@ fn share(total: u64, parts: u32, i: u32) -> (u64, u64) {
     (off, len)
 }
 
+/// Connections put on one loopback source address when `--src-addrs` is 0: under the gateway's
+/// default cap of 4,096 connections (and 1,024 unfinished handshakes) per client address, with
+/// room to spare.
+const AUTO_CONNECTIONS_PER_ADDRESS: u64 = 2000;
+
+/// `--src-addrs`, or with 0 and an IPv4 loopback target, as many loopback source addresses as
+/// the run's connections need at [`AUTO_CONNECTIONS_PER_ADDRESS`] each (0, the kernel's choice,
+/// when one address is enough).
+fn source_addresses(cmd: &Cmd, c: &Common) -> u32 {
+    if c.src_addrs > 0 || !(c.ws.is_ipv4() && c.ws.ip().is_loopback()) {
+        return c.src_addrs;
+    }
+    let connections = match cmd {
+        Cmd::Group { groups, size, .. } => groups.saturating_mul(*size),
+        _ => c.users,
+    };
+    if connections <= AUTO_CONNECTIONS_PER_ADDRESS {
+        return 0;
+    }
+    u32::try_from(connections.div_ceil(AUTO_CONNECTIONS_PER_ADDRESS)).unwrap_or(u32::MAX)
+}
+
 fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -> Result<WorkerOut, String> {
     let w = f64::from(workers);
     let (off, users) = match cmd {
@@ -337,7 +361,7 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
         users,
         connect_rate: c.connect_rate / w,
         connect_timeout: Duration::from_secs_f64(c.connect_timeout),
-        src_addrs: c.src_addrs,
+        src_addrs: source_addresses(cmd, c),
         server_pid: if index == 0 { c.server_pid } else { None },
         seed: c.seed ^ u64::from(index),
         heartbeat: Duration::from_secs_f64(c.heartbeat.max(0.1)),
@@ -666,7 +690,7 @@ fn build_report(name: &str, cmd: &Cmd, c: &Common, m: &WorkerOut, started_at: u6
     if let Some(o) = params.as_object_mut() {
         o.insert("ack_mode".into(), c.ack_mode.clone().into());
         o.insert("procs".into(), c.procs.into());
-        o.insert("src_addrs".into(), c.src_addrs.into());
+        o.insert("src_addrs".into(), source_addresses(cmd, c).into());
         o.insert("seed".into(), c.seed.into());
     }
     let mut r = Report {
@@ -694,4 +718,37 @@ fn build_report(name: &str, cmd: &Cmd, c: &Common, m: &WorkerOut, started_at: u6
         "ok".into()
     };
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(args: &[&str]) -> u32 {
+        let cli = Cli::try_parse_from(args).expect("arguments");
+        let common = match &cli.cmd {
+            Cmd::Connect { common, .. } | Cmd::Chat { common, .. } | Cmd::Group { common, .. } => common,
+            other => panic!("not a load command: {other:?}"),
+        };
+        source_addresses(&cli.cmd, common)
+    }
+
+    #[test]
+    fn large_loopback_runs_spread_over_source_addresses_by_default() {
+        assert_eq!(
+            addrs(&["loadgen", "connect", "--users", "2000"]),
+            0,
+            "one address is enough"
+        );
+        assert_eq!(addrs(&["loadgen", "connect", "--users", "19800"]), 10);
+        assert_eq!(addrs(&["loadgen", "chat", "--users", "2001"]), 2);
+        assert_eq!(addrs(&["loadgen", "group", "--groups", "30", "--size", "200"]), 3);
+        assert_eq!(
+            addrs(&["loadgen", "connect", "--users", "19800", "--src-addrs", "8"]),
+            8,
+            "given"
+        );
+        let remote = ["loadgen", "connect", "--users", "19800", "--ws", "10.0.0.1:8080"];
+        assert_eq!(addrs(&remote), 0, "not loopback: the kernel's choice");
+    }
 }
