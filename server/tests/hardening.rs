@@ -260,3 +260,38 @@ fn one_address_cannot_take_every_connection() {
     }
     drop(held);
 }
+
+#[test]
+fn grpc_login_has_the_same_limits_and_revocation() {
+    use sai_services::grpc::pb;
+    use sai_services::grpc::pb::user_service_client::UserServiceClient;
+
+    let s = Server::start(&[]);
+    let (_, token) = s.user("alice");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut users = UserServiceClient::connect(s.grpc.clone()).await.unwrap();
+        let wrong = || pb::LoginRequest {
+            username: "alice".into(),
+            password: "wrong password".into(),
+        };
+        for _ in 0..6 {
+            let e = users.login(wrong()).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+        }
+        let e = users.login(wrong()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().starts_with("too_many_attempts:"), "{}", e.message());
+        // A token revoked over HTTP is refused over gRPC too.
+        assert_eq!(s.post("/v1/users/logout", &json!({}), Some(&token)).0, 204);
+        let e = users
+            .get_me(common::authed(&token, pb::GetMeRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().starts_with("token_revoked:"), "{}", e.message());
+    });
+}
