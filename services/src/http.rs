@@ -141,10 +141,14 @@ fn required<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, ApiError> 
         .ok_or_else(|| ApiError(ServiceError::invalid("missing_field", format!("missing field {name}"))))
 }
 
-async fn caller(services: &Services, headers: &HeaderMap) -> Result<String, ApiError> {
+/// The token of `Authorization: Bearer <token>`.
+fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let h = headers.get("authorization").and_then(|v| v.to_str().ok());
-    let token = bearer(h).map_err(|e| ApiError(unauthorized(e)))?;
-    Ok(services.users.authorize(token).await?)
+    bearer(h).map_err(|e| ApiError(unauthorized(e)))
+}
+
+async fn caller(services: &Services, headers: &HeaderMap) -> Result<String, ApiError> {
+    Ok(services.users.authorize(bearer_token(headers)?).await?)
 }
 
 /// `Authorization: Bearer <admin_token>` of the configuration; without one configured the
@@ -159,9 +163,7 @@ fn admin(services: &Services, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = services.admin_token.as_deref() else {
         return Err(forbidden("no admin token is configured"));
     };
-    let h = headers.get("authorization").and_then(|v| v.to_str().ok());
-    let token = bearer(h).map_err(|e| ApiError(unauthorized(e)))?;
-    if !same_secret(token.as_bytes(), expected.as_bytes()) {
+    if !same_secret(bearer_token(headers)?.as_bytes(), expected.as_bytes()) {
         return Err(forbidden("not the admin token"));
     }
     Ok(())

@@ -138,12 +138,7 @@ impl UserService {
                 .registrations
                 .begin(&address_key(ip), self.clock.now_ms())?;
         }
-        let cost = self.bcrypt_cost;
-        let pw = password.to_string();
-        let hash = self.hashes.run(move || bcrypt::hash(pw, cost)).await?.map_err(|e| {
-            tracing::error!(error = %e, "bcrypt hash failed");
-            ServiceError::Internal
-        })?;
+        let hash = self.hash(password).await?;
         let user = User {
             user_id: uuid::Uuid::new_v4().simple().to_string(),
             username: username.to_string(),
@@ -182,11 +177,7 @@ impl UserService {
             .as_ref()
             .map(|u| u.password_hash.clone())
             .unwrap_or_else(|| self.dummy_hash.clone());
-        let pw = password.to_string();
-        let ok = self
-            .hashes
-            .run(move || bcrypt::verify(pw, &hash).unwrap_or(false))
-            .await?;
+        let ok = self.verify(password, hash).await?;
         let (Some(user), true) = (user, ok) else {
             return Err(invalid_credentials());
         };
@@ -199,6 +190,24 @@ impl UserService {
             return Err(disabled());
         }
         Ok(self.issue(&user.user_id, user.token_epoch))
+    }
+
+    /// bcrypt of `password` at the configured cost, on the hash pool.
+    async fn hash(&self, password: &str) -> Result<String, ServiceError> {
+        let (pw, cost) = (password.to_string(), self.bcrypt_cost);
+        self.hashes.run(move || bcrypt::hash(pw, cost)).await?.map_err(|e| {
+            tracing::error!(error = %e, "bcrypt hash failed");
+            ServiceError::Internal
+        })
+    }
+
+    /// Whether `password` matches the bcrypt `hash`, checked on the hash pool (a malformed
+    /// stored hash matches nothing).
+    async fn verify(&self, password: &str, hash: String) -> Result<bool, ServiceError> {
+        let pw = password.to_string();
+        self.hashes
+            .run(move || bcrypt::verify(pw, &hash).unwrap_or(false))
+            .await
     }
 
     /// Issues a token for `user_id` in token epoch `gen`, valid for the configured TTL.
@@ -256,20 +265,11 @@ impl UserService {
         let user = self.get(user_id).await?;
         let now = self.clock.now_ms();
         self.throttle.accounts.begin(&user.username, now)?;
-        let (pw, hash) = (current.to_string(), user.password_hash.clone());
-        if !self
-            .hashes
-            .run(move || bcrypt::verify(pw, &hash).unwrap_or(false))
-            .await?
-        {
+        if !self.verify(current, user.password_hash.clone()).await? {
             return Err(invalid_credentials());
         }
         self.throttle.accounts.reset(&user.username);
-        let (pw, cost) = (new.to_string(), self.bcrypt_cost);
-        let hash = self.hashes.run(move || bcrypt::hash(pw, cost)).await?.map_err(|e| {
-            tracing::error!(error = %e, "bcrypt hash failed");
-            ServiceError::Internal
-        })?;
+        let hash = self.hash(new).await?;
         let epoch = self
             .store
             .set_password(user_id, &hash)
