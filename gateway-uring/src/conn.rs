@@ -19,10 +19,9 @@ use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller, Splitable,
 };
 use monoio::net::TcpStream;
-use sai_pipeline::flow::Refusal;
+use sai_pipeline::flow::{CloseReason, Refusal};
 use sai_pipeline::frame::{ack_frame, data_frame, error_frame, PushFrame};
 use sai_pipeline::message::method;
-use sai_proto::close;
 use sai_proto::handshake::{self, HandshakeError, UpgradeRequest};
 use sai_proto::im::Request;
 use sai_proto::session::Session;
@@ -188,12 +187,13 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
     // again now that the route is registered (a cache hit, unless the account just changed).
     // (A failure to check, `service_unavailable`, leaves the connection alone.)
     if let Err(r) = shard.shared.pipeline.authenticate(&protocol).await {
-        match r.code {
-            "account_disabled" => conn.close_with(&shard, close::ACCOUNT_DISABLED, "account disabled"),
-            "token_revoked" | "invalid_token" => {
-                conn.close_with(&shard, close::TOKEN_REVOKED, "token revoked: log in again")
-            }
-            _ => {}
+        let reason = match r.code {
+            "account_disabled" => Some(CloseReason::AccountDisabled),
+            "token_revoked" | "invalid_token" => Some(CloseReason::TokenRevoked),
+            _ => None,
+        };
+        if let Some((code, reason)) = reason.map(crate::close_for) {
+            conn.close_with(&shard, code, reason);
         }
     }
     // Bytes that arrived with the upgrade request.

@@ -181,10 +181,7 @@ impl Ms2Ps for ShardOutbound {
             }
             Delivery::Notify { to, frame } => self.send(to.shard, shard::ShardMsg::Notify { conn: to.conn, frame }),
             Delivery::Close { to, reason } => {
-                let (code, reason) = match reason {
-                    CloseReason::TokenRevoked => (close::TOKEN_REVOKED, "token revoked: log in again"),
-                    CloseReason::AccountDisabled => (close::ACCOUNT_DISABLED, "account disabled"),
-                };
+                let (code, reason) = close_for(reason);
                 let kick = shard::ShardMsg::Kick {
                     conn: to.conn,
                     code,
@@ -193,6 +190,14 @@ impl Ms2Ps for ShardOutbound {
                 self.send(to.shard, kick);
             }
         }
+    }
+}
+
+/// The close code and reason a connection gets when the pipeline closes it for `reason`.
+pub(crate) fn close_for(reason: CloseReason) -> (u16, &'static str) {
+    match reason {
+        CloseReason::TokenRevoked => (close::TOKEN_REVOKED, "token revoked: log in again"),
+        CloseReason::AccountDisabled => (close::ACCOUNT_DISABLED, "account disabled"),
     }
 }
 

@@ -486,7 +486,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, cance
                 if shard.stopping.get() {
                     return;
                 }
-                let out_of_fds = matches!(e.raw_os_error(), Some(code) if code == EMFILE || code == ENFILE);
+                use rustix::io::Errno;
+                let out_of_fds = matches!(Errno::from_io_error(&e), Some(Errno::MFILE | Errno::NFILE));
                 if out_of_fds && spare.take().is_some() {
                     if let Ok((stream, _)) = listener.cancelable_accept(cancel.clone()).await {
                         refuse(stream, Refused::Full, &refusals);
@@ -509,9 +510,6 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, cance
         }
     }
 }
-
-const EMFILE: i32 = 24;
-const ENFILE: i32 = 23;
 
 /// Answers a connection that gets no place with its HTTP status and code, then closes it. At
 /// most [`MAX_REFUSALS_IN_FLIGHT`] answers are in flight per shard (each is one small write into
