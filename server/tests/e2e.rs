@@ -595,11 +595,7 @@ fn grpc_services_work_against_the_same_storage() {
 
     let s = Server::start(&["--require-friendship", "false"]);
     let (alice, ta) = s.user("alice");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::block_on(async {
         let mut users = UserServiceClient::connect(s.grpc.clone()).await.unwrap();
         let bob = users
             .register(pb::RegisterRequest {

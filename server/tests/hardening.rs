@@ -268,11 +268,7 @@ fn grpc_login_has_the_same_limits_and_revocation() {
 
     let s = Server::start(&[]);
     let (_, token) = s.user("alice");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::block_on(async {
         let mut users = UserServiceClient::connect(s.grpc.clone()).await.unwrap();
         let wrong = || pb::LoginRequest {
             username: "alice".into(),

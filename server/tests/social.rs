@@ -583,11 +583,7 @@ fn grpc_social_and_read_state() {
     let s = Server::start(&[]);
     let (alice, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::block_on(async {
         let mut social = SocialServiceClient::connect(s.grpc.clone()).await.unwrap();
         let mut msgs = MessageServiceClient::connect(s.grpc.clone()).await.unwrap();
         let rid = social

@@ -372,6 +372,15 @@ impl Client {
 }
 
 /// A gRPC request carrying `authorization: Bearer <token>`.
+/// Runs `fut` to completion on a runtime of its own (for the gRPC clients).
+pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(fut)
+}
+
 pub fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()
