@@ -4,6 +4,7 @@
 #
 #   ./scripts/profile.sh                      # 6,000 msg/s, ack only, into /tmp/sai-profile
 #   RATE=2000 MODE=rigor OUT=/tmp/p ./scripts/profile.sh
+#   BIN=/tmp/sai-im-old ./scripts/profile.sh   # another server binary (e.g. a build of main)
 #
 # Needs `perf` (installed here). Release binaries are built first. Everything runs on loopback
 # and stops by itself (12 s of sending).
@@ -16,7 +17,7 @@ DATA=$(mktemp -d /tmp/sai-profile.XXXXXX)
 mkdir -p "$OUT"
 
 cargo build --release --locked -p sai-im -p loadgen
-BIN=target/release/sai-im
+BIN=${BIN:-target/release/sai-im}
 LG=target/release/loadgen
 
 "$BIN" --data-dir "$DATA" admin seed-users --count 2000 --prefix load >/dev/null

@@ -248,6 +248,8 @@ impl SocialStore for SqliteStore {
         limit: u32,
         now: i64,
     ) -> Result<Vec<GroupMember>, AddMembersError> {
+        // joined_seq is the conversation's max seq: every logged message must be in the table.
+        self.settled().await?;
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
         let Some(g) = sqlx::query("SELECT member_count, next_slot FROM chat_groups WHERE group_id = ?")
             .bind(group_id)

@@ -1,5 +1,6 @@
-//! The message writer: one thread that owns a `rusqlite` connection and persists appends and
-//! received positions in batches.
+//! The message writer: one thread that logs appends and received positions in batches and
+//! answers each once its batch is in the log ([`super::log`]); the merger ([`super::merge`]) moves
+//! them into the tables later, in large batches.
 //!
 //! # Why a thread of its own
 //! sqlx's SQLite driver runs every statement on its worker thread and wakes the caller through a
@@ -9,83 +10,98 @@
 //! one oneshot wake-up.
 //!
 //! # One batch
-//! Up to [`MAX_BATCH`] queued jobs in one `BEGIN IMMEDIATE` transaction:
-//! 1. per append, the idempotency check on `(send_id, client_msg_id)`: within the batch in
-//!    memory, against the table with one indexed lookup;
+//! Up to [`MAX_BATCH`] queued jobs:
+//! 1. per append, the idempotency check on `(send_id, client_msg_id)`: within the batch, among the
+//!    logged records not merged yet (in memory), then in the table with one indexed lookup;
 //! 2. the seq: `max_seq + 1` from the in-memory high-water mark of the conversation
 //!    ([`SeqCache`], filled from `conversations.max_seq` on first use);
-//! 3. messages inserted with multi-row statements ([`INSERT_ROWS`] rows each), one
-//!    `conversations` upsert per conversation touched, members on a conversation's first message,
-//!    received positions coalesced per (conversation, member);
-//! 4. one commit; only then are callers answered and the new high-water marks kept.
+//! 3. the batch's records encoded and appended to the log segment with one `write`; only then are
+//!    callers answered and the new high-water marks kept. A write that fails is cut back off the
+//!    segment and every caller of the batch gets `Unavailable`; nothing of it is stored.
 //!
-//! A batch that fails (a stale high-water mark hits the `(conversation_id, seq)` key, the disk is
-//! full, ...) is rolled back whole, the high-water marks are forgotten and the batch is tried once
-//! more from the database's values; if that fails too every caller gets `Unavailable` and nothing
-//! of the batch is stored.
+//! The log write reaches the kernel, not the disk: like SQLite's `synchronous = NORMAL` before it,
+//! an acknowledged message survives a crash of the process (kill -9), not a power loss.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use super::log::{self, AppendError, Record};
+use super::merge::{self, Shared};
+use rusqlite::{params, Connection, OptionalExtension};
 use sai_storage::{Appended, NewMessage, StoreError, StoreResult, StoredMessage};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-/// Most jobs committed in one transaction.
+/// Most jobs logged in one write.
 pub(super) const MAX_BATCH: usize = 512;
 /// Jobs queued for the writer before callers wait (backpressure: `send` awaits a free slot).
 pub(super) const QUEUE: usize = 8192;
-/// Under load, the shortest time between two commits' starts: a message waits up to this long
-/// to share a commit, which amortizes each commit's fixed cost (WAL header and index, locks).
-/// Light load commits at once: the wait applies only after a batch of [`GATHER_FROM`] jobs or
-/// more (with it always on, the median send at 1,000 msg/s rose from 1.5 to 4 ms).
-const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
-/// Batch size from which the writer waits out [`COMMIT_INTERVAL`] before the next commit.
+/// Under load, the shortest time between two log writes' starts: a message waits up to this long
+/// to share a write, which amortizes each write's fixed cost (a system call, a wake-up per batch).
+/// Light load writes at once: the wait applies only after a batch of [`GATHER_FROM`] jobs or more.
+const WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+/// Batch size from which the writer waits out [`WRITE_INTERVAL`] before the next write.
 const GATHER_FROM: usize = 8;
-/// Rows per multi-row `INSERT INTO messages` (9 parameters a row, far below SQLite's 32,766).
-const INSERT_ROWS: usize = 32;
-/// Conversations whose high-water mark is kept in memory; past it the map is cleared and refilled
-/// from the table on demand (a lookup per conversation, once).
+/// Conversations whose high-water mark is kept in memory; past it the writer waits until every
+/// logged record is merged, clears the map and refills it from the table on demand (a lookup per
+/// conversation, once).
 const MAX_CACHED_SEQS: usize = 200_000;
 
 /// Work for the writer.
 pub(super) enum Job {
-    /// Append a message; answered once durable.
+    /// Append a message; answered once logged.
     Append(NewMessage, oneshot::Sender<StoreResult<Appended>>),
-    /// Raise a member's received position; answered once durable.
+    /// Raise a member's received position; answered once logged.
     Received {
         conversation_id: String,
         user_id: String,
         seq: u64,
         done: oneshot::Sender<StoreResult<()>>,
     },
-    /// Finish what is queued before this, then stop.
+    /// Finish what is queued before this, merge everything, then stop.
     Stop,
 }
 
-/// The newest seq of each conversation this writer has committed or read.
+/// The newest seq of each conversation this writer has logged or read.
 struct SeqCache {
     max: HashMap<String, u64>,
 }
 
-impl SeqCache {
-    fn get(&self, conversation_id: &str) -> Option<u64> {
-        self.max.get(conversation_id).copied()
-    }
-
-    fn set(&mut self, conversation_id: &str, seq: u64) {
-        if self.max.len() >= MAX_CACHED_SEQS && !self.max.contains_key(conversation_id) {
-            self.max.clear();
-        }
-        self.max.insert(conversation_id.to_string(), seq);
-    }
+/// The writer's queue, the state it shares with the merger and readers, and its thread.
+pub(super) struct Started {
+    pub(super) jobs: mpsc::Sender<Job>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) thread: std::thread::JoinHandle<()>,
 }
 
-/// Opens the writer's connection and starts its thread.
-pub(super) fn start(path: &Path) -> StoreResult<(mpsc::Sender<Job>, std::thread::JoinHandle<()>)> {
+/// Merges what a previous run left in the log, then starts the merger and the writer.
+pub(super) fn start(path: &Path) -> StoreResult<Started> {
+    let mut merge_conn = open(path)?;
+    let dir = log::dir_of(path);
+    let generation = merge::replay(&mut merge_conn, &dir)?;
+    let segment = log::Segment::create(&dir, generation)
+        .map_err(|e| StoreError::Unavailable(format!("creating a message log segment: {e}")))?;
+    let shared = Arc::new(Shared::new(segment, dir));
+    let merger = merge::start(merge_conn, shared.clone())?;
+    // The writer's own connection only reads (idempotency keys, high-water marks).
+    let conn = open(path)?;
+    let (jobs, rx) = mpsc::channel(QUEUE);
+    let writer_shared = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("sai-sqlite-writer".into())
+        .spawn(move || {
+            run(&conn, rx, &writer_shared);
+            writer_shared.stop();
+            let _ = merger.join();
+        })
+        .map_err(|e| StoreError::Unavailable(format!("starting the writer thread: {e}")))?;
+    Ok(Started { jobs, shared, thread })
+}
+
+/// A connection of the writer or the merger. WAL and NORMAL as the pools; a 64 MiB page cache
+/// (the default 2 MiB made every batch read index pages back from the OS); statement journals
+/// (multi-row inserts) in memory. See [`start_checkpointer`] for the checkpoint set-up.
+fn open(path: &Path) -> StoreResult<Connection> {
     let conn = Connection::open(path).map_err(unavailable)?;
-    // WAL and NORMAL as the pools; a 64 MiB page cache (the default 2 MiB made every batch read
-    // index pages back from the OS); statement journals (multi-row inserts) in memory. See
-    // [`start_checkpointer`] for the checkpoint set-up.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;
          PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 4096;",
@@ -93,32 +109,27 @@ pub(super) fn start(path: &Path) -> StoreResult<(mpsc::Sender<Job>, std::thread:
     .map_err(unavailable)?;
     conn.busy_handler(Some(busy_wait)).map_err(unavailable)?;
     conn.set_prepared_statement_cache_capacity(64);
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let handle = std::thread::Builder::new()
-        .name("sai-sqlite-writer".into())
-        .spawn(move || run(conn, rx))
-        .map_err(|e| StoreError::Unavailable(format!("starting the writer thread: {e}")))?;
-    Ok((tx, handle))
+    Ok(conn)
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
+fn run(conn: &Connection, mut rx: mpsc::Receiver<Job>, shared: &Shared) {
     let mut seqs = SeqCache { max: HashMap::new() };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut stop = false;
-    let mut last_commit = std::time::Instant::now();
+    let mut last_write = std::time::Instant::now();
     let mut last_len = 0;
     while !stop {
         let Some(first) = rx.blocking_recv() else {
             break;
         };
         batch.push(first);
-        // Under load, let a batch gather for what is left of the commit interval.
+        // Under load, let a batch gather for what is left of the write interval.
         if last_len >= GATHER_FROM {
-            if let Some(wait) = COMMIT_INTERVAL.checked_sub(last_commit.elapsed()) {
+            if let Some(wait) = WRITE_INTERVAL.checked_sub(last_write.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
-        last_commit = std::time::Instant::now();
+        last_write = std::time::Instant::now();
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => batch.push(j),
@@ -133,25 +144,14 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
             }
             stop = true;
         }
-        let outcome = match commit(&mut conn, &seqs, &batch) {
-            Ok(o) => Ok(o),
-            Err(first_err) => {
-                tracing::warn!(error = %first_err, jobs = batch.len(), "message batch failed; retrying from stored seqs");
-                seqs.max.clear();
-                commit(&mut conn, &seqs, &batch)
-            }
-        };
-        match outcome {
-            Ok(o) => {
-                for (conversation_id, seq) in &o.seqs {
-                    seqs.set(conversation_id, *seq);
-                }
-                for (job, result) in batch.drain(..).zip(o.results) {
+        match stage(conn, &mut seqs, shared, &batch) {
+            Ok(results) => {
+                for (job, result) in batch.drain(..).zip(results) {
                     answer(job, result);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, jobs = batch.len(), "message batch failed twice; nothing of it was stored");
+                tracing::error!(error = %e, jobs = batch.len(), "logging a message batch failed; nothing of it was stored");
                 let msg = e.to_string();
                 for job in batch.drain(..) {
                     refuse(job, &msg);
@@ -169,12 +169,6 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
 enum Outcome {
     Appended(Appended),
     Received,
-}
-
-struct Committed {
-    results: Vec<Outcome>,
-    /// The new high-water marks, kept only once committed.
-    seqs: HashMap<String, u64>,
 }
 
 fn answer(job: Job, result: Outcome) {
@@ -201,52 +195,66 @@ fn refuse(job: Job, why: &str) {
     }
 }
 
-/// Runs one batch in one transaction; on any error nothing of it is stored.
-fn commit(conn: &mut Connection, seqs: &SeqCache, batch: &[Job]) -> rusqlite::Result<Committed> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+/// Logs one batch; on any error nothing of it is stored.
+fn stage(conn: &Connection, seqs: &mut SeqCache, shared: &Shared, batch: &[Job]) -> StoreResult<Vec<Outcome>> {
+    // 1. Originals among the logged records not merged yet, under one lock.
+    let keys: Vec<Option<String>> = batch
+        .iter()
+        .map(|j| match j {
+            Job::Append(m, _) => Some(merge::key(&m.send_id, &m.client_msg_id)),
+            _ => None,
+        })
+        .collect();
+    let mut originals: Vec<Option<StoredMessage>> = {
+        let s = shared.lock();
+        keys.iter()
+            .map(|k| k.as_deref().and_then(|k| Shared::staged_original(&s, k)))
+            .collect()
+    };
+    // 2. Seqs, the batch's own duplicates and the table's originals.
+    if seqs.max.len() >= MAX_CACHED_SEQS {
+        // Every high-water mark the map forgets must be in the table before it is read back.
+        shared.settle_blocking()?;
+        seqs.max.clear();
+    }
+    // The table lookups of the batch in one read transaction: one snapshot and one round of
+    // SQLite's file locks (two `fcntl` calls) per batch, not per statement. Rolled back when
+    // dropped (it only reads).
+    let read = conn.unchecked_transaction().map_err(unavailable)?;
     let mut results = Vec::with_capacity(batch.len());
-    // Seqs assigned in this batch, and each conversation's chat type and newest send time.
-    let mut assigned: HashMap<&str, (u64, u8, i64)> = HashMap::new();
-    // (send_id, client_msg_id) -> the message the batch's first append with that key stands for.
-    let mut keys: HashMap<(&str, &str), StoredMessage> = HashMap::new();
-    let mut rows: Vec<&NewMessage> = Vec::new();
-    let mut row_seqs: Vec<u64> = Vec::new();
-    let mut received: HashMap<(&str, &str), u64> = HashMap::new();
-    for job in batch {
+    let mut records = Vec::with_capacity(batch.len());
+    let mut assigned: HashMap<&str, u64> = HashMap::new();
+    let mut fresh_keys: HashMap<&str, StoredMessage> = HashMap::new();
+    for ((job, key), original) in batch.iter().zip(&keys).zip(originals.iter_mut()) {
         match job {
             Job::Append(m, _) => {
-                let key = (m.send_id.as_str(), m.client_msg_id.as_str());
-                if let Some(original) = keys.get(&key) {
-                    results.push(Outcome::Appended(Appended::Duplicate(original.clone())));
-                    continue;
-                }
-                if let Some(original) = stored_by_key(&tx, &m.send_id, &m.client_msg_id)? {
-                    keys.insert(key, original.clone());
-                    results.push(Outcome::Appended(Appended::Duplicate(original)));
+                let key = key.as_deref().unwrap_or_default();
+                let original = match original.take() {
+                    Some(o) => Some(o),
+                    None => match fresh_keys.get(key) {
+                        Some(o) => Some(o.clone()),
+                        None => stored_by_key(conn, &m.send_id, &m.client_msg_id).map_err(unavailable)?,
+                    },
+                };
+                if let Some(o) = original {
+                    results.push(Outcome::Appended(Appended::Duplicate(o)));
                     continue;
                 }
                 let current = match assigned.get(m.conversation_id.as_str()) {
-                    Some(&(seq, _, _)) => seq,
-                    None => match seqs.get(&m.conversation_id) {
-                        Some(seq) => seq,
-                        None => stored_max_seq(&tx, &m.conversation_id)?,
+                    Some(&seq) => seq,
+                    None => match seqs.max.get(&m.conversation_id) {
+                        Some(&seq) => seq,
+                        None => stored_max_seq(conn, &m.conversation_id).map_err(unavailable)?,
                     },
                 };
                 let seq = current + 1;
-                assigned.insert(&m.conversation_id, (seq, m.chat_type, m.send_time));
-                if seq == 1 {
-                    let mut add = tx.prepare_cached(
-                        "INSERT OR IGNORE INTO conversation_members (user_id, conversation_id) VALUES (?1, ?2)",
-                    )?;
-                    for member in &m.members {
-                        add.execute(params![member, m.conversation_id])?;
-                    }
-                }
-                rows.push(m);
-                row_seqs.push(seq);
-                let fresh = stored(m, seq);
-                keys.insert(key, fresh.clone());
-                results.push(Outcome::Appended(Appended::New(fresh)));
+                assigned.insert(&m.conversation_id, seq);
+                let msg = stored(m, seq);
+                fresh_keys.insert(key, msg.clone());
+                results.push(Outcome::Appended(Appended::New(msg.clone())));
+                // Members join with the conversation's first message.
+                let members = if seq == 1 { m.members.clone() } else { Vec::new() };
+                records.push(Record::Message { msg, members });
             }
             Job::Received {
                 conversation_id,
@@ -254,78 +262,54 @@ fn commit(conn: &mut Connection, seqs: &SeqCache, batch: &[Job]) -> rusqlite::Re
                 seq,
                 ..
             } => {
-                let e = received.entry((conversation_id, user_id)).or_insert(0);
-                *e = (*e).max(*seq);
+                records.push(Record::Received {
+                    conversation_id: conversation_id.clone(),
+                    user_id: user_id.clone(),
+                    seq: *seq,
+                });
                 results.push(Outcome::Received);
             }
-            // Taken out of the batch before it is committed.
             Job::Stop => {}
         }
     }
-    insert_messages(&tx, &rows, &row_seqs)?;
-    {
-        let mut upsert = tx.prepare_cached(
-            "INSERT INTO conversations (conversation_id, chat_type, max_seq, updated_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (conversation_id) DO UPDATE SET max_seq = excluded.max_seq, updated_at = excluded.updated_at",
-        )?;
-        for (conversation_id, (seq, chat_type, at)) in &assigned {
-            upsert.execute(params![conversation_id, chat_type, seq_param(*seq), at])?;
-        }
-        let mut raise = tx.prepare_cached(
-            "UPDATE conversation_members SET received_seq = max(received_seq, ?1)
-             WHERE conversation_id = ?2 AND user_id = ?3",
-        )?;
-        for ((conversation_id, user_id), seq) in &received {
-            raise.execute(params![seq_param(*seq), conversation_id, user_id])?;
+    drop(read);
+    if records.is_empty() {
+        return Ok(results);
+    }
+    // 3. One write, then the records are staged for the merger.
+    let mut bytes = Vec::with_capacity(records.len() * 256);
+    for r in &records {
+        r.encode(&mut bytes);
+    }
+    let mut s = shared.lock_with_room();
+    if let Some(why) = &s.broken {
+        return Err(StoreError::Unavailable(format!("the message log is unusable: {why}")));
+    }
+    match s.segment.append(&bytes) {
+        Ok(()) => {}
+        Err(AppendError::Refused(e)) => return Err(StoreError::Unavailable(format!("writing the message log: {e}"))),
+        Err(AppendError::Broken(why)) => {
+            s.broken = Some(why.clone());
+            return Err(StoreError::Unavailable(format!("writing the message log: {why}")));
         }
     }
-    tx.commit()?;
-    let seqs = assigned.into_iter().map(|(c, (s, _, _))| (c.to_string(), s)).collect();
-    Ok(Committed { results, seqs })
-}
-
-/// `INSERT INTO messages` with [`INSERT_ROWS`] rows per statement (the tail in one shorter one).
-fn insert_messages(tx: &rusqlite::Transaction<'_>, rows: &[&NewMessage], seqs: &[u64]) -> rusqlite::Result<()> {
-    for (chunk, chunk_seqs) in rows.chunks(INSERT_ROWS).zip(seqs.chunks(INSERT_ROWS)) {
-        let mut stmt = tx.prepare_cached(&insert_sql(chunk.len()))?;
-        let mut args: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 9);
-        let seq_values: Vec<i64> = chunk_seqs.iter().map(|s| seq_param(*s)).collect();
-        for (m, seq) in chunk.iter().zip(&seq_values) {
-            args.extend_from_slice(&[
-                &m.conversation_id as &dyn rusqlite::ToSql,
-                seq,
-                &m.chat_type,
-                &m.send_id,
-                &m.recv_id,
-                &m.client_msg_id,
-                &m.msg_id,
-                &m.send_time,
-                &m.body,
-            ]);
-        }
-        stmt.execute(args.as_slice())?;
+    for (k, m) in fresh_keys {
+        s.keys.insert(k.to_string(), m);
     }
-    Ok(())
-}
-
-/// The statement text for `n` rows (the statement cache keeps one per distinct `n`).
-fn insert_sql(n: usize) -> String {
-    let mut sql = String::from(concat!("INSERT INTO messages (", message_columns!(), ") VALUES "));
-    for i in 0..n {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?,?,?,?,?,?,?,?,?)");
+    for r in records {
+        s.bytes += r.size();
+        s.records.push(r);
     }
-    sql
+    shared.staged(&s);
+    drop(s);
+    for (conversation_id, seq) in assigned {
+        seqs.max.insert(conversation_id.to_string(), seq);
+    }
+    Ok(results)
 }
 
-fn stored_by_key(
-    tx: &rusqlite::Transaction<'_>,
-    send_id: &str,
-    client_msg_id: &str,
-) -> rusqlite::Result<Option<StoredMessage>> {
-    let mut stmt = tx.prepare_cached(concat!(
+fn stored_by_key(conn: &Connection, send_id: &str, client_msg_id: &str) -> rusqlite::Result<Option<StoredMessage>> {
+    let mut stmt = conn.prepare_cached(concat!(
         "SELECT ",
         message_columns!(),
         " FROM messages WHERE send_id = ?1 AND client_msg_id = ?2"
@@ -349,8 +333,8 @@ fn stored_by_key(
     .optional()
 }
 
-fn stored_max_seq(tx: &rusqlite::Transaction<'_>, conversation_id: &str) -> rusqlite::Result<u64> {
-    let mut stmt = tx.prepare_cached("SELECT max_seq FROM conversations WHERE conversation_id = ?1")?;
+fn stored_max_seq(conn: &Connection, conversation_id: &str) -> rusqlite::Result<u64> {
+    let mut stmt = conn.prepare_cached("SELECT max_seq FROM conversations WHERE conversation_id = ?1")?;
     let v: Option<i64> = stmt.query_row([conversation_id], |r| r.get(0)).optional()?;
     Ok(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
 }
@@ -410,17 +394,13 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 /// The busy handler of the writer and the checkpointer: retry every 200 us, for 5 s in all.
 /// SQLite's own (`busy_timeout`) sleeps 1, 2, 5, 10, 15, 20, 25 ms and on, so a writer that waits
 /// out another connection's write of a millisecond could oversleep by tens of milliseconds.
-fn busy_wait(attempt: i32) -> bool {
+pub(super) fn busy_wait(attempt: i32) -> bool {
     std::thread::sleep(BUSY_RETRY);
     attempt < (5_000_000 / BUSY_RETRY.as_micros()) as i32
 }
 
 /// See [`busy_wait`].
 const BUSY_RETRY: std::time::Duration = std::time::Duration::from_micros(200);
-
-fn seq_param(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
