@@ -20,6 +20,11 @@ use report::{Report, Summary, WorkerOut};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// The same allocator as the server: loadgen shares the machine's cores with it, so every
+/// microsecond it spends per message is one the server cannot use.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use sys::Rng;
