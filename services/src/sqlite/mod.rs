@@ -45,6 +45,7 @@ macro_rules! message_columns {
 /// Reader connections.
 const READERS: u32 = 4;
 
+mod keys;
 mod log;
 mod merge;
 mod social;

@@ -12,7 +12,8 @@
 //! # One batch
 //! Up to [`MAX_BATCH`] queued jobs:
 //! 1. per append, the idempotency check on `(send_id, client_msg_id)`: within the batch, among the
-//!    logged records not merged yet (in memory), then in the table with one indexed lookup;
+//!    logged records not merged yet (in memory), then in the table with one indexed lookup when
+//!    the key filter ([`KeyFilter`]) says the table may hold the key;
 //! 2. the seq: `max_seq + 1` from the in-memory high-water mark of the conversation
 //!    ([`SeqCache`], filled from `conversations.max_seq` on first use);
 //! 3. the batch's records encoded and appended to the log segment with one `write`; only then are
@@ -22,6 +23,7 @@
 //! The log write reaches the kernel, not the disk: like SQLite's `synchronous = NORMAL` before it,
 //! an acknowledged message survives a crash of the process (kill -9), not a power loss.
 
+use super::keys::KeyFilter;
 use super::log::{self, AppendError, Record};
 use super::merge::{self, Shared};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -84,12 +86,13 @@ pub(super) fn start(path: &Path) -> StoreResult<Started> {
     let merger = merge::start(merge_conn, shared.clone())?;
     // The writer's own connection only reads (idempotency keys, high-water marks).
     let conn = open(path)?;
+    let mut filter = KeyFilter::load(&conn).map_err(unavailable)?;
     let (jobs, rx) = mpsc::channel(QUEUE);
     let writer_shared = shared.clone();
     let thread = std::thread::Builder::new()
         .name("sai-sqlite-writer".into())
         .spawn(move || {
-            run(&conn, rx, &writer_shared);
+            run(&conn, &mut filter, rx, &writer_shared);
             writer_shared.stop();
             let _ = merger.join();
         })
@@ -112,7 +115,7 @@ fn open(path: &Path) -> StoreResult<Connection> {
     Ok(conn)
 }
 
-fn run(conn: &Connection, mut rx: mpsc::Receiver<Job>, shared: &Shared) {
+fn run(conn: &Connection, filter: &mut KeyFilter, mut rx: mpsc::Receiver<Job>, shared: &Shared) {
     let mut seqs = SeqCache { max: HashMap::new() };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut stop = false;
@@ -144,7 +147,7 @@ fn run(conn: &Connection, mut rx: mpsc::Receiver<Job>, shared: &Shared) {
             }
             stop = true;
         }
-        match stage(conn, &mut seqs, shared, &batch) {
+        match stage(conn, filter, &mut seqs, shared, &batch) {
             Ok(results) => {
                 for (job, result) in batch.drain(..).zip(results) {
                     answer(job, result);
@@ -196,7 +199,13 @@ fn refuse(job: Job, why: &str) {
 }
 
 /// Logs one batch; on any error nothing of it is stored.
-fn stage(conn: &Connection, seqs: &mut SeqCache, shared: &Shared, batch: &[Job]) -> StoreResult<Vec<Outcome>> {
+fn stage(
+    conn: &Connection,
+    filter: &mut KeyFilter,
+    seqs: &mut SeqCache,
+    shared: &Shared,
+    batch: &[Job],
+) -> StoreResult<Vec<Outcome>> {
     // 1. Originals among the logged records not merged yet, under one lock.
     let keys: Vec<Option<String>> = batch
         .iter()
@@ -233,7 +242,10 @@ fn stage(conn: &Connection, seqs: &mut SeqCache, shared: &Shared, batch: &[Job])
                     Some(o) => Some(o),
                     None => match fresh_keys.get(key) {
                         Some(o) => Some(o.clone()),
-                        None => stored_by_key(conn, &m.send_id, &m.client_msg_id).map_err(unavailable)?,
+                        None if filter.may_contain(key) => {
+                            stored_by_key(conn, &m.send_id, &m.client_msg_id).map_err(unavailable)?
+                        }
+                        None => None,
                     },
                 };
                 if let Some(o) = original {
@@ -294,6 +306,7 @@ fn stage(conn: &Connection, seqs: &mut SeqCache, shared: &Shared, batch: &[Job])
         }
     }
     for (k, m) in fresh_keys {
+        filter.insert(k);
         s.keys.insert(k.to_string(), m);
     }
     for r in records {
