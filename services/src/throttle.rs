@@ -212,7 +212,7 @@ impl HashPool {
             std::thread::Builder::new()
                 .name(format!("sai-hash-{i}"))
                 .spawn(move || {
-                    lower_priority();
+                    lower_priority(HASH_NICE);
                     loop {
                         let job = {
                             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -250,17 +250,20 @@ impl HashPool {
     }
 }
 
+/// Gives the calling thread the nice value `nice` (background work: bcrypt, merges,
+/// checkpoints), so that the scheduler prefers the chat threads when both want a core.
 #[cfg(target_os = "linux")]
-fn lower_priority() {
+pub(crate) fn lower_priority(nice: i32) {
     // On Linux a thread id names one thread for setpriority(PRIO_PROCESS, ...).
     let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), HASH_NICE) {
-        tracing::debug!(error = %e, "could not lower the hash thread's priority");
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+        tracing::debug!(error = %e, "could not lower a background thread's priority");
     }
 }
 
+/// See the Linux version.
 #[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
+pub(crate) fn lower_priority(_nice: i32) {}
 
 #[cfg(test)]
 mod tests {

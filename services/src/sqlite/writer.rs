@@ -391,6 +391,7 @@ pub(super) fn start_checkpointer(path: &Path) -> StoreResult<std::sync::mpsc::Se
     std::thread::Builder::new()
         .name("sai-sqlite-checkpoint".into())
         .spawn(move || {
+            crate::throttle::lower_priority(merge::BACKGROUND_NICE);
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(CHECKPOINT_EVERY) {
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::warn!(error = %e, "WAL checkpoint failed");
