@@ -5,6 +5,7 @@
 #   ./scripts/baseline.sh                 # all scenarios into results/baseline
 #   OUT=/tmp/new ./scripts/baseline.sh    # somewhere else (then: loadgen compare)
 #   ONLY="chat-only-1000" ./scripts/baseline.sh
+#   BIN=/tmp/sai-im-old OUT=/tmp/old ./scripts/baseline.sh   # another server build, same loadgen
 #
 # Benchmark settings: --require-friendship false (random pairs need no friend requests), ack mode
 # per scenario. Loadgen mints tokens from the data dir's jwt.secret.
@@ -17,7 +18,7 @@ DATA=$(mktemp -d /tmp/sai-baseline.XXXXXX)
 mkdir -p "$OUT"
 
 cargo build --release --locked -p sai-im -p loadgen
-BIN=target/release/sai-im
+BIN=${BIN:-target/release/sai-im}
 LG=target/release/loadgen
 
 # Every run starts from the same freshly seeded database (a copy of this one), so no run
