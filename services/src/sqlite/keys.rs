@@ -13,8 +13,8 @@
 //! nothing is rebuilt and no key is ever dropped, so a key the filter denies is certainly not in
 //! the table). A lookup asks every layer: with `L` layers the false-positive rate is at most
 //! `L x 0.5 %`, and a false positive costs only the table lookup every message used to pay.
-//! Start-up reads every key once (the covering `messages_idempotency` index: about a second per
-//! million messages on the development VM).
+//! Start-up reads every key once (one pass over the covering `messages_idempotency` index; its
+//! time grows with the table).
 
 use fastbloom::BloomFilter;
 use rusqlite::Connection;
