@@ -38,13 +38,18 @@ threads() {
         echo "$(cat "$t/comm") $(cut -d' ' -f14,15 "$t/stat")"
     done | awk '{a[$1] += $2 + $3} END {for (k in a) print k, a[k]}' | sort
 }
+# Bytes the server process had the kernel write to storage (WAL, checkpoints, message log).
+written() { awk '/^write_bytes/ {print $2}' /proc/"$PID"/io; }
 sleep 3
 threads > "$DATA/t1"
+W1=$(written)
 perf record -F 499 -g -p "$PID" -o "$OUT/perf.data" -- sleep 6 >/dev/null 2>&1 || true
 sleep 2
 threads > "$DATA/t2"
+W2=$(written)
 join "$DATA/t1" "$DATA/t2" | awk -v r="$RATE" '{d = ($3 - $2) / 100;
     printf "%-24s %6.2f s  %6.1f us/msg\n", $1, d, d * 1e6 / (r * 8)}' > "$OUT/threads.txt"
+awk -v w=$((W2 - W1)) -v r="$RATE" 'BEGIN {printf "%-24s %6.1f MB   %6.0f bytes/msg\n", "written to storage", w / 1e6, w / (r * 8)}' >> "$OUT/threads.txt"
 wait "$LOAD" || true
 # (`head` closes the pipe early: not a failure.)
 perf report -i "$OUT/perf.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null \
