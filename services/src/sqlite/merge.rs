@@ -69,6 +69,12 @@ pub(super) struct Staged {
     merging_keys: HashMap<String, StoredMessage>,
     /// Generation of the segment being merged.
     merging: Option<u64>,
+    /// The newest generation holding records of each conversation not merged yet, and of each
+    /// user who joins a conversation with them: what a read scoped to one of them waits for (a
+    /// read of a quiet conversation does not wait for a busy one's merge). Entries leave once
+    /// their generation is merged; at most the conversations and users of two segments.
+    unmerged_conversations: HashMap<String, u64>,
+    unmerged_users: HashMap<String, u64>,
     /// Readers waiting until every generation up to theirs is merged.
     waiters: Vec<(u64, oneshot::Sender<StoreResult<()>>)>,
     settle_wanted: bool,
@@ -93,6 +99,8 @@ impl Shared {
                 keys: HashMap::new(),
                 merging_keys: HashMap::new(),
                 merging: None,
+                unmerged_conversations: HashMap::new(),
+                unmerged_users: HashMap::new(),
                 waiters: Vec::new(),
                 settle_wanted: false,
                 last_merge: Instant::now(),
@@ -134,15 +142,22 @@ impl Shared {
         }
     }
 
-    /// The read barrier: `None` if every logged record is in the tables, else a receiver that is
-    /// answered once everything logged before this call is (merging starts at once).
-    pub(super) fn settle(&self) -> StoreResult<Option<oneshot::Receiver<StoreResult<()>>>> {
+    /// The read barrier: `None` if every logged record within `scope` is in the tables, else a
+    /// receiver that is answered once they are (merging starts at once).
+    pub(super) fn settle(&self, scope: Scope<'_>) -> StoreResult<Option<oneshot::Receiver<StoreResult<()>>>> {
         let mut s = self.state.lock();
-        let target = if !s.records.is_empty() {
-            s.segment.generation
-        } else if let Some(g) = s.merging {
-            g
-        } else {
+        let target = match scope {
+            Scope::All if !s.records.is_empty() => Some(s.segment.generation),
+            Scope::All => s.merging,
+            Scope::Conversation(c) => s.unmerged_conversations.get(c).copied(),
+            Scope::User { user, conversations } => conversations
+                .iter()
+                .filter_map(|c| s.unmerged_conversations.get(c.as_str()))
+                .chain(s.unmerged_users.get(user))
+                .max()
+                .copied(),
+        };
+        let Some(target) = target else {
             return Ok(None);
         };
         if s.stopped {
@@ -157,7 +172,7 @@ impl Shared {
 
     /// Blocks this (non-async) thread until everything logged so far is merged.
     pub(super) fn settle_blocking(&self) -> StoreResult<()> {
-        match self.settle()? {
+        match self.settle(Scope::All)? {
             None => Ok(()),
             Some(rx) => rx
                 .blocking_recv()
@@ -169,6 +184,57 @@ impl Shared {
     pub(super) fn stop(&self) {
         self.state.lock().stopping = true;
         self.work.notify_one();
+    }
+}
+
+/// What a read depends on: the logged records it must wait for are those within its scope.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Scope<'a> {
+    /// Everything logged.
+    All,
+    /// One conversation's messages, members and positions.
+    Conversation(&'a str),
+    /// A user's view: the conversations the tables say they belong to, and any they join with
+    /// a message not merged yet.
+    User { user: &'a str, conversations: &'a [String] },
+}
+
+impl Staged {
+    /// Stages records just appended to the current segment.
+    pub(super) fn push(&mut self, records: Vec<Record>) {
+        let generation = self.segment.generation;
+        for r in records {
+            let conversation = match &r {
+                Record::Message { msg, members } => {
+                    for m in members {
+                        mark(&mut self.unmerged_users, m, generation);
+                    }
+                    &msg.conversation_id
+                }
+                Record::Received { conversation_id, .. } => conversation_id,
+            };
+            mark(&mut self.unmerged_conversations, conversation, generation);
+            self.bytes += r.size();
+            self.records.push(r);
+        }
+    }
+
+    /// Every generation up to `generation` is in the tables: answers who waited for it.
+    fn merged(&mut self, generation: u64) -> HashMap<String, StoredMessage> {
+        self.merging = None;
+        self.unmerged_conversations.retain(|_, g| *g > generation);
+        self.unmerged_users.retain(|_, g| *g > generation);
+        answer(self, generation, || Ok(()));
+        std::mem::take(&mut self.merging_keys)
+    }
+}
+
+fn mark(map: &mut HashMap<String, u64>, key: &str, generation: u64) {
+    match map.get_mut(key) {
+        Some(g) => *g = generation,
+        None => {
+            map.insert(key.to_string(), generation);
+        }
     }
 }
 
@@ -223,12 +289,7 @@ fn run(mut conn: Connection, shared: &Shared) {
             // Harmless: merging a segment twice changes nothing.
             tracing::warn!(error = %e, generation, "removing a merged log segment failed");
         }
-        let done_keys = {
-            let mut s = shared.state.lock();
-            s.merging = None;
-            answer(&mut s, generation, || Ok(()));
-            std::mem::take(&mut s.merging_keys)
-        };
+        let done_keys = shared.state.lock().merged(generation);
         drop(done_keys);
     }
     let mut s = shared.state.lock();
@@ -440,4 +501,91 @@ fn io_unavailable(what: &str, e: std::io::Error) -> StoreError {
 
 fn seq_param(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(conversation_id: &str, seq: u64, members: &[&str]) -> Record {
+        Record::Message {
+            msg: StoredMessage {
+                conversation_id: conversation_id.into(),
+                chat_type: 2,
+                seq,
+                send_id: "a".into(),
+                recv_id: "b".into(),
+                client_msg_id: format!("{conversation_id}-{seq}"),
+                msg_id: format!("m{seq}"),
+                send_time: 1,
+                body: "{}".into(),
+            },
+            members: members.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    /// Which reads wait, driven by hand (no merger thread): a read waits for the generation
+    /// that holds its scope's newest unmerged record, and only for that.
+    #[test]
+    fn a_read_waits_only_for_the_records_within_its_scope() {
+        let dir = std::env::temp_dir().join(format!("sai-merge-scope-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let shared = Shared::new(Segment::create(&dir, 5).unwrap(), dir.clone());
+        let waits = |scope: Scope<'_>| shared.settle(scope).unwrap().is_some();
+        let none: &[String] = &[];
+        assert!(!waits(Scope::All), "nothing logged");
+
+        shared.lock().push(vec![message("busy", 1, &["a", "b"])]);
+        assert!(waits(Scope::All));
+        assert!(waits(Scope::Conversation("busy")));
+        assert!(!waits(Scope::Conversation("quiet")));
+        // b joins "busy" with its first message: b's view waits though the tables do not list it.
+        assert!(waits(Scope::User {
+            user: "b",
+            conversations: none
+        }));
+        let quiet = ["quiet".to_string()];
+        assert!(!waits(Scope::User {
+            user: "c",
+            conversations: &quiet
+        }));
+        let both = ["quiet".to_string(), "busy".to_string()];
+        assert!(waits(Scope::User {
+            user: "c",
+            conversations: &both
+        }));
+
+        // Generation 5 is taken for merging and 6 gets a received position of "busy".
+        let receiver = shared.settle(Scope::Conversation("busy")).unwrap().unwrap();
+        {
+            let mut s = shared.lock();
+            s.records.clear();
+            s.merging = Some(5);
+            s.segment = Segment::create(&dir, 6).unwrap();
+            s.push(vec![Record::Received {
+                conversation_id: "busy".into(),
+                user_id: "b".into(),
+                seq: 1,
+            }]);
+        }
+        let later = shared.settle(Scope::Conversation("busy")).unwrap().unwrap();
+        let _ = shared.lock().merged(5);
+        assert!(
+            matches!(receiver.blocking_recv(), Ok(Ok(()))),
+            "answered by generation 5"
+        );
+        assert!(waits(Scope::Conversation("busy")), "6 still holds a record of it");
+        assert!(
+            !waits(Scope::User {
+                user: "b",
+                conversations: none
+            }),
+            "b's join is merged"
+        );
+        let _ = shared.lock().merged(6);
+        assert!(matches!(later.blocking_recv(), Ok(Ok(()))));
+        assert!(!waits(Scope::Conversation("busy")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

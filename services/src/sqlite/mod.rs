@@ -6,8 +6,9 @@
 //!   assigned in memory from each conversation's durable high-water mark, and answers once a
 //!   batch is written. The merger ([`merge`]) moves the logged records into the tables in large
 //!   batches (about once a second under load); every read of message state first waits until
-//!   what was logged before it is merged ([`SqliteStore::settled`]), so readers see the tables
-//!   alone and every acknowledged write.
+//!   what was logged before it within its scope (its conversation, or the user's conversations)
+//!   is merged ([`SqliteStore::settled`]), so readers see the tables alone and every
+//!   acknowledged write, and a read of a quiet conversation does not wait for a busy one.
 //! - Every other write (users, friends, groups, read positions) goes through a sqlx pool of
 //!   exactly one connection; SQLite serializes it with the writer (`busy_timeout` 5 s on both).
 //! - Reads use a sqlx pool of `READERS` connections that WAL lets run beside the writers.
@@ -204,16 +205,31 @@ impl SqliteStore {
         self.writer.close().await;
     }
 
-    /// The read barrier: returns once every write acknowledged before the call is in the tables
-    /// (at once when nothing waits for a merge; else after the merge this starts, a few
-    /// milliseconds to a few hundred under load).
-    async fn settled(&self) -> StoreResult<()> {
-        match self.log.settle()? {
+    /// The read barrier: returns once every write acknowledged before the call within `scope` is
+    /// in the tables (at once when none waits for a merge; else after the merge this starts, a
+    /// few milliseconds to a few hundred under load).
+    async fn settled(&self, scope: merge::Scope<'_>) -> StoreResult<()> {
+        match self.log.settle(scope)? {
             None => Ok(()),
             Some(rx) => rx
                 .await
                 .map_err(|_| StoreError::Unavailable("the message merger stopped".into()))?,
         }
+    }
+
+    /// [`Self::settled`] for a read of `user_id`'s conversations.
+    async fn settled_for_user(&self, user_id: &str) -> StoreResult<()> {
+        let conversations: Vec<String> =
+            sqlx::query_scalar("SELECT conversation_id FROM conversation_members WHERE user_id = ?")
+                .bind(user_id)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(unavailable)?;
+        self.settled(merge::Scope::User {
+            user: user_id,
+            conversations: &conversations,
+        })
+        .await
     }
 
     /// Hands a job to the message writer and waits for its answer.
@@ -423,7 +439,7 @@ impl MessageStore for SqliteStore {
         after_seq: u64,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
-        self.settled().await?;
+        self.settled(merge::Scope::Conversation(conversation_id)).await?;
         let rows = sqlx::query(concat!(
             "SELECT ",
             message_columns!(),
@@ -444,7 +460,7 @@ impl MessageStore for SqliteStore {
         before_seq: Option<u64>,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
-        self.settled().await?;
+        self.settled(merge::Scope::Conversation(conversation_id)).await?;
         let rows = sqlx::query(concat!(
             "SELECT ",
             message_columns!(),
@@ -460,7 +476,7 @@ impl MessageStore for SqliteStore {
     }
 
     async fn conversations_of(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>> {
-        self.settled().await?;
+        self.settled_for_user(user_id).await?;
         let rows = sqlx::query(
             "SELECT c.conversation_id, c.max_seq, m.joined_seq FROM conversation_members m
              JOIN conversations c ON c.conversation_id = m.conversation_id
@@ -482,7 +498,7 @@ impl MessageStore for SqliteStore {
     }
 
     async fn is_member(&self, conversation_id: &str, user_id: &str) -> StoreResult<bool> {
-        self.settled().await?;
+        self.settled(merge::Scope::Conversation(conversation_id)).await?;
         let row = sqlx::query("SELECT 1 FROM conversation_members WHERE user_id = ? AND conversation_id = ?")
             .bind(user_id)
             .bind(conversation_id)
@@ -493,7 +509,7 @@ impl MessageStore for SqliteStore {
     }
 
     async fn message(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<StoredMessage>> {
-        self.settled().await?;
+        self.settled(merge::Scope::Conversation(conversation_id)).await?;
         sqlx::query(concat!(
             "SELECT ",
             message_columns!(),
@@ -510,7 +526,7 @@ impl MessageStore for SqliteStore {
     }
 
     async fn member_states(&self, conversation_id: &str) -> StoreResult<Vec<MemberState>> {
-        self.settled().await?;
+        self.settled(merge::Scope::Conversation(conversation_id)).await?;
         let rows = sqlx::query(
             "SELECT user_id, read_seq, received_seq, joined_seq FROM conversation_members
              WHERE conversation_id = ? ORDER BY user_id",
@@ -537,7 +553,7 @@ impl MessageStore for SqliteStore {
         offset: u32,
         limit: u32,
     ) -> StoreResult<Vec<ConversationSummary>> {
-        self.settled().await?;
+        self.settled_for_user(user_id).await?;
         let rows = sqlx::query(
             "SELECT c.conversation_id, c.chat_type, c.max_seq, c.updated_at, m.read_seq, m.joined_seq,
                 (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = c.conversation_id
@@ -583,7 +599,7 @@ impl MessageStore for SqliteStore {
         read_seq: u64,
         reader_slot: Option<(u32, &dyn ReadBitmapCodec)>,
     ) -> StoreResult<Option<(u64, u64)>> {
-        self.settled().await?;
+        self.settled(merge::Scope::Conversation(conversation_id)).await?;
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
         let row = sqlx::query(
             "SELECT m.read_seq, m.joined_seq, c.max_seq FROM conversation_members m

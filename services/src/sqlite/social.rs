@@ -249,7 +249,7 @@ impl SocialStore for SqliteStore {
         now: i64,
     ) -> Result<Vec<GroupMember>, AddMembersError> {
         // joined_seq is the conversation's max seq: every logged message must be in the table.
-        self.settled().await?;
+        self.settled(super::merge::Scope::Conversation(conversation_id)).await?;
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
         let Some(g) = sqlx::query("SELECT member_count, next_slot FROM chat_groups WHERE group_id = ?")
             .bind(group_id)

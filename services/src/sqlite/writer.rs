@@ -309,10 +309,7 @@ fn stage(
         filter.insert(k);
         s.keys.insert(k.to_string(), m);
     }
-    for r in records {
-        s.bytes += r.size();
-        s.records.push(r);
-    }
+    s.push(records);
     shared.staged(&s);
     drop(s);
     for (conversation_id, seq) in assigned {
