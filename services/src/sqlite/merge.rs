@@ -34,8 +34,9 @@ use tokio::sync::oneshot;
 pub(super) const MERGE_EVERY: Duration = Duration::from_millis(1000);
 /// Staged bytes (in memory, [`Record::size`]) that start a merge before [`MERGE_EVERY`].
 const MERGE_BYTES: usize = 16 << 20;
-/// Staged bytes past which the writer waits for the merger to take them.
-pub(super) const MAX_STAGED_BYTES: usize = 64 << 20;
+/// Staged bytes past which the writer waits for the merger to take them (with the copies the
+/// read path keeps, at most about 4x this is held: staged and merging, each twice).
+pub(super) const MAX_STAGED_BYTES: usize = 32 << 20;
 /// Pause between attempts of a failing merge.
 const RETRY: Duration = Duration::from_secs(1);
 /// Nice value of the merger and the checkpointer: a merge is a burst of CPU once a second (about
@@ -75,6 +76,16 @@ pub(super) struct Staged {
     /// their generation is merged; at most the conversations and users of two segments.
     unmerged_conversations: HashMap<String, u64>,
     unmerged_users: HashMap<String, u64>,
+    /// The messages not merged yet, by conversation, ascending, with their generation: what the
+    /// sync path (`conversations_of`, `messages_after`) reads beside the tables instead of
+    /// waiting for a merge. Copies of the staged records: with them the staged messages take
+    /// twice their bytes ([`MAX_STAGED_BYTES`] bounds the records).
+    tails: HashMap<String, Vec<(u64, StoredMessage)>>,
+    /// The conversations each user joins with a message not merged yet.
+    joins: HashMap<String, Vec<(u64, String)>>,
+    /// Merges committed by this process: a reader that saw the same count before its table
+    /// read and after its look at the tails saw no record leave the tails in between.
+    merges_done: u64,
     /// Readers waiting until every generation up to theirs is merged.
     waiters: Vec<(u64, oneshot::Sender<StoreResult<()>>)>,
     settle_wanted: bool,
@@ -101,6 +112,9 @@ impl Shared {
                 merging: None,
                 unmerged_conversations: HashMap::new(),
                 unmerged_users: HashMap::new(),
+                tails: HashMap::new(),
+                joins: HashMap::new(),
+                merges_done: 0,
                 waiters: Vec::new(),
                 settle_wanted: false,
                 last_merge: Instant::now(),
@@ -170,6 +184,46 @@ impl Shared {
         Ok(Some(rx))
     }
 
+    /// Merges committed so far (see [`Staged::merges_done`]).
+    pub(super) fn merges_done(&self) -> u64 {
+        self.state.lock().merges_done
+    }
+
+    /// The unmerged messages of a conversation with `seq > after_seq`, ascending, and
+    /// [`Self::merges_done`] as of this look.
+    pub(super) fn tail_after(&self, conversation_id: &str, after_seq: u64) -> (Vec<StoredMessage>, u64) {
+        let s = self.state.lock();
+        let tail = s
+            .tails
+            .get(conversation_id)
+            .map(|list| {
+                list.iter()
+                    .filter(|(_, m)| m.seq > after_seq)
+                    .map(|(_, m)| m.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (tail, s.merges_done)
+    }
+
+    /// For `user`: the newest unmerged seq of each of `conversations` that has one, the
+    /// conversations the user joins with an unmerged message (with their newest seq), and
+    /// [`Self::merges_done`] as of this look.
+    pub(super) fn heads(&self, user: &str, conversations: &[String]) -> (Vec<(String, u64)>, u64) {
+        let s = self.state.lock();
+        let newest = |c: &str| s.tails.get(c).and_then(|l| l.last()).map(|(_, m)| m.seq);
+        let mut out: Vec<(String, u64)> = conversations
+            .iter()
+            .filter_map(|c| newest(c).map(|seq| (c.clone(), seq)))
+            .collect();
+        for (_, c) in s.joins.get(user).into_iter().flatten() {
+            if !out.iter().any(|(o, _)| o == c) && !conversations.contains(c) {
+                out.push((c.clone(), newest(c).unwrap_or(0)));
+            }
+        }
+        (out, s.merges_done)
+    }
+
     /// Blocks this (non-async) thread until everything logged so far is merged.
     pub(super) fn settle_blocking(&self) -> StoreResult<()> {
         match self.settle(Scope::All)? {
@@ -208,6 +262,17 @@ impl Staged {
                 Record::Message { msg, members } => {
                     for m in members {
                         mark(&mut self.unmerged_users, m, generation);
+                        self.joins
+                            .entry(m.clone())
+                            .or_default()
+                            .push((generation, msg.conversation_id.clone()));
+                    }
+                    match self.tails.get_mut(&msg.conversation_id) {
+                        Some(t) => t.push((generation, msg.clone())),
+                        None => {
+                            self.tails
+                                .insert(msg.conversation_id.clone(), vec![(generation, msg.clone())]);
+                        }
                     }
                     &msg.conversation_id
                 }
@@ -224,6 +289,15 @@ impl Staged {
         self.merging = None;
         self.unmerged_conversations.retain(|_, g| *g > generation);
         self.unmerged_users.retain(|_, g| *g > generation);
+        for list in self.tails.values_mut() {
+            list.retain(|(g, _)| *g > generation);
+        }
+        self.tails.retain(|_, list| !list.is_empty());
+        for list in self.joins.values_mut() {
+            list.retain(|(g, _)| *g > generation);
+        }
+        self.joins.retain(|_, list| !list.is_empty());
+        self.merges_done += 1;
         answer(self, generation, || Ok(()));
         std::mem::take(&mut self.merging_keys)
     }
@@ -586,6 +660,40 @@ mod tests {
         let _ = shared.lock().merged(6);
         assert!(matches!(later.blocking_recv(), Ok(Ok(()))));
         assert!(!waits(Scope::Conversation("busy")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What the sync path reads beside the tables: the unmerged messages of a conversation, the
+    /// conversations a user joins with one, and a merge count that tells a reader to read again.
+    #[test]
+    fn the_tails_hold_what_is_not_merged_and_count_the_merges() {
+        let dir = std::env::temp_dir().join(format!("sai-merge-tails-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let shared = Shared::new(Segment::create(&dir, 1).unwrap(), dir.clone());
+        shared
+            .lock()
+            .push(vec![message("p", 1, &["a", "b"]), message("g", 8, &[])]);
+        shared.lock().segment = Segment::create(&dir, 2).unwrap();
+        shared.lock().push(vec![message("p", 2, &[]), message("p", 3, &[])]);
+        let seqs = |after| {
+            shared
+                .tail_after("p", after)
+                .0
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(0), vec![1, 2, 3]);
+        assert_eq!(seqs(2), vec![3]);
+        let groups = ["g".to_string()];
+        let (heads, count) = shared.heads("b", &groups);
+        assert_eq!((heads, count), (vec![("g".to_string(), 8), ("p".to_string(), 3)], 0));
+        let _ = shared.lock().merged(1);
+        assert_eq!(seqs(0), vec![2, 3], "generation 1 is in the tables now");
+        let (heads, count) = shared.heads("b", &groups);
+        assert_eq!((heads, count), (vec![], 1), "b's join and g's message are merged");
+        assert_eq!(shared.merges_done(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

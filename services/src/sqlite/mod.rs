@@ -5,10 +5,11 @@
 //!   thread that appends them in batches to a log of checksummed records ([`log`]), seqs
 //!   assigned in memory from each conversation's durable high-water mark, and answers once a
 //!   batch is written. The merger ([`merge`]) moves the logged records into the tables in large
-//!   batches (about once a second under load); every read of message state first waits until
-//!   what was logged before it within its scope (its conversation, or the user's conversations)
-//!   is merged ([`SqliteStore::settled`]), so readers see the tables alone and every
-//!   acknowledged write, and a read of a quiet conversation does not wait for a busy one.
+//!   batches (about once a second under load). The sync path (`conversations_of`,
+//!   `messages_after`) reads the tables and the unmerged messages in memory together; every other
+//!   read of message state first waits until what was logged before it within its scope (its
+//!   conversation, or the user's conversations) is merged ([`SqliteStore::settled`]). Either way
+//!   readers see every acknowledged write.
 //! - Every other write (users, friends, groups, read positions) goes through a sqlx pool of
 //!   exactly one connection; SQLite serializes it with the writer (`busy_timeout` 5 s on both).
 //! - Reads use a sqlx pool of `READERS` connections that WAL lets run beside the writers.
@@ -45,6 +46,10 @@ macro_rules! message_columns {
 
 /// Reader connections.
 const READERS: u32 = 4;
+
+/// Attempts of a sync-path read to see the tables and the unmerged tails with no merge committed
+/// in between (one a second at most under load), before it waits for the merge instead.
+const OVERLAY_TRIES: usize = 4;
 
 mod keys;
 mod log;
@@ -230,6 +235,44 @@ impl SqliteStore {
             conversations: &conversations,
         })
         .await
+    }
+
+    /// Messages of the tables alone with `seq > after_seq`, ascending, at most `limit`.
+    async fn stored_after(&self, conversation_id: &str, after_seq: u64, limit: u32) -> StoreResult<Vec<StoredMessage>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+        ))
+        .bind(conversation_id)
+        .bind(seq_param(after_seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    /// Heads of the tables alone, by conversation id.
+    async fn stored_heads(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>> {
+        let rows = sqlx::query(
+            "SELECT c.conversation_id, c.max_seq, m.joined_seq FROM conversation_members m
+             JOIN conversations c ON c.conversation_id = m.conversation_id
+             WHERE m.user_id = ? ORDER BY c.conversation_id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                Ok(ConversationHead {
+                    conversation_id: r.try_get("conversation_id").map_err(corrupt)?,
+                    max_seq: get_u64(r, "max_seq")?,
+                    joined_seq: get_u64(r, "joined_seq")?,
+                })
+            })
+            .collect()
     }
 
     /// Hands a job to the message writer and waits for its answer.
@@ -439,19 +482,24 @@ impl MessageStore for SqliteStore {
         after_seq: u64,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
+        // The sync path: the tables and the unmerged tail together, no wait for a merge.
+        for _ in 0..OVERLAY_TRIES {
+            let merges = self.log.merges_done();
+            let mut out = self.stored_after(conversation_id, after_seq, limit).await?;
+            let (tail, merges_after) = self.log.tail_after(conversation_id, after_seq);
+            if merges_after != merges {
+                // A merge moved records out of the tail after the table was read: read again.
+                continue;
+            }
+            // A message can be in both while its merge is committed but not yet counted.
+            out.extend(tail);
+            out.sort_by_key(|m| m.seq);
+            out.dedup_by_key(|m| m.seq);
+            out.truncate(limit as usize);
+            return Ok(out);
+        }
         self.settled(merge::Scope::Conversation(conversation_id)).await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
-        ))
-        .bind(conversation_id)
-        .bind(seq_param(after_seq))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(message_from_row).collect()
+        self.stored_after(conversation_id, after_seq, limit).await
     }
 
     async fn messages_before(
@@ -476,25 +524,31 @@ impl MessageStore for SqliteStore {
     }
 
     async fn conversations_of(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>> {
+        // The sync path: the tables' heads raised by the unmerged tails, no wait for a merge.
+        for _ in 0..OVERLAY_TRIES {
+            let merges = self.log.merges_done();
+            let mut heads = self.stored_heads(user_id).await?;
+            let ids: Vec<String> = heads.iter().map(|h| h.conversation_id.clone()).collect();
+            let (newer, merges_after) = self.log.heads(user_id, &ids);
+            if merges_after != merges {
+                continue;
+            }
+            for (conversation_id, seq) in newer {
+                match heads.iter_mut().find(|h| h.conversation_id == conversation_id) {
+                    Some(h) => h.max_seq = h.max_seq.max(seq),
+                    // Joined with a message not merged yet: a private conversation, from its start.
+                    None => heads.push(ConversationHead {
+                        conversation_id,
+                        max_seq: seq,
+                        joined_seq: 0,
+                    }),
+                }
+            }
+            heads.sort_by(|a, b| a.conversation_id.cmp(&b.conversation_id));
+            return Ok(heads);
+        }
         self.settled_for_user(user_id).await?;
-        let rows = sqlx::query(
-            "SELECT c.conversation_id, c.max_seq, m.joined_seq FROM conversation_members m
-             JOIN conversations c ON c.conversation_id = m.conversation_id
-             WHERE m.user_id = ? ORDER BY c.conversation_id",
-        )
-        .bind(user_id)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        rows.iter()
-            .map(|r| {
-                Ok(ConversationHead {
-                    conversation_id: r.try_get("conversation_id").map_err(corrupt)?,
-                    max_seq: get_u64(r, "max_seq")?,
-                    joined_seq: get_u64(r, "joined_seq")?,
-                })
-            })
-            .collect()
+        self.stored_heads(user_id).await
     }
 
     async fn is_member(&self, conversation_id: &str, user_id: &str) -> StoreResult<bool> {
@@ -842,6 +896,16 @@ mod tests {
                 heads.iter().find(|h| h.conversation_id == "c").map(|h| h.max_seq),
                 Some(i + 1)
             );
+            let from = i.saturating_sub(3);
+            let seqs: Vec<u64> = s
+                .messages_after("c", from, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| m.seq)
+                .collect();
+            assert_eq!(seqs, (from + 1..=i + 1).collect::<Vec<_>>());
+            assert_eq!(s.messages_before("c", None, 1).await.unwrap()[0].seq, i + 1);
         }
         s.close().await;
     }
