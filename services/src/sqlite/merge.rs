@@ -189,16 +189,20 @@ impl Shared {
         self.state.lock().merges_done
     }
 
-    /// The unmerged messages of a conversation with `seq > after_seq`, ascending, and
+    /// The unmerged messages of a conversation with a seq in `seqs`, ascending, and
     /// [`Self::merges_done`] as of this look.
-    pub(super) fn tail_after(&self, conversation_id: &str, after_seq: u64) -> (Vec<StoredMessage>, u64) {
+    pub(super) fn tail(
+        &self,
+        conversation_id: &str,
+        seqs: impl std::ops::RangeBounds<u64>,
+    ) -> (Vec<StoredMessage>, u64) {
         let s = self.state.lock();
         let tail = s
             .tails
             .get(conversation_id)
             .map(|list| {
                 list.iter()
-                    .filter(|(_, m)| m.seq > after_seq)
+                    .filter(|(_, m)| seqs.contains(&m.seq))
                     .map(|(_, m)| m.clone())
                     .collect()
             })
@@ -676,9 +680,9 @@ mod tests {
             .push(vec![message("p", 1, &["a", "b"]), message("g", 8, &[])]);
         shared.lock().segment = Segment::create(&dir, 2).unwrap();
         shared.lock().push(vec![message("p", 2, &[]), message("p", 3, &[])]);
-        let seqs = |after| {
+        let seqs = |after: u64| {
             shared
-                .tail_after("p", after)
+                .tail("p", after + 1..)
                 .0
                 .iter()
                 .map(|m| m.seq)

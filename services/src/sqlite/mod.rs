@@ -5,11 +5,11 @@
 //!   thread that appends them in batches to a log of checksummed records ([`log`]), seqs
 //!   assigned in memory from each conversation's durable high-water mark, and answers once a
 //!   batch is written. The merger ([`merge`]) moves the logged records into the tables in large
-//!   batches (about once a second under load). The sync path (`conversations_of`,
-//!   `messages_after`) reads the tables and the unmerged messages in memory together; every other
-//!   read of message state first waits until what was logged before it within its scope (its
-//!   conversation, or the user's conversations) is merged ([`SqliteStore::settled`]). Either way
-//!   readers see every acknowledged write.
+//!   batches (about once a second under load). Sync and history (`conversations_of`,
+//!   `messages_after`, `messages_before`) read the tables and the unmerged messages in memory
+//!   together; every other read of message state first waits until what was logged before it
+//!   within its scope (its conversation, or the user's conversations) is merged
+//!   ([`SqliteStore::settled`]). Either way readers see every acknowledged write.
 //! - Every other write (users, friends, groups, read positions) goes through a sqlx pool of
 //!   exactly one connection; SQLite serializes it with the writer (`busy_timeout` 5 s on both).
 //! - Reads use a sqlx pool of `READERS` connections that WAL lets run beside the writers.
@@ -32,6 +32,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::Row;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -253,6 +254,28 @@ impl SqliteStore {
         rows.iter().map(message_from_row).collect()
     }
 
+    /// Messages of the tables alone with `seq < before_seq` (all when `None`), newest first, at
+    /// most `limit`.
+    async fn stored_before(
+        &self,
+        conversation_id: &str,
+        before_seq: Option<u64>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+        ))
+        .bind(conversation_id)
+        .bind(before_seq.map(seq_param).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(message_from_row).collect()
+    }
+
     /// Heads of the tables alone, by conversation id.
     async fn stored_heads(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>> {
         let rows = sqlx::query(
@@ -309,6 +332,28 @@ async fn migrate(writer: &SqlitePool) -> StoreResult<()> {
         tx.commit().await.map_err(unavailable)?;
     }
     Ok(())
+}
+
+/// The tables' page of a conversation's messages and the unmerged tail in the same seq range,
+/// as one page: by seq (newest first when `newest_first`), each seq once (a message can be in
+/// both while its merge is committed but not yet counted), at most `limit`. The table's page is
+/// the `limit` nearest seqs it holds and every tail seq it lacks lies beyond them, so the union's
+/// first `limit` are the answer.
+fn overlay(
+    mut page: Vec<StoredMessage>,
+    tail: Vec<StoredMessage>,
+    limit: u32,
+    newest_first: bool,
+) -> Vec<StoredMessage> {
+    page.extend(tail);
+    if newest_first {
+        page.sort_by_key(|m| std::cmp::Reverse(m.seq));
+    } else {
+        page.sort_by_key(|m| m.seq);
+    }
+    page.dedup_by_key(|m| m.seq);
+    page.truncate(limit as usize);
+    page
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -485,18 +530,15 @@ impl MessageStore for SqliteStore {
         // The sync path: the tables and the unmerged tail together, no wait for a merge.
         for _ in 0..OVERLAY_TRIES {
             let merges = self.log.merges_done();
-            let mut out = self.stored_after(conversation_id, after_seq, limit).await?;
-            let (tail, merges_after) = self.log.tail_after(conversation_id, after_seq);
+            let out = self.stored_after(conversation_id, after_seq, limit).await?;
+            let (tail, merges_after) = self
+                .log
+                .tail(conversation_id, (Bound::Excluded(after_seq), Bound::Unbounded));
             if merges_after != merges {
                 // A merge moved records out of the tail after the table was read: read again.
                 continue;
             }
-            // A message can be in both while its merge is committed but not yet counted.
-            out.extend(tail);
-            out.sort_by_key(|m| m.seq);
-            out.dedup_by_key(|m| m.seq);
-            out.truncate(limit as usize);
-            return Ok(out);
+            return Ok(overlay(out, tail, limit, false));
         }
         self.settled(merge::Scope::Conversation(conversation_id)).await?;
         self.stored_after(conversation_id, after_seq, limit).await
@@ -508,19 +550,19 @@ impl MessageStore for SqliteStore {
         before_seq: Option<u64>,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
+        // History: as the sync path, the tables and the unmerged tail together.
+        let upper = before_seq.map_or(Bound::Unbounded, Bound::Excluded);
+        for _ in 0..OVERLAY_TRIES {
+            let merges = self.log.merges_done();
+            let out = self.stored_before(conversation_id, before_seq, limit).await?;
+            let (tail, merges_after) = self.log.tail(conversation_id, (Bound::Unbounded, upper));
+            if merges_after != merges {
+                continue;
+            }
+            return Ok(overlay(out, tail, limit, true));
+        }
         self.settled(merge::Scope::Conversation(conversation_id)).await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
-        ))
-        .bind(conversation_id)
-        .bind(before_seq.map(seq_param).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(message_from_row).collect()
+        self.stored_before(conversation_id, before_seq, limit).await
     }
 
     async fn conversations_of(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>> {
@@ -863,6 +905,28 @@ mod tests {
         s.close().await;
     }
 
+    /// A page of the tables and the tail around a merge that was committed but not yet counted.
+    #[test]
+    fn a_page_joins_the_tables_and_the_tail_each_seq_once() {
+        let m = |seq: u64| StoredMessage {
+            conversation_id: "c".into(),
+            chat_type: 2,
+            seq,
+            send_id: "a".into(),
+            recv_id: "b".into(),
+            client_msg_id: format!("k{seq}"),
+            msg_id: format!("m{seq}"),
+            send_time: 0,
+            body: "{}".into(),
+        };
+        let seqs = |v: Vec<StoredMessage>| v.iter().map(|m| m.seq).collect::<Vec<_>>();
+        let asc = overlay(vec![m(4), m(5), m(6)], vec![m(6), m(7), m(8)], 4, false);
+        assert_eq!(seqs(asc), vec![4, 5, 6, 7]);
+        let desc = overlay(vec![m(6), m(5)], vec![m(6), m(7), m(8)], 3, true);
+        assert_eq!(seqs(desc), vec![8, 7, 6]);
+        assert_eq!(seqs(overlay(Vec::new(), Vec::new(), 3, true)), Vec::<u64>::new());
+    }
+
     /// A segment damaged before its end is not the tail of a crashed write: refuse to start
     /// rather than drop what follows it.
     #[tokio::test]
@@ -906,6 +970,17 @@ mod tests {
                 .collect();
             assert_eq!(seqs, (from + 1..=i + 1).collect::<Vec<_>>());
             assert_eq!(s.messages_before("c", None, 1).await.unwrap()[0].seq, i + 1);
+            let older: Vec<u64> = s
+                .messages_before("c", Some(i + 1), 2)
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| m.seq)
+                .collect();
+            assert_eq!(
+                older,
+                (i.saturating_sub(1)..=i).rev().filter(|&q| q > 0).collect::<Vec<_>>()
+            );
         }
         s.close().await;
     }
