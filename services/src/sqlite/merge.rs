@@ -63,25 +63,24 @@ pub(super) struct Staged {
     pub(super) records: Vec<Record>,
     /// Sum of [`Record::size`] of `records`.
     pub(super) bytes: usize,
-    /// Idempotency keys ([`key`]) of the messages in `records`: a resend must find its original
-    /// before the tables hold it.
-    pub(super) keys: HashMap<String, StoredMessage>,
-    /// The same for the records being merged now; dropped once they are committed.
-    merging_keys: HashMap<String, StoredMessage>,
     /// Generation of the segment being merged.
     merging: Option<u64>,
-    /// The newest generation holding records of each conversation not merged yet, and of each
-    /// user who joins a conversation with them: what a read scoped to one of them waits for (a
-    /// read of a quiet conversation does not wait for a busy one's merge). Entries leave once
-    /// their generation is merged; at most the conversations and users of two segments.
+    /// The newest generation holding records of each conversation not merged yet: what a read
+    /// scoped to it waits for (a read of a quiet conversation does not wait for a busy one's
+    /// merge). Entries leave once their generation is merged, as in every map below; at most the
+    /// conversations of two segments (staged and merging).
     unmerged_conversations: HashMap<String, u64>,
-    unmerged_users: HashMap<String, u64>,
-    /// The messages not merged yet, by conversation, ascending, with their generation: what the
-    /// sync path (`conversations_of`, `messages_after`) reads beside the tables instead of
-    /// waiting for a merge. Copies of the staged records: with them the staged messages take
-    /// twice their bytes ([`MAX_STAGED_BYTES`] bounds the records).
+    /// The messages not merged yet, by conversation, ascending, with their generation: what sync
+    /// and history (`conversations_of`, `messages_after`, `messages_before`) read beside the
+    /// tables instead of waiting for a merge. Copies of the staged records: with them the staged
+    /// messages take twice their bytes ([`MAX_STAGED_BYTES`] bounds the records).
     tails: HashMap<String, Vec<(u64, StoredMessage)>>,
-    /// The conversations each user joins with a message not merged yet.
+    /// Where the message of each idempotency key ([`key`]) not merged yet lies in `tails`
+    /// (generation, conversation, seq): a resend must find its original before the tables hold
+    /// it.
+    keys: HashMap<String, (u64, String, u64)>,
+    /// The conversations each user joins with a message not merged yet, oldest first (a read of
+    /// the user's conversations waits for the newest).
     joins: HashMap<String, Vec<(u64, String)>>,
     /// Merges committed by this process: a reader that saw the same count before its table
     /// read and after its look at the tails saw no record leave the tails in between.
@@ -107,12 +106,10 @@ impl Shared {
                 segment,
                 records: Vec::new(),
                 bytes: 0,
-                keys: HashMap::new(),
-                merging_keys: HashMap::new(),
                 merging: None,
                 unmerged_conversations: HashMap::new(),
-                unmerged_users: HashMap::new(),
                 tails: HashMap::new(),
+                keys: HashMap::new(),
                 joins: HashMap::new(),
                 merges_done: 0,
                 waiters: Vec::new(),
@@ -126,11 +123,6 @@ impl Shared {
             work: Condvar::new(),
             room: Condvar::new(),
         }
-    }
-
-    /// The message logged under this idempotency key and not merged yet.
-    pub(super) fn staged_original(state: &Staged, key: &str) -> Option<StoredMessage> {
-        state.keys.get(key).or_else(|| state.merging_keys.get(key)).cloned()
     }
 
     /// Locks the staged state for the writer, once there is room for more.
@@ -167,7 +159,7 @@ impl Shared {
             Scope::User { user, conversations } => conversations
                 .iter()
                 .filter_map(|c| s.unmerged_conversations.get(c.as_str()))
-                .chain(s.unmerged_users.get(user))
+                .chain(s.joins.get(user).and_then(|l| l.last()).map(|(g, _)| g))
                 .max()
                 .copied(),
         };
@@ -258,14 +250,25 @@ pub(super) enum Scope<'a> {
 }
 
 impl Staged {
+    /// The message logged under this idempotency key and not merged yet.
+    pub(super) fn original(&self, key: &str) -> Option<StoredMessage> {
+        let (_, conversation_id, seq) = self.keys.get(key)?;
+        let tail = self.tails.get(conversation_id)?;
+        let i = tail.binary_search_by_key(seq, |(_, m)| m.seq).ok()?;
+        Some(tail[i].1.clone())
+    }
+
     /// Stages records just appended to the current segment.
     pub(super) fn push(&mut self, records: Vec<Record>) {
         let generation = self.segment.generation;
         for r in records {
             let conversation = match &r {
                 Record::Message { msg, members } => {
+                    self.keys.insert(
+                        key(&msg.send_id, &msg.client_msg_id),
+                        (generation, msg.conversation_id.clone(), msg.seq),
+                    );
                     for m in members {
-                        mark(&mut self.unmerged_users, m, generation);
                         self.joins
                             .entry(m.clone())
                             .or_default()
@@ -282,17 +285,22 @@ impl Staged {
                 }
                 Record::Received { conversation_id, .. } => conversation_id,
             };
-            mark(&mut self.unmerged_conversations, conversation, generation);
+            match self.unmerged_conversations.get_mut(conversation) {
+                Some(g) => *g = generation,
+                None => {
+                    self.unmerged_conversations.insert(conversation.clone(), generation);
+                }
+            }
             self.bytes += r.size();
             self.records.push(r);
         }
     }
 
     /// Every generation up to `generation` is in the tables: answers who waited for it.
-    fn merged(&mut self, generation: u64) -> HashMap<String, StoredMessage> {
+    fn merged(&mut self, generation: u64) {
         self.merging = None;
         self.unmerged_conversations.retain(|_, g| *g > generation);
-        self.unmerged_users.retain(|_, g| *g > generation);
+        self.keys.retain(|_, (g, _, _)| *g > generation);
         for list in self.tails.values_mut() {
             list.retain(|(g, _)| *g > generation);
         }
@@ -303,16 +311,6 @@ impl Staged {
         self.joins.retain(|_, list| !list.is_empty());
         self.merges_done += 1;
         answer(self, generation, || Ok(()));
-        std::mem::take(&mut self.merging_keys)
-    }
-}
-
-fn mark(map: &mut HashMap<String, u64>, key: &str, generation: u64) {
-    match map.get_mut(key) {
-        Some(g) => *g = generation,
-        None => {
-            map.insert(key.to_string(), generation);
-        }
     }
 }
 
@@ -338,11 +336,8 @@ pub(super) fn start(conn: Connection, shared: Arc<Shared>) -> StoreResult<std::t
 }
 
 fn run(mut conn: Connection, shared: &Shared) {
+    let dir = shared.state.lock().dir.clone();
     while let Some((records, generation)) = take(shared) {
-        let dir = {
-            let s = shared.state.lock();
-            s.dir.clone()
-        };
         loop {
             match merge(&mut conn, &records, false) {
                 Ok(()) => break,
@@ -367,13 +362,12 @@ fn run(mut conn: Connection, shared: &Shared) {
             // Harmless: merging a segment twice changes nothing.
             tracing::warn!(error = %e, generation, "removing a merged log segment failed");
         }
-        let done_keys = shared.state.lock().merged(generation);
-        drop(done_keys);
+        shared.state.lock().merged(generation);
     }
     let mut s = shared.state.lock();
     if s.records.is_empty() {
         // Closed cleanly: the current segment holds nothing.
-        let _ = std::fs::remove_file(segment_path(&s.dir, s.segment.generation));
+        let _ = std::fs::remove_file(segment_path(&dir, s.segment.generation));
     }
     finish(&mut s);
     shared.room.notify_all();
@@ -414,7 +408,6 @@ fn take(shared: &Shared) -> Option<(Vec<Record>, u64)> {
         };
         let old = std::mem::replace(&mut s.segment, next);
         s.merging = Some(old.generation);
-        s.merging_keys = std::mem::take(&mut s.keys);
         s.bytes = 0;
         s.settle_wanted = false;
         s.last_merge = Instant::now();
@@ -648,7 +641,7 @@ mod tests {
             }]);
         }
         let later = shared.settle(Scope::Conversation("busy")).unwrap().unwrap();
-        let _ = shared.lock().merged(5);
+        shared.lock().merged(5);
         assert!(
             matches!(receiver.blocking_recv(), Ok(Ok(()))),
             "answered by generation 5"
@@ -661,7 +654,7 @@ mod tests {
             }),
             "b's join is merged"
         );
-        let _ = shared.lock().merged(6);
+        shared.lock().merged(6);
         assert!(matches!(later.blocking_recv(), Ok(Ok(()))));
         assert!(!waits(Scope::Conversation("busy")));
         let _ = std::fs::remove_dir_all(&dir);
@@ -693,7 +686,7 @@ mod tests {
         let groups = ["g".to_string()];
         let (heads, count) = shared.heads("b", &groups);
         assert_eq!((heads, count), (vec![("g".to_string(), 8), ("p".to_string(), 3)], 0));
-        let _ = shared.lock().merged(1);
+        shared.lock().merged(1);
         assert_eq!(seqs(0), vec![2, 3], "generation 1 is in the tables now");
         let (heads, count) = shared.heads("b", &groups);
         assert_eq!((heads, count), (vec![], 1), "b's join and g's message are merged");

@@ -216,9 +216,7 @@ fn stage(
         .collect();
     let mut originals: Vec<Option<StoredMessage>> = {
         let s = shared.lock();
-        keys.iter()
-            .map(|k| k.as_deref().and_then(|k| Shared::staged_original(&s, k)))
-            .collect()
+        keys.iter().map(|k| k.as_deref().and_then(|k| s.original(k))).collect()
     };
     // 2. Seqs, the batch's own duplicates and the table's originals.
     if seqs.max.len() >= MAX_CACHED_SEQS {
@@ -305,13 +303,12 @@ fn stage(
             return Err(StoreError::Unavailable(format!("writing the message log: {why}")));
         }
     }
-    for (k, m) in fresh_keys {
-        filter.insert(k);
-        s.keys.insert(k.to_string(), m);
-    }
     s.push(records);
     shared.staged(&s);
     drop(s);
+    for k in fresh_keys.keys() {
+        filter.insert(k);
+    }
     for (conversation_id, seq) in assigned {
         seqs.max.insert(conversation_id.to_string(), seq);
     }
