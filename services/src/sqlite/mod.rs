@@ -238,41 +238,68 @@ impl SqliteStore {
         .await
     }
 
-    /// Messages of the tables alone with `seq > after_seq`, ascending, at most `limit`.
-    async fn stored_after(&self, conversation_id: &str, after_seq: u64, limit: u32) -> StoreResult<Vec<StoredMessage>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
-        ))
-        .bind(conversation_id)
-        .bind(seq_param(after_seq))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(message_from_row).collect()
-    }
-
-    /// Messages of the tables alone with `seq < before_seq` (all when `None`), newest first, at
-    /// most `limit`.
-    async fn stored_before(
+    /// A page of a conversation's messages with `after_seq < seq < before_seq` (no upper bound
+    /// when `None`), by seq (newest first when `newest_first`), at most `limit`: the tables and
+    /// the unmerged tail together, with no wait for a merge (sync and history).
+    async fn page(
         &self,
         conversation_id: &str,
+        after_seq: u64,
         before_seq: Option<u64>,
         limit: u32,
+        newest_first: bool,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
-        ))
-        .bind(conversation_id)
-        .bind(before_seq.map(seq_param).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
+        let seqs = (
+            Bound::Excluded(after_seq),
+            before_seq.map_or(Bound::Unbounded, Bound::Excluded),
+        );
+        for _ in 0..OVERLAY_TRIES {
+            let merges = self.log.merges_done();
+            let stored = self
+                .stored_page(conversation_id, after_seq, before_seq, limit, newest_first)
+                .await?;
+            let (tail, merges_after) = self.log.tail(conversation_id, seqs);
+            if merges_after != merges {
+                // A merge moved records out of the tail after the table was read: read again.
+                continue;
+            }
+            return Ok(overlay(stored, tail, limit, newest_first));
+        }
+        self.settled(merge::Scope::Conversation(conversation_id)).await?;
+        self.stored_page(conversation_id, after_seq, before_seq, limit, newest_first)
+            .await
+    }
+
+    /// [`Self::page`] from the tables alone.
+    async fn stored_page(
+        &self,
+        conversation_id: &str,
+        after_seq: u64,
+        before_seq: Option<u64>,
+        limit: u32,
+        newest_first: bool,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let sql = if newest_first {
+            concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages WHERE conversation_id = ? AND seq > ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+            )
+        } else {
+            concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages WHERE conversation_id = ? AND seq > ? AND seq < ? ORDER BY seq ASC LIMIT ?"
+            )
+        };
+        let rows = sqlx::query(sql)
+            .bind(conversation_id)
+            .bind(seq_param(after_seq))
+            .bind(before_seq.map(seq_param).unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(unavailable)?;
         rows.iter().map(message_from_row).collect()
     }
 
@@ -527,21 +554,7 @@ impl MessageStore for SqliteStore {
         after_seq: u64,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
-        // The sync path: the tables and the unmerged tail together, no wait for a merge.
-        for _ in 0..OVERLAY_TRIES {
-            let merges = self.log.merges_done();
-            let out = self.stored_after(conversation_id, after_seq, limit).await?;
-            let (tail, merges_after) = self
-                .log
-                .tail(conversation_id, (Bound::Excluded(after_seq), Bound::Unbounded));
-            if merges_after != merges {
-                // A merge moved records out of the tail after the table was read: read again.
-                continue;
-            }
-            return Ok(overlay(out, tail, limit, false));
-        }
-        self.settled(merge::Scope::Conversation(conversation_id)).await?;
-        self.stored_after(conversation_id, after_seq, limit).await
+        self.page(conversation_id, after_seq, None, limit, false).await
     }
 
     async fn messages_before(
@@ -550,19 +563,7 @@ impl MessageStore for SqliteStore {
         before_seq: Option<u64>,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
-        // History: as the sync path, the tables and the unmerged tail together.
-        let upper = before_seq.map_or(Bound::Unbounded, Bound::Excluded);
-        for _ in 0..OVERLAY_TRIES {
-            let merges = self.log.merges_done();
-            let out = self.stored_before(conversation_id, before_seq, limit).await?;
-            let (tail, merges_after) = self.log.tail(conversation_id, (Bound::Unbounded, upper));
-            if merges_after != merges {
-                continue;
-            }
-            return Ok(overlay(out, tail, limit, true));
-        }
-        self.settled(merge::Scope::Conversation(conversation_id)).await?;
-        self.stored_before(conversation_id, before_seq, limit).await
+        self.page(conversation_id, 0, before_seq, limit, true).await
     }
 
     async fn conversations_of(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>> {
