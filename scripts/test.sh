@@ -40,13 +40,17 @@ forbidden sai-pipeline 'tokio|monoio|mio|sqlx|rusqlite|axum|tonic|sai-gateway|sa
 forbidden sai-services 'sai-gateway|sai-proto|monoio'
 forbidden sai-gateway 'sai-services|sai-storage|sqlx|rusqlite'
 
-cargo test --workspace --locked "$@"
+# Every suite on the default engine, direct (the test harness checks that the server did not
+# fall back to monoio), then the end-to-end suites once more on the monoio engine.
+SAI_ENGINE=direct cargo test --workspace --locked "$@"
+SAI_ENGINE=monoio cargo test --locked -p sai-im --tests "$@"
 
 # Benchmarks must keep compiling and running (one iteration each, no timing).
 cargo bench --locked -p sai-benches -p sai-bitmap -- --test
 
-# Load-generator smoke: correctness counters only.
-./scripts/smoke.sh
+# Load-generator smoke on both engines: correctness counters only.
+SAI_ENGINE=direct ./scripts/smoke.sh
+SAI_ENGINE=monoio ./scripts/smoke.sh
 
 # Fuzzing (AFL++ through cargo-afl): the committed corpora replayed as tests, then one minute of
 # coverage-guided fuzzing per target (frame codec, handshake, IM requests, bitmap); any crash or

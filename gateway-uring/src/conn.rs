@@ -19,14 +19,12 @@ use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, Canceller, Splitable,
 };
 use monoio::net::TcpStream;
-use sai_pipeline::flow::{CloseReason, Refusal};
-use sai_pipeline::frame::{ack_frame, data_frame, error_frame, PushFrame};
-use sai_pipeline::message::method;
+use sai_pipeline::flow::{CloseReason, Refusal, Ws2Ms};
+use sai_pipeline::frame::PushFrame;
 use sai_proto::handshake::{self, HandshakeError, UpgradeRequest};
 use sai_proto::im::Request;
 use sai_proto::session::Session;
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -152,7 +150,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
         respond(&mut stream, body).await;
         return;
     }
-    let (user, protocol) = match authenticate(&shard, &req).await {
+    let (user, protocol) = match authenticate(shard.shared.pipeline.as_ref(), &req.protocols).await {
         Ok(v) => v,
         Err(r) => {
             respond(
@@ -175,26 +173,15 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
     let conn = Rc::new(Conn {
         id: shard.next_conn_id(),
         user,
-        session: RefCell::new(Session::new(shard.session_config(), shard.now())),
+        session: RefCell::new(Session::new(shard.shared.cfg.session_config(), shard.now())),
         wake: tokio::sync::Notify::new(),
         scheduled_tick: Cell::new(None),
         canceller: RefCell::new(Some(canceller)),
         done: Cell::new(false),
     });
     shard.register(&conn);
-    // A revocation (logout, password change, disable) that committed while this upgrade was
-    // being checked closed whatever route it found, which may not have been this one yet: ask
-    // again now that the route is registered (a cache hit, unless the account just changed).
-    // (A failure to check, `service_unavailable`, leaves the connection alone.)
-    if let Err(r) = shard.shared.pipeline.authenticate(&protocol).await {
-        let reason = match r.code {
-            "account_disabled" => Some(CloseReason::AccountDisabled),
-            "token_revoked" | "invalid_token" => Some(CloseReason::TokenRevoked),
-            _ => None,
-        };
-        if let Some((code, reason)) = reason.map(crate::close_for) {
-            conn.close_with(&shard, code, reason);
-        }
+    if let Some((code, reason)) = recheck(shard.shared.pipeline.as_ref(), &protocol).await {
+        conn.close_with(&shard, code, reason);
     }
     // Bytes that arrived with the upgrade request.
     conn.session.borrow_mut().handle_bytes(shard.now(), &acc[req.len..]);
@@ -248,7 +235,7 @@ pub(crate) async fn respond(stream: &mut TcpStream, bytes: Vec<u8>) {
 
 /// The HTTP status of a refused upgrade: 403 for a disabled account, 503 when the pipeline could
 /// not check the token, 401 for every other refusal of the token.
-fn refusal_status(code: &str) -> u16 {
+pub(crate) fn refusal_status(code: &str) -> u16 {
     match code {
         "account_disabled" => 403,
         "service_unavailable" | "server_busy" => 503,
@@ -256,19 +243,35 @@ fn refusal_status(code: &str) -> u16 {
     }
 }
 
-/// The first offered subprotocol that is a valid token wins and is echoed back.
-async fn authenticate(shard: &Shard, req: &UpgradeRequest) -> Result<(String, String), Refusal> {
+/// The first offered subprotocol that is a valid token wins and is echoed back:
+/// (user, protocol).
+pub(crate) async fn authenticate(pipeline: &dyn Ws2Ms, protocols: &[String]) -> Result<(String, String), Refusal> {
     let mut refusal = Refusal {
         code: "missing_token",
         message: "send the token in Sec-WebSocket-Protocol".into(),
     };
-    for p in &req.protocols {
-        match shard.shared.pipeline.authenticate(p).await {
+    for p in protocols {
+        match pipeline.authenticate(p).await {
             Ok(user) => return Ok((user, p.clone())),
             Err(r) => refusal = r,
         }
     }
     Err(refusal)
+}
+
+/// A revocation (logout, password change, disable) that committed while an upgrade was being
+/// checked closed whatever route it found, which may not have been the new connection's yet:
+/// asked again once the route is registered (a cache hit, unless the account just changed).
+/// Returns the close code and reason, if the connection must go. (A failure to check,
+/// `service_unavailable`, leaves the connection alone.)
+pub(crate) async fn recheck(pipeline: &dyn Ws2Ms, protocol: &str) -> Option<(u16, &'static str)> {
+    let r = pipeline.authenticate(protocol).await.err()?;
+    let reason = match r.code {
+        "account_disabled" => CloseReason::AccountDisabled,
+        "token_revoked" | "invalid_token" => CloseReason::TokenRevoked,
+        _ => return None,
+    };
+    Some(crate::close_for(reason))
 }
 
 /// Requests (chat, sync, markChat) queued per connection before its reader stops reading.
@@ -303,94 +306,36 @@ async fn request_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut queue: tokio::sync::
     }
 }
 
-async fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, req: Request) {
-    let pipeline = &shard.shared.pipeline;
-    match req {
-        Request::Ping | Request::Ack { .. } => {}
-        Request::MarkRead {
-            id,
-            conversation_id,
-            read_seq,
-        } => match pipeline.mark_read(&conn.user, conversation_id.clone(), read_seq).await {
-            Ok(read_seq) => {
-                if shard.shared.cfg.ack_mode != crate::AckMode::None {
-                    #[derive(serde::Serialize)]
-                    #[serde(rename_all = "camelCase")]
-                    struct Marked<'a> {
-                        conversation_id: &'a str,
-                        read_seq: u64,
-                    }
-                    let data = Marked {
-                        conversation_id: &conversation_id,
-                        read_seq,
-                    };
-                    conn.send(shard, &ack_frame(id.as_deref(), &data));
-                }
-            }
-            Err(e) => {
-                conn.send(shard, &error_frame(id.as_deref(), e.code, &e.message));
-            }
-        },
-        // The pipeline pushes the message to the other members itself (ms2ps_chat).
-        Request::Chat { id, want_ack, chat } => match pipeline.chat(&conn.user, chat).await {
-            Ok(ack) => {
-                if want_ack && shard.shared.cfg.ack_mode != crate::AckMode::None {
-                    conn.send(shard, &ack_frame(id.as_deref(), &ack));
-                }
-            }
-            Err(e) => {
-                conn.send(shard, &error_frame(id.as_deref(), e.code, &e.message));
-            }
-        },
-        Request::Sync { id, conversations } => sync(shard, conn, id, conversations).await,
+/// A monoio connection as the request handlers see it.
+struct MonoioClient<'a> {
+    shard: &'a Shard,
+    conn: &'a Conn,
+}
+
+impl crate::requests::Client for MonoioClient<'_> {
+    fn user(&self) -> &str {
+        &self.conn.user
+    }
+
+    fn send(&self, text: &str) {
+        self.conn.send(self.shard, text);
+    }
+
+    fn push(&self, push: &PushFrame) {
+        self.conn.push(self.shard, push);
+    }
+
+    async fn drained(&self, bytes: usize) -> bool {
+        while self.conn.session.borrow().output_len() > bytes && !self.conn.done.get() {
+            monoio::time::sleep(Duration::from_millis(2)).await;
+        }
+        !self.conn.done.get() && !self.conn.session.borrow().close_sent()
     }
 }
 
-/// Pushes everything after the client's seqs, page by page, waiting for the writer to drain
-/// between pages, then answers with the conversations' newest seqs.
-async fn sync(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<String>, mut known: BTreeMap<String, u64>) {
-    let cfg = &shard.shared.cfg;
-    let mut pushed = 0usize;
-    let heads = loop {
-        let page = match shard
-            .shared
-            .pipeline
-            .sync(&conn.user, known.clone(), cfg.sync_page)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                conn.send(shard, &error_frame(id.as_deref(), e.code, &e.message));
-                return;
-            }
-        };
-        let n = page.pushes.len();
-        for p in &page.pushes {
-            let seq = known.entry(p.conversation_id.clone()).or_insert(0);
-            *seq = (*seq).max(p.seq);
-            conn.push(shard, &PushFrame::new(p));
-        }
-        pushed += n;
-        if page.complete || n == 0 {
-            break page.heads;
-        }
-        while conn.session.borrow().output_len() > cfg.max_outbound_bytes / 2 && !conn.done.get() {
-            monoio::time::sleep(Duration::from_millis(2)).await;
-        }
-        if conn.done.get() || conn.session.borrow().close_sent() {
-            return;
-        }
-    };
-    #[derive(serde::Serialize)]
-    struct SyncDone<'a> {
-        conversations: &'a BTreeMap<String, u64>,
-        pushed: usize,
-    }
-    let done = SyncDone {
-        conversations: &heads,
-        pushed,
-    };
-    conn.send(shard, &data_frame(id.as_deref(), method::SYNC, &done));
+async fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, req: Request) {
+    let client = MonoioClient { shard, conn };
+    crate::requests::handle(shard.shared.pipeline.as_ref(), &shard.shared.cfg, &client, req).await;
 }
 
 async fn write_loop(conn: Rc<Conn>, mut wr: monoio::net::tcp::TcpOwnedWriteHalf, cancel: CancelHandle) {

@@ -16,7 +16,9 @@
 
 pub mod admission;
 pub mod conn;
+pub mod direct;
 pub mod index;
+mod requests;
 pub mod shard;
 pub mod wheel;
 
@@ -61,9 +63,44 @@ impl std::fmt::Display for AckMode {
     }
 }
 
+/// The data plane a gateway runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// monoio (io_uring, or epoll where io_uring is missing), ordinary descriptors: at most
+    /// `RLIMIT_NOFILE` connections per process.
+    Monoio,
+    /// The [`direct`] engine: raw io_uring with direct descriptors and provided buffers, many
+    /// rings per shard: connections per process bounded by memory, not by `RLIMIT_NOFILE`.
+    /// Falls back to `Monoio` (with a log line saying why) where the kernel lacks a feature.
+    Direct,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "monoio" => Ok(Self::Monoio),
+            "direct" => Ok(Self::Direct),
+            other => Err(format!("unknown engine {other:?} (expected monoio or direct)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Monoio => "monoio",
+            Self::Direct => "direct",
+        })
+    }
+}
+
 /// Gateway settings. Every per-connection buffer is sized here.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
+    /// The data plane.
+    pub engine: Engine,
     /// Shard threads.
     pub shards: usize,
     /// WebSocket path.
@@ -100,6 +137,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
+            engine: Engine::Direct,
             shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             path: "/ws".into(),
             ack_mode: AckMode::Only,
@@ -114,6 +152,20 @@ impl Default for GatewayConfig {
             pending: PendingConfig::default(),
             sync_page: 200,
             pipeline_runtime: None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The session settings of this gateway's connections.
+    pub(crate) fn session_config(&self) -> sai_proto::session::SessionConfig {
+        sai_proto::session::SessionConfig {
+            idle_timeout: self.idle_timeout,
+            close_grace: self.close_grace,
+            max_message_bytes: self.max_frame_bytes,
+            max_outbound_bytes: self.max_outbound_bytes,
+            rigor: self.ack_mode == AckMode::Rigor,
+            pending: self.pending,
         }
     }
 }
@@ -204,6 +256,7 @@ pub(crate) fn close_for(reason: CloseReason) -> (u16, &'static str) {
 /// A running gateway.
 pub struct Gateway {
     addr: SocketAddr,
+    engine: Engine,
     inboxes: Vec<shard::Inbox>,
     threads: Vec<std::thread::JoinHandle<()>>,
     index: Arc<index::UserIndex>,
@@ -220,6 +273,11 @@ impl Gateway {
             inboxes,
             receivers,
         }
+    }
+
+    /// The engine that runs (the one configured, unless `direct` fell back to `monoio`).
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
 
     /// The bound address.

@@ -15,7 +15,6 @@ use monoio::io::Canceller;
 use sai_pipeline::flow::{Route, Routes, Ws2Ms};
 use sai_pipeline::frame::PushFrame;
 use sai_proto::close;
-use sai_proto::session::SessionConfig;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -88,7 +87,7 @@ struct SpillState {
 }
 
 /// What [`Inbox::take_spilled`] hands over: (missed, kicked, stop).
-type Spilled = (HashSet<u64>, HashMap<u64, (u16, &'static str)>, bool);
+pub(crate) type Spilled = (HashSet<u64>, HashMap<u64, (u16, &'static str)>, bool);
 
 /// A new inbox and its receiver.
 pub fn inbox() -> (Inbox, InboxReceiver) {
@@ -125,7 +124,7 @@ impl Inbox {
     }
 
     /// Takes what was spilled since the last call: (missed, kicked, stop).
-    fn take_spilled(&self) -> Option<Spilled> {
+    pub(crate) fn take_spilled(&self) -> Option<Spilled> {
         if !self.spill.any.swap(false, std::sync::atomic::Ordering::AcqRel) {
             return None;
         }
@@ -180,19 +179,6 @@ impl Shard {
     /// Schedules connection `id` to be checked at wheel tick `tick`.
     pub fn schedule_tick(&self, id: u64, tick: u64) {
         self.wheel.borrow_mut().insert(id, tick);
-    }
-
-    /// The session settings of this gateway's connections.
-    pub fn session_config(&self) -> SessionConfig {
-        let cfg = &self.shared.cfg;
-        SessionConfig {
-            idle_timeout: cfg.idle_timeout,
-            close_grace: cfg.close_grace,
-            max_message_bytes: cfg.max_frame_bytes,
-            max_outbound_bytes: cfg.max_outbound_bytes,
-            rigor: cfg.ack_mode == crate::AckMode::Rigor,
-            pending: cfg.pending,
-        }
     }
 
     /// A new connection id, unique in the process (shard index in the top 16 bits).
@@ -337,14 +323,30 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
         listeners.push(bind_reuseport(bound)?);
     }
     let nofile = Admission::nofile();
-    let admission = Admission::new(cfg.admission, nofile);
+    let engine = match cfg.engine {
+        crate::Engine::Direct => match crate::direct::probe() {
+            Ok(()) => crate::Engine::Direct,
+            Err(why) => {
+                tracing::warn!(%why, "the direct io_uring engine is not available here: using monoio");
+                crate::Engine::Monoio
+            }
+        },
+        crate::Engine::Monoio => crate::Engine::Monoio,
+    };
+    let mut limits = cfg.admission;
+    if engine == crate::Engine::Direct && limits.max_connections == 0 {
+        limits.max_connections = crate::direct::DEFAULT_MAX_CONNECTIONS;
+    }
+    let admission = Admission::new(limits, nofile);
     tracing::info!(
+        %engine,
         max_connections = admission.total_cap(),
         descriptor_limit = nofile,
-        per_address = cfg.admission.max_per_address,
-        handshakes_per_address = cfg.admission.max_handshakes_per_address,
+        per_address = limits.max_per_address,
+        handshakes_per_address = limits.max_handshakes_per_address,
         "gateway connection limits"
     );
+    let plan = crate::direct::plan(admission.total_cap(), n, nofile);
     let shared = Arc::new(Shared {
         admission,
         cfg,
@@ -353,15 +355,28 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
         inboxes: inboxes.clone(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let mut threads = Vec::with_capacity(n);
-    for (idx, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
-        let shared = shared.clone();
-        let ready = ready_tx.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("sai-shard-{idx}"))
-            .spawn(move || run_shard(idx, listener, rx, shared, ready))?;
-        threads.push(t);
-    }
+    let threads = match engine {
+        crate::Engine::Direct => {
+            tracing::info!(
+                rings_per_shard = plan.max_rings,
+                slots_per_ring = plan.slots,
+                "direct engine: rings open as connections arrive"
+            );
+            crate::direct::spawn_shards(listeners, receivers, shared, plan, &ready_tx)?
+        }
+        crate::Engine::Monoio => {
+            let mut threads = Vec::with_capacity(n);
+            for (idx, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+                let shared = shared.clone();
+                let ready = ready_tx.clone();
+                let t = std::thread::Builder::new()
+                    .name(format!("sai-shard-{idx}"))
+                    .spawn(move || run_shard(idx, listener, rx, shared, ready))?;
+                threads.push(t);
+            }
+            threads
+        }
+    };
     drop(ready_tx);
     for _ in 0..n {
         match ready_rx.recv() {
@@ -375,9 +390,10 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
             Err(_) => return Err(std::io::Error::other("a gateway shard died during start-up")),
         }
     }
-    tracing::info!(%bound, shards = n, "gateway listening");
+    tracing::info!(%bound, shards = n, %engine, "gateway listening");
     Ok(Gateway {
         addr: bound,
+        engine,
         inboxes,
         threads,
         index,

@@ -2,7 +2,7 @@
 //! (flags win over the environment; both win over the file).
 
 use clap::{Args, Parser, Subcommand};
-use sai_gateway::{AckMode, GatewayConfig};
+use sai_gateway::{AckMode, Engine, GatewayConfig};
 use sai_services::throttle::{AttemptLimit, HashPoolConfig, LoginLimits};
 use sai_services::users::UserConfig;
 use serde::Deserialize;
@@ -78,6 +78,11 @@ pub struct Overrides {
     /// none | only | rigor.
     #[arg(long, env = "SAI_ACK_MODE", global = true)]
     pub ack_mode: Option<AckMode>,
+    /// Gateway data plane: direct (raw io_uring, direct descriptors: connections beyond the
+    /// descriptor limit; the default, falling back to monoio where the kernel lacks a feature)
+    /// or monoio.
+    #[arg(long, env = "SAI_ENGINE", global = true)]
+    pub engine: Option<Engine>,
     /// Close WebSocket connections idle this long.
     #[arg(long, env = "SAI_IDLE_TIMEOUT_SECS", global = true)]
     pub idle_timeout_secs: Option<u64>,
@@ -102,7 +107,8 @@ pub struct Overrides {
     /// JWT signing secret; when unset one is generated and kept in the data dir.
     #[arg(long, env = "SAI_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// Most WebSocket connections in all (0: the descriptor limit minus `fd_reserve`).
+    /// Most WebSocket connections in all (0: 1,048,576 on the direct engine; on monoio the
+    /// descriptor limit minus `fd_reserve`).
     #[arg(long, env = "SAI_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<usize>,
     /// Most WebSocket connections from one client address (IPv6: one /64).
@@ -131,6 +137,9 @@ pub struct Config {
     /// Ack mode name.
     #[serde(deserialize_with = "de_ack_mode")]
     pub ack_mode: AckMode,
+    /// Gateway engine name.
+    #[serde(deserialize_with = "de_engine")]
+    pub engine: Engine,
     /// Idle timeout in seconds.
     pub idle_timeout_secs: u64,
     /// Gateway shards; 0 = number of cores.
@@ -245,6 +254,11 @@ impl Default for GroupConfig {
     }
 }
 
+fn de_engine<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Engine, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
 fn de_ack_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<AckMode, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
@@ -260,6 +274,7 @@ impl Default for Config {
             grpc_listen: (ip, 8082).into(),
             data_dir: PathBuf::from("./data"),
             ack_mode: AckMode::Only,
+            engine: Engine::Direct,
             idle_timeout_secs: 60,
             shards: 0,
             max_frame_bytes: 64 * 1024,
@@ -298,6 +313,7 @@ impl Config {
             grpc_listen,
             data_dir,
             ack_mode,
+            engine,
             idle_timeout_secs,
             shards,
             max_frame_bytes,
@@ -376,6 +392,7 @@ impl Config {
     /// The gateway's part.
     pub fn gateway(&self) -> GatewayConfig {
         let mut g = GatewayConfig {
+            engine: self.engine,
             ack_mode: self.ack_mode,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             max_frame_bytes: self.max_frame_bytes,

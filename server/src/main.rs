@@ -84,7 +84,11 @@ fn serve(cfg: Config) -> ExitCode {
     let result = rt.block_on(server::run(cfg, shutdown_signal(), |b| {
         // Scripts and tests wait for this line to learn the bound ports.
         let mut out = std::io::stdout();
-        let _ = writeln!(out, "sai-im ready ws={} http={} grpc={}", b.ws, b.http, b.grpc);
+        let _ = writeln!(
+            out,
+            "sai-im ready ws={} http={} grpc={} engine={}",
+            b.ws, b.http, b.grpc, b.engine
+        );
         let _ = out.flush();
     }));
     match result {

@@ -47,6 +47,8 @@ pub struct Bound {
     pub http: SocketAddr,
     /// gRPC.
     pub grpc: SocketAddr,
+    /// The gateway's engine (the configured one unless `direct` fell back to `monoio`).
+    pub engine: sai_gateway::Engine,
 }
 
 /// Runs until `shutdown` completes, then stops everything gracefully. `on_ready` is called once
@@ -118,6 +120,7 @@ pub async fn run(
         ws: gateway.local_addr(),
         http: http_l.local_addr().map_err(io("HTTP address"))?,
         grpc: grpc_l.local_addr().map_err(io("gRPC address"))?,
+        engine: gateway.engine(),
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

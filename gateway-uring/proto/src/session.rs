@@ -161,7 +161,17 @@ impl Session {
 
     /// The next request for the pipeline, in the order the client sent them.
     pub fn poll_request(&mut self) -> Option<Request> {
-        self.requests.pop_front()
+        let r = self.requests.pop_front();
+        if self.requests.is_empty() && self.requests.capacity() > 0 {
+            // An idle connection holds no queue (a million of them would hold 32 MiB).
+            self.requests = VecDeque::new();
+        }
+        r
+    }
+
+    /// Requests parsed and not yet polled: a driver stops reading past its bound.
+    pub fn queued_requests(&self) -> usize {
+        self.requests.len()
     }
 
     /// Time has come to `now`: drops the socket once the close grace is over, closes an idle
@@ -248,7 +258,10 @@ impl Session {
 
     /// The pushes the client acked since the last call: (conversation, highest seq).
     pub fn take_received(&mut self) -> Vec<(String, u64)> {
-        self.received.drain().map(|(c, s)| (c.to_string(), s)).collect()
+        std::mem::take(&mut self.received)
+            .into_iter()
+            .map(|(c, s)| (c.to_string(), s))
+            .collect()
     }
 
     /// Whether acked pushes wait for [`Self::take_received`].

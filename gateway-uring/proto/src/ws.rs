@@ -157,7 +157,9 @@ impl WsConn {
             self.input.drain(..self.start);
             self.start = 0;
         }
-        if self.input.is_empty() && self.input.capacity() > 4096 {
+        if self.input.is_empty() && self.input.capacity() > 0 {
+            // Between frames a connection holds no input buffer: an idle one costs nothing
+            // here (the direct engine's reads land in shared provided buffers).
             self.input = Vec::new();
         }
     }

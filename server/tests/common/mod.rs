@@ -85,6 +85,15 @@ impl Server {
         self.ws = field("ws");
         self.http = format!("http://{}", field("http"));
         self.grpc = format!("http://{}", field("grpc"));
+        // The suite runs once per engine (SAI_ENGINE, read by the server too): a silent
+        // fallback must not pass the direct run on monoio.
+        if let Ok(engine) = std::env::var("SAI_ENGINE") {
+            assert_eq!(
+                field("engine"),
+                engine,
+                "the server runs the engine the suite asked for"
+            );
+        }
         self.child = Some(child);
     }
 
