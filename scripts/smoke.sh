@@ -31,7 +31,7 @@ lg() { # ack mode, loadgen args...
     local mode=$1; shift
     "$LG" "$@" --ws "$WS" --http "$HTTP" --data-dir "$DATA" --prefix smoke --ack-mode "$mode" \
         --server-pid "$SERVER_PID" --quiet --drain 15 > "$DATA/lg.out" 2>&1 || { cat "$DATA/lg.out"; exit 1; }
-    grep -E "^(== |verdict|count  (sent|delivered|missing|duplicated) )" "$DATA/lg.out"
+    grep -E "^(== |verdict|count  (sent|delivered|missing|duplicated|alive_at_end) )" "$DATA/lg.out"
     # Every connection must have opened.
     if grep -qE "^fail" "$DATA/lg.out"; then cat "$DATA/lg.out"; echo "smoke: failures above"; exit 1; fi
 }
@@ -42,6 +42,9 @@ for mode in none only rigor; do
     lg "$mode" chat --users 3000 --connect-rate 3000 --rate 500 --duration 3
     if [ "$mode" = only ]; then
         lg "$mode" connect --users 3000 --connect-rate 3000 --hold 2 --procs 2
+        # One process on io_uring direct descriptors, heartbeats every second, every connection
+        # checked alive at the end.
+        lg "$mode" hold --users 3000 --connect-rate 3000 --hold 3 --heartbeat 1 --threads 2
         lg "$mode" group --groups 4 --size 50 --rate-per-group 5 --duration 3 --first-user 3000
         # Busy groups: members sending at once from different shards must still be pushed in
         # seq order (loadgen counts any out-of-order delivery as a correctness failure).

@@ -173,7 +173,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
     let conn = Rc::new(Conn {
         id: shard.next_conn_id(),
         user,
-        session: RefCell::new(Session::new(shard.shared.cfg.session_config(), shard.now())),
+        session: RefCell::new(Session::new(shard.shared.session.clone(), shard.now())),
         wake: tokio::sync::Notify::new(),
         scheduled_tick: Cell::new(None),
         canceller: RefCell::new(Some(canceller)),

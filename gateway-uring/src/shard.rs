@@ -145,6 +145,8 @@ pub(crate) struct Shared {
     pub pipeline: Arc<dyn Ws2Ms>,
     pub index: Arc<UserIndex>,
     pub inboxes: Vec<Inbox>,
+    /// Every connection's session settings, one copy.
+    pub session: Arc<sai_proto::session::SessionConfig>,
 }
 
 /// Per-shard state.
@@ -349,6 +351,7 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
     let plan = crate::direct::plan(admission.total_cap(), n, nofile);
     let shared = Arc::new(Shared {
         admission,
+        session: Arc::new(cfg.session_config()),
         cfg,
         pipeline,
         index: index.clone(),

@@ -92,11 +92,10 @@ async fn connect_inner(
     }
     let mut stream: TcpStream = sock.connect(addr).await.map_err(io)?;
     let _ = stream.set_nodelay(true);
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {token}\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await.map_err(io)?;
+    stream
+        .write_all(upgrade_request(addr, token).as_bytes())
+        .await
+        .map_err(io)?;
     let mut head = Vec::with_capacity(256);
     let mut buf = vec![0u8; READ_BUF].into_boxed_slice();
     let end = loop {
@@ -105,18 +104,13 @@ async fn connect_inner(
             return Err(ConnectError::Io("closed during upgrade".into()));
         }
         head.extend_from_slice(&buf[..n]);
-        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        if head.len() > 8192 {
-            return Err(ConnectError::Io("oversized upgrade response".into()));
+        match upgrade_response(&head) {
+            Ok(Some(done)) => break done,
+            Ok(None) => {}
+            Err(e) => return Err(e),
         }
     };
-    let status = std::str::from_utf8(&head[..end])
-        .ok()
-        .and_then(|h| h.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or(0);
+    let (status, end) = end;
     if status != 101 {
         return Err(ConnectError::Http(status));
     }
@@ -124,6 +118,32 @@ async fn connect_inner(
     session.handle_bytes(&head[end..]);
     let (rd, wr) = stream.into_split();
     Ok(Client { rd, wr, session, buf })
+}
+
+/// The upgrade request for `addr` with `token` as the subprotocol.
+pub fn upgrade_request(addr: SocketAddr, token: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {token}\r\n\r\n"
+    )
+}
+
+/// The status of a complete upgrade response in `head` and where its head ends; `Ok(None)`
+/// while incomplete.
+pub fn upgrade_response(head: &[u8]) -> Result<Option<(u16, usize)>, ConnectError> {
+    let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if head.len() > 8192 {
+            return Err(ConnectError::Io("oversized upgrade response".into()));
+        }
+        return Ok(None);
+    };
+    let end = p + 4;
+    let status = std::str::from_utf8(&head[..end])
+        .ok()
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(0);
+    Ok(Some((status, end)))
 }
 
 impl Client {

@@ -11,6 +11,7 @@
 mod client;
 mod compare;
 mod engine;
+mod hold;
 mod report;
 mod sys;
 
@@ -113,6 +114,18 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         group_size: u64,
     },
+    /// Holds `--users` authenticated connections from this one process on io_uring direct
+    /// descriptors (no descriptor limit), with heartbeats, then checks every one still answers.
+    Hold {
+        #[command(flatten)]
+        common: Common,
+        /// Seconds to hold once every connection is up.
+        #[arg(long, default_value_t = 300.0)]
+        hold: f64,
+        /// Threads (each owns its share of the connections and its rings).
+        #[arg(long, default_value_t = 1)]
+        threads: u32,
+    },
     /// Compares two summary.json files: a Markdown table; non-zero exit on a regression.
     Compare {
         /// Baseline summary.json.
@@ -207,6 +220,7 @@ fn main() -> ExitCode {
         Cmd::Group { common, .. } => (common.clone(), "group"),
         Cmd::Storm { common, .. } => (common.clone(), "storm"),
         Cmd::Capacity { common, .. } => (common.clone(), "capacity"),
+        Cmd::Hold { common, .. } => (common.clone(), "hold"),
     };
     let secret = match (&common.jwt_secret, &common.data_dir) {
         (Some(s), _) => s.clone(),
@@ -231,7 +245,15 @@ fn main() -> ExitCode {
     }
     let started_at = sys::unix_us() / 1_000_000;
     let t0 = Instant::now();
-    let merged = if common.procs <= 1 {
+    let merged = if let Cmd::Hold { hold, threads, .. } = &cli.cmd {
+        match run_hold(&common, secret, *hold, *threads) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else if common.procs <= 1 {
         match run_worker(&cli.cmd, &common, secret, 0, 1) {
             Ok(o) => o,
             Err(e) => {
@@ -267,6 +289,31 @@ fn main() -> ExitCode {
         return ExitCode::from(3);
     }
     ExitCode::SUCCESS
+}
+
+/// `hold`: one process, `threads` threads, direct descriptors.
+fn run_hold(c: &Common, secret: String, hold: f64, threads: u32) -> Result<WorkerOut, String> {
+    let std::net::SocketAddr::V4(server) = c.ws else {
+        return Err("hold connects to an IPv4 gateway address".into());
+    };
+    if c.procs > 1 {
+        return Err("hold runs in one process (--threads instead of --procs)".into());
+    }
+    hold::run(hold::HoldOpts {
+        server,
+        jwt_secret: secret,
+        prefix: c.prefix.clone(),
+        first_user: c.first_user,
+        conns: c.users,
+        connect_rate: c.connect_rate,
+        timeout: Duration::from_secs_f64(c.connect_timeout),
+        src_addrs: source_addresses_for(c.users, c).max(1),
+        hold: Duration::from_secs_f64(hold),
+        heartbeat: Duration::from_secs_f64(c.heartbeat.max(0.1)),
+        threads,
+        server_pid: c.server_pid,
+        progress: !c.quiet,
+    })
 }
 
 /// Runs P copies of this command as workers and merges what they write.
@@ -342,6 +389,14 @@ fn source_addresses(cmd: &Cmd, c: &Common) -> u32 {
         Cmd::Group { groups, size, .. } => groups.saturating_mul(*size),
         _ => c.users,
     };
+    source_addresses_for(connections, c)
+}
+
+/// [`source_addresses`] for `connections` connections.
+fn source_addresses_for(connections: u64, c: &Common) -> u32 {
+    if c.src_addrs > 0 || !(c.ws.is_ipv4() && c.ws.ip().is_loopback()) {
+        return c.src_addrs;
+    }
     if connections <= AUTO_CONNECTIONS_PER_ADDRESS {
         return 0;
     }
@@ -593,7 +648,8 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
             extra.insert("capacity_msgs_per_s".to_string(), best);
             extra.insert("capacity_deliveries_per_s".to_string(), best * fanout);
         }
-        Cmd::Compare { .. } => {}
+        // Not tokio scenarios: `compare` runs in main, `hold` on its own threads.
+        Cmd::Compare { .. } | Cmd::Hold { .. } => {}
     }
     extra.insert("phase_s".to_string(), t_phase.elapsed().as_secs_f64());
     // CPU seconds over the traffic phase: the server's (worker 0 only, which alone knows its pid)
@@ -645,6 +701,12 @@ fn build_report(name: &str, cmd: &Cmd, c: &Common, m: &WorkerOut, started_at: u6
         "loadgen_rss_per_conn_bytes".to_string(),
         x("loadgen_rss_delta_kib") * 1024.0 / conns,
     );
+    if name == "hold" {
+        memory.insert(
+            "kernel_slab_per_socket_bytes".to_string(),
+            x("kernel_slab_per_socket_bytes"),
+        );
+    }
     let mut cpu = std::collections::BTreeMap::new();
     if name != "connect" && x("phase_s") > 0.0 {
         let sent = n("sent").max(1) as f64;
@@ -689,6 +751,8 @@ fn build_report(name: &str, cmd: &Cmd, c: &Common, m: &WorkerOut, started_at: u6
         } => serde_json::json!({
             "users": c.users, "start_rate": start_rate, "step_rate": step_rate, "max_rate": max_rate,
             "step_secs": step_secs, "p99_limit_ms": p99_limit_ms, "group_size": group_size}),
+        Cmd::Hold { hold, threads, .. } => serde_json::json!({"users": c.users, "connect_rate": c.connect_rate,
+            "hold_s": hold, "threads": threads, "heartbeat_s": c.heartbeat}),
         Cmd::Compare { .. } => serde_json::Value::Null,
     };
     let mut params = params;

@@ -107,3 +107,15 @@ impl Rng {
         }
     }
 }
+
+/// This process's descriptor limit (`Max open files` of /proc/self/limits), if readable.
+pub fn nofile() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}

@@ -53,18 +53,23 @@ struct Entry<T> {
 /// (the gateway keeps the conversation and seq, to record the message as received).
 #[derive(Debug)]
 pub struct Pending<T = ()> {
-    cfg: PendingConfig,
     next_id: u64,
     entries: VecDeque<Entry<T>>,
     /// Pushes given up on (retries exhausted or evicted); the client must resync to get them.
     pub dropped: u64,
 }
 
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<T> Pending<T> {
-    /// An empty set.
-    pub fn new(cfg: PendingConfig) -> Self {
+    /// An empty set. The settings are handed to each call that needs them (one copy per
+    /// gateway, not one per connection).
+    pub fn new() -> Self {
         Self {
-            cfg,
             next_id: 1,
             entries: VecDeque::new(),
             dropped: 0,
@@ -79,8 +84,8 @@ impl<T> Pending<T> {
     }
 
     /// Starts tracking a sent push. Ids must come from [`Self::allocate`], in order.
-    pub fn track(&mut self, id: u64, frame: String, tag: T, now: Instant) {
-        if self.entries.len() >= self.cfg.capacity.max(1) {
+    pub fn track(&mut self, cfg: &PendingConfig, id: u64, frame: String, tag: T, now: Instant) {
+        if self.entries.len() >= cfg.capacity.max(1) {
             self.entries.pop_front();
             self.dropped += 1;
         }
@@ -89,7 +94,7 @@ impl<T> Pending<T> {
             frame,
             tag,
             resends: 0,
-            deadline: now + self.cfg.initial_backoff,
+            deadline: now + cfg.initial_backoff,
         });
     }
 
@@ -102,8 +107,7 @@ impl<T> Pending<T> {
 
     /// Appends every push due at `now` to `out` for resending and reschedules it, dropping those
     /// out of retries.
-    pub fn poll(&mut self, now: Instant, out: &mut Vec<String>) {
-        let cfg = self.cfg;
+    pub fn poll(&mut self, cfg: &PendingConfig, now: Instant, out: &mut Vec<String>) {
         let before = self.entries.len();
         self.entries.retain_mut(|e| {
             if e.deadline > now {
@@ -157,19 +161,19 @@ mod tests {
     #[test]
     fn resends_with_backoff_then_drops() {
         let t0 = Instant::now();
-        let mut p = Pending::new(cfg());
+        let (c, mut p) = (cfg(), Pending::new());
         let id = p.allocate();
-        p.track(id, "f".into(), (), t0);
+        p.track(&c, id, "f".into(), (), t0);
         let mut out = Vec::new();
-        p.poll(t0 + Duration::from_millis(99), &mut out);
+        p.poll(&c, t0 + Duration::from_millis(99), &mut out);
         assert!(out.is_empty());
-        p.poll(t0 + Duration::from_millis(100), &mut out);
+        p.poll(&c, t0 + Duration::from_millis(100), &mut out);
         assert_eq!(out, vec!["f"]);
         // Second resend after 200 ms more.
         assert_eq!(p.next_deadline(), Some(t0 + Duration::from_millis(300)));
-        p.poll(t0 + Duration::from_millis(300), &mut out);
+        p.poll(&c, t0 + Duration::from_millis(300), &mut out);
         assert_eq!(out.len(), 2);
-        p.poll(t0 + Duration::from_secs(5), &mut out);
+        p.poll(&c, t0 + Duration::from_secs(5), &mut out);
         assert_eq!(out.len(), 2);
         assert!(p.is_empty());
         assert_eq!(p.dropped, 1);
@@ -178,10 +182,10 @@ mod tests {
     #[test]
     fn ack_removes_and_capacity_evicts_oldest() {
         let t0 = Instant::now();
-        let mut p = Pending::new(cfg());
+        let (c, mut p) = (cfg(), Pending::new());
         for _ in 0..4 {
             let id = p.allocate();
-            p.track(id, id.to_string(), id * 10, t0);
+            p.track(&c, id, id.to_string(), id * 10, t0);
         }
         assert_eq!(p.len(), 3);
         assert_eq!(p.dropped, 1);
@@ -190,7 +194,7 @@ mod tests {
         assert_eq!(p.ack("3"), None);
         assert_eq!(p.ack("x"), None);
         let mut out = Vec::new();
-        p.poll(t0 + Duration::from_secs(1), &mut out);
+        p.poll(&c, t0 + Duration::from_secs(1), &mut out);
         assert_eq!(out, vec!["2", "4"]);
     }
 }

@@ -28,7 +28,7 @@ use crate::im::{self, ErrorCode, Request};
 use crate::pending::{Pending, PendingConfig};
 use crate::ws::{Event, Role, WsConn};
 use sai_pipeline::frame::{error_frame, ping_frame, PushFrame};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,7 +65,8 @@ impl Default for SessionConfig {
 /// One connection's protocol state.
 #[derive(Debug)]
 pub struct Session {
-    cfg: SessionConfig,
+    /// Shared by every session of a gateway: one copy, not one per connection.
+    cfg: Arc<SessionConfig>,
     ws: WsConn,
     /// Inbound silence past this closes the session (4002).
     idle_at: Instant,
@@ -74,22 +75,25 @@ pub struct Session {
     /// The close grace ran out: the driver drops the socket.
     expired: bool,
     pending: Pending<(Arc<str>, u64)>,
-    /// Highest acked push seq per conversation since the last [`Session::take_received`].
-    received: HashMap<Arc<str>, u64>,
+    /// Highest acked push seq per conversation since the last [`Session::take_received`]
+    /// (at most one entry per pending push, so a short list searched in place).
+    received: Vec<(Arc<str>, u64)>,
     requests: VecDeque<Request>,
 }
 
 impl Session {
-    /// A session whose upgrade completed at `now`.
-    pub fn new(cfg: SessionConfig, now: Instant) -> Self {
+    /// A session whose upgrade completed at `now`. A driver hands every session the same
+    /// `Arc<SessionConfig>`.
+    pub fn new(cfg: impl Into<Arc<SessionConfig>>, now: Instant) -> Self {
+        let cfg = cfg.into();
         Self {
-            cfg,
             ws: WsConn::new(Role::Server, cfg.max_message_bytes, 0),
             idle_at: now + cfg.idle_timeout,
             close_at: None,
             expired: false,
-            pending: Pending::new(cfg.pending),
-            received: HashMap::new(),
+            pending: Pending::new(),
+            received: Vec::new(),
+            cfg,
             requests: VecDeque::new(),
         }
     }
@@ -148,8 +152,10 @@ impl Session {
             }
             Ok(Request::Ack { id }) => {
                 if let Some((conversation, seq)) = self.pending.ack(&id) {
-                    let e = self.received.entry(conversation).or_insert(0);
-                    *e = (*e).max(seq);
+                    match self.received.iter_mut().find(|(c, _)| *c == conversation) {
+                        Some((_, s)) => *s = (*s).max(seq),
+                        None => self.received.push((conversation, seq)),
+                    }
                 }
             }
             Ok(other) => self.requests.push_back(other),
@@ -188,7 +194,7 @@ impl Session {
             return;
         }
         let mut due = Vec::new();
-        self.pending.poll(now, &mut due);
+        self.pending.poll(&self.cfg.pending, now, &mut due);
         for frame in due {
             if !self.send(now, &frame) {
                 return;
@@ -236,8 +242,8 @@ impl Session {
         let id = self.pending.allocate();
         let frame = push.frame(id);
         if self.send(now, &frame) && self.cfg.rigor {
-            self.pending
-                .track(id, frame, (push.conversation_id.clone(), push.seq), now);
+            let tag = (push.conversation_id.clone(), push.seq);
+            self.pending.track(&self.cfg.pending, id, frame, tag, now);
         }
     }
 

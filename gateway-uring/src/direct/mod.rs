@@ -14,7 +14,8 @@
 //!   `IORING_OP_URING_CMD`, since neither the multishot accept nor a direct descriptor offers
 //!   another way.
 //! - **Reads**: multishot recv with a provided-buffer ring per ring: a connection holds a read
-//!   buffer only while its bytes are being copied into its session ([`uring`]).
+//!   buffer only while its bytes are being copied into its session (`sai-ring`, the io_uring
+//!   layer this engine shares with the load generator).
 //! - **Writes**: one send per connection in flight, carrying every frame queued since the last
 //!   one, started once per loop turn.
 //! - **Time**: the shard's [`TimerWheel`](crate::wheel::TimerWheel) for handshake, idle, close
@@ -28,7 +29,6 @@
 pub(crate) mod exec;
 pub(crate) mod shard;
 pub(crate) mod slab;
-pub(crate) mod uring;
 
 use crate::shard::{InboxReceiver, Shared};
 use shard::RingPlan;
@@ -67,13 +67,13 @@ pub fn probe() -> Result<(), String> {
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(step("binding a probe listener"))?;
     let addr = listener.local_addr().map_err(step("probe listener address"))?;
-    let mut ring = uring::Ring::new(8, None).map_err(step("io_uring with a sparse file table and a buffer ring"))?;
+    let mut ring = sai_ring::Ring::new(8, None).map_err(step("io_uring with a sparse file table and a buffer ring"))?;
     ring.accept(listener.as_raw_fd(), 1);
     ring.submit().map_err(step("submitting a multishot accept"))?;
     let mut client = std::net::TcpStream::connect(addr).map_err(step("probe connect"))?;
     client.write_all(b"ping").map_err(step("probe write"))?;
     let mut out = Vec::new();
-    let wait = |ring: &mut uring::Ring, out: &mut Vec<uring::Completion>, token: u64| {
+    let wait = |ring: &mut sai_ring::Ring, out: &mut Vec<sai_ring::Completion>, token: u64| {
         for _ in 0..50 {
             ring.completions(out);
             if let Some(c) = out.iter().find(|c| c.token == token) {

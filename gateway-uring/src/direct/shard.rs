@@ -26,7 +26,6 @@
 
 use super::exec::{Executor, Waker};
 use super::slab::{Key, Slab};
-use super::uring::{Completion, Ring};
 use crate::admission::{Refused, Ticket};
 use crate::requests::{self, Client};
 use crate::shard::{Inbox, InboxReceiver, ShardMsg, Shared};
@@ -36,6 +35,7 @@ use sai_pipeline::frame::PushFrame;
 use sai_proto::close;
 use sai_proto::handshake::{self, HandshakeError};
 use sai_proto::session::Session;
+use sai_ring::{Completion, Ring};
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -78,6 +78,10 @@ const RESUME_PIPELINED: usize = MAX_PIPELINED / 2;
 const MAX_EARLY_BYTES: usize = 64 * 1024;
 /// Tasks run per loop turn before the rings are looked at again.
 const TASK_BUDGET: usize = 4096;
+/// Free slots a ring keeps when it stops accepting. The kernel closes a connection it accepted
+/// but could not place in a full table, so a ring's multishot accept is cancelled while this many
+/// slots are still free: enough for the accepts already on their way (a loop turn's worth).
+const ACCEPT_MARGIN: u32 = 1024;
 /// Slots of each shard's wheel; with the 100 ms tick one revolution is 102.4 s.
 const WHEEL_SLOTS: usize = 1024;
 /// After the shutdown's close grace, how long closes may take to complete before the thread
@@ -260,6 +264,11 @@ impl DirectShard {
             return;
         };
         r.used += 1;
+        if r.accepting && r.used + ACCEPT_MARGIN >= r.slots {
+            // Nearly full: the next ring takes over (in the flush step) before any accept fails.
+            r.cancel(token(kind::ACCEPT, ring as u64), token(kind::ORPHAN_CANCEL, 0));
+            r.accepting = false;
+        }
         if self.stopping.get() {
             r.cancel_and_close(slot, token(kind::ORPHAN_CANCEL, 0), token(kind::ORPHAN_CLOSE, 0));
             return;
@@ -508,7 +517,7 @@ impl DirectShard {
         let user: Arc<str> = user.into();
         conn.phase = Phase::Open(Box::new(OpenConn {
             user: user.clone(),
-            session: Session::new(self.shared.cfg.session_config(), self.now()),
+            session: Session::new(self.shared.session.clone(), self.now()),
             _ticket: ticket,
             busy: false,
             drain: None,
@@ -919,7 +928,7 @@ impl DirectShard {
         }
         let fd = self.listener.as_raw_fd();
         let token = |i: usize| token(kind::ACCEPT, i as u64);
-        if let Some(i) = core.rings.iter().position(|r| r.used < r.slots) {
+        if let Some(i) = core.rings.iter().position(|r| r.used + ACCEPT_MARGIN < r.slots) {
             core.rings[i].accept(fd, token(i));
             return Ok(());
         }

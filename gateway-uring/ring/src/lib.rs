@@ -1,6 +1,8 @@
-//! The one place the direct engine touches io_uring's memory contract: a [`Ring`] with its
-//! registered (direct) file table and its provided-buffer ring, and the submission entries the
-//! engine uses. Everything `unsafe` in the engine is here, each block with the reason it holds.
+//! The io_uring layer of SAI-IM's direct engine and of its load generator's million-connection
+//! client: a [`Ring`] with its registered (direct) file table and its provided-buffer ring, and
+//! the submission entries both use. The `unsafe` of touching io_uring's memory contract is here,
+//! each block with the reason it holds; the few methods that lend the kernel a caller's buffer
+//! are `unsafe fn`s that say what the caller must keep alive.
 //!
 //! # Numbers (per ring)
 //! - File table: `slots` direct descriptors, at most `RLIMIT_NOFILE` (the kernel's per-ring cap;
@@ -256,6 +258,54 @@ impl Ring {
         self.push(e);
     }
 
+    /// Opens a TCP socket straight into `slot`, binds it to `local` and connects it to `remote`:
+    /// three linked submissions (a failure cancels the rest), completing with `tokens[0..3]`.
+    ///
+    /// # Safety
+    /// The addresses at `local` and `remote` (`len` bytes each) must stay allocated and unchanged
+    /// until the connect's completion has been reaped.
+    pub unsafe fn open_tcp(
+        &mut self,
+        slot: u32,
+        domain: i32,
+        local: *const libc::sockaddr,
+        remote: *const libc::sockaddr,
+        len: u32,
+        tokens: [u64; 3],
+    ) -> io::Result<()> {
+        let dest = io_uring::types::DestinationSlot::try_from_slot_target(slot)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "slot out of range"))?;
+        let link = squeue::Flags::IO_LINK;
+        let socket = opcode::Socket::new(domain, libc::SOCK_STREAM, 0)
+            .file_index(Some(dest))
+            .build()
+            .flags(link)
+            .user_data(tokens[0]);
+        let bind = opcode::Bind::new(Fixed(slot), local, len)
+            .build()
+            .flags(link)
+            .user_data(tokens[1]);
+        let connect = opcode::Connect::new(Fixed(slot), remote, len)
+            .build()
+            .user_data(tokens[2]);
+        self.room_for(3);
+        self.push(socket);
+        self.push(bind);
+        self.push(connect);
+        Ok(())
+    }
+
+    /// Makes room for `n` submissions that must not be split across a submit (a link).
+    fn room_for(&mut self, n: usize) {
+        let room = {
+            let sq = self.uring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room < n || !self.overflow.is_empty() {
+            let _ = self.submit();
+        }
+    }
+
     /// Shuts `slot` down for writing (our FIN after the last byte we send).
     pub fn shutdown_write(&mut self, slot: u32, token: u64) {
         let e = opcode::Shutdown::new(Fixed(slot), libc::SHUT_WR)
@@ -272,14 +322,7 @@ impl Ring {
             .flags(squeue::Flags::IO_HARDLINK)
             .user_data(cancel_token);
         let close = opcode::Close::new(Fixed(slot)).build().user_data(close_token);
-        // A link must not be split across a submit: make room for both first.
-        let room = {
-            let sq = self.uring.submission();
-            sq.capacity() - sq.len()
-        };
-        if room < 2 {
-            let _ = self.submit();
-        }
+        self.room_for(2);
         self.push(cancel);
         self.push(close);
     }
