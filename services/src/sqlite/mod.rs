@@ -55,6 +55,7 @@ const OVERLAY_TRIES: usize = 4;
 mod keys;
 mod log;
 mod merge;
+mod point;
 mod social;
 mod writer;
 
@@ -160,6 +161,8 @@ pub struct SqliteStore {
     log: Arc<merge::Shared>,
     /// Taken by [`Self::close`].
     threads: Arc<Mutex<Option<Threads>>>,
+    /// Point reads on the upgrade path, on the caller's thread.
+    points: Arc<point::PointReads>,
 }
 
 impl SqliteStore {
@@ -194,6 +197,7 @@ impl SqliteStore {
             messages: started.jobs,
             log: started.shared,
             threads: Arc::new(Mutex::new(Some((started.thread, checkpointer)))),
+            points: Arc::new(point::PointReads::new(path)),
         })
     }
 
@@ -207,6 +211,7 @@ impl SqliteStore {
             let _ = self.messages.send(writer::Job::Stop).await;
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        self.points.close();
         self.reader.close().await;
         self.writer.close().await;
     }
@@ -531,14 +536,34 @@ impl UserStore for SqliteStore {
     }
 
     async fn user_by_id(&self, user_id: &str) -> StoreResult<Option<User>> {
-        sqlx::query("SELECT * FROM users WHERE user_id = ?")
-            .bind(user_id)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?
-            .as_ref()
-            .map(user_from_row)
-            .transpose()
+        // On every upgrade of a user the account cache does not hold: a point read in place
+        // (see `point`), not a round trip through sqlx's worker.
+        let row = self.points.with(|c| {
+            use rusqlite::OptionalExtension;
+            let sql = "SELECT user_id, username, nickname, password_hash, created_at, token_epoch, disabled \
+                       FROM users WHERE user_id = ?";
+            c.prepare_cached(sql)?
+                .query_row([user_id], |r| {
+                    let user = User {
+                        user_id: r.get(0)?,
+                        username: r.get(1)?,
+                        nickname: r.get(2)?,
+                        password_hash: r.get(3)?,
+                        created_at: r.get(4)?,
+                        token_epoch: 0,
+                        disabled: r.get(6)?,
+                    };
+                    Ok((user, r.get::<_, i64>(5)?))
+                })
+                .optional()
+        })?;
+        row.map(|(user, e)| {
+            Ok(User {
+                token_epoch: epoch(e)?,
+                ..user
+            })
+        })
+        .transpose()
     }
 }
 
