@@ -33,6 +33,9 @@ pub const BUFFER_BYTES: u32 = 2048;
 pub const SQ_ENTRIES: u32 = 1024;
 /// Completion queue entries per ring.
 pub const CQ_ENTRIES: u32 = 16384;
+/// Rounds of "drain the queue, have the kernel flush what it kept aside" per
+/// [`Ring::completions`] call: each round moves up to a queue's worth (16,384).
+const OVERFLOW_FLUSHES: usize = 8;
 /// The buffer group id of every ring's provided buffers (one group per ring).
 const GROUP: u16 = 0;
 
@@ -83,10 +86,11 @@ impl Ring {
     /// A ring with `slots` direct descriptors. A secondary ring signals `eventfd` on every
     /// completion, so the shard can sleep on its first ring alone.
     pub fn new(slots: u32, eventfd: Option<RawFd>) -> io::Result<Self> {
-        let uring = IoUring::builder()
-            .setup_cqsize(CQ_ENTRIES)
-            .setup_single_issuer()
-            .build(SQ_ENTRIES)?;
+        Self::with_queues(slots, eventfd, SQ_ENTRIES, CQ_ENTRIES)
+    }
+
+    fn with_queues(slots: u32, eventfd: Option<RawFd>, sq: u32, cq: u32) -> io::Result<Self> {
+        let uring = IoUring::builder().setup_cqsize(cq).setup_single_issuer().build(sq)?;
         uring.submitter().register_files_sparse(slots)?;
         if let Some(fd) = eventfd {
             uring.submitter().register_eventfd(fd)?;
@@ -124,10 +128,15 @@ impl Ring {
         }
     }
 
-    /// Hands queued submissions to the kernel without waiting.
+    /// Hands queued submissions to the kernel without waiting (and moves completions the kernel
+    /// holds past a full completion queue into it).
     pub fn submit(&mut self) -> io::Result<()> {
         self.drain_overflow();
-        if self.uring.submission().is_empty() {
+        let idle = {
+            let sq = self.uring.submission();
+            sq.is_empty() && !sq.cq_overflow()
+        };
+        if idle {
             return Ok(());
         }
         match self.uring.submit() {
@@ -175,14 +184,22 @@ impl Ring {
         }
     }
 
-    /// Moves every available completion into `out`.
+    /// Moves every available completion into `out`, including those the kernel kept aside
+    /// while the completion queue was full: it posts them only when asked by an enter with
+    /// `GETEVENTS`, so a ring whose queue once overflowed would otherwise stall for good.
     pub fn completions(&mut self, out: &mut Vec<Completion>) {
-        let cq = self.uring.completion();
-        out.extend(cq.map(|c| Completion {
-            token: c.user_data(),
-            res: c.result(),
-            flags: c.flags(),
-        }));
+        for _ in 0..OVERFLOW_FLUSHES {
+            out.extend(self.uring.completion().map(|c| Completion {
+                token: c.user_data(),
+                res: c.result(),
+                flags: c.flags(),
+            }));
+            if !self.uring.submission().cq_overflow() {
+                return;
+            }
+            // The crate's submit enters with GETEVENTS when the overflow flag is up.
+            let _ = self.uring.submit();
+        }
     }
 
     /// Whether completions are waiting.
@@ -409,5 +426,42 @@ impl Drop for BufRing {
             dealloc(self.ring.cast(), self.ring_layout);
             dealloc(self.data, self.data_layout);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_past_a_full_queue_are_not_stranded() {
+        // A completion queue of 2: the rest of the 40 completions wait in the kernel's overflow
+        // list, which only an enter with GETEVENTS flushes.
+        let mut ring = Ring::with_queues(4, None, 2, 2).expect("ring");
+        for i in 0..40 {
+            // Cancelling nothing completes at once (ENOENT).
+            ring.cancel(1 << 40, i);
+            ring.submit().expect("submit");
+        }
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            ring.completions(&mut got);
+            if got.len() == 40 {
+                break;
+            }
+        }
+        let mut tokens: Vec<u64> = got.iter().map(|c| c.token).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, (0..40).collect::<Vec<_>>());
+        assert!(got.iter().all(|c| c.res == -libc::ENOENT));
+    }
+
+    #[test]
+    fn provided_buffers_cycle() {
+        let mut b = BufRing::new(4, 64).expect("buffers");
+        assert_eq!(b.tail, 4, "every buffer offered at start");
+        b.recycle(2);
+        assert_eq!(b.tail, 5);
+        assert_eq!(b.get(2, 100).len(), 64, "a read never goes past its buffer");
     }
 }
