@@ -266,29 +266,14 @@ impl Shard {
                 c.on_timer(self, tick);
             }
         }
-        if let Some((missed, kicked, stop)) = self.shared.inboxes.get(self.idx).and_then(Inbox::take_spilled) {
-            if !missed.is_empty() {
-                tracing::warn!(
-                    shard = self.idx,
-                    connections = missed.len(),
-                    "inbox full: closing connections that missed a push (4003)"
-                );
+        let inbox = self.shared.inboxes.get(self.idx);
+        let stop = act_on_spill(self.idx, inbox, |conn, code, reason| {
+            if let Some(c) = self.conn(conn) {
+                c.close_with(self, code, reason);
             }
-            for id in missed {
-                if let Some(c) = self.conn(id) {
-                    c.close_with(
-                        self,
-                        close::SLOW_CONSUMER,
-                        "a push was lost in a full inbox: reconnect and sync",
-                    );
-                }
-            }
-            for (conn, (code, reason)) in kicked {
-                self.handle(ShardMsg::Kick { conn, code, reason });
-            }
-            if stop {
-                self.stopping.set(true);
-            }
+        });
+        if stop {
+            self.stopping.set(true);
         }
         let acked: Vec<u64> = self.acked.borrow_mut().drain().collect();
         for id in acked {
@@ -297,6 +282,33 @@ impl Shard {
             }
         }
     }
+}
+
+/// What a shard does on its tick with what its full inbox spilled (either engine): closes the
+/// connections that missed a push with 4003 and carries out the kicks, through `close`
+/// (connection id, code, reason). Returns whether a shutdown was spilled.
+pub(crate) fn act_on_spill(idx: usize, inbox: Option<&Inbox>, mut close: impl FnMut(u64, u16, &'static str)) -> bool {
+    let Some((missed, kicked, stop)) = inbox.and_then(Inbox::take_spilled) else {
+        return false;
+    };
+    if !missed.is_empty() {
+        tracing::warn!(
+            shard = idx,
+            connections = missed.len(),
+            "inbox full: closing connections that missed a push (4003)"
+        );
+    }
+    for id in missed {
+        close(
+            id,
+            close::SLOW_CONSUMER,
+            "a push was lost in a full inbox: reconnect and sync",
+        );
+    }
+    for (conn, (code, reason)) in kicked {
+        close(conn, code, reason);
+    }
+    stop
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

@@ -28,7 +28,7 @@ use super::exec::{Executor, Waker};
 use super::slab::{Key, Slab};
 use crate::admission::{Refused, Ticket};
 use crate::requests::{self, Client};
-use crate::shard::{Inbox, InboxReceiver, ShardMsg, Shared};
+use crate::shard::{InboxReceiver, ShardMsg, Shared};
 use crate::wheel::TimerWheel;
 use sai_pipeline::flow::{Route, Routes};
 use sai_pipeline::frame::PushFrame;
@@ -883,30 +883,14 @@ impl DirectShard {
                 _ => self.teardown(core, key),
             }
         }
-        if let Some((missed, kicked, stop)) = self.shared.inboxes.get(self.idx).and_then(Inbox::take_spilled) {
-            if !missed.is_empty() {
-                tracing::warn!(
-                    shard = self.idx,
-                    connections = missed.len(),
-                    "inbox full: closing connections that missed a push (4003)"
-                );
+        let inbox = self.shared.inboxes.get(self.idx);
+        let stop = crate::shard::act_on_spill(self.idx, inbox, |conn, code, reason| {
+            if let Some(key) = self.key_of(conn) {
+                self.close_with(core, key, code, reason);
             }
-            for id in missed {
-                if let Some(key) = self.key_of(id) {
-                    self.close_with(
-                        core,
-                        key,
-                        close::SLOW_CONSUMER,
-                        "a push was lost in a full inbox: reconnect and sync",
-                    );
-                }
-            }
-            for (conn, (code, reason)) in kicked {
-                self.handle(core, ShardMsg::Kick { conn, code, reason });
-            }
-            if stop {
-                self.stopping.set(true);
-            }
+        });
+        if stop {
+            self.stopping.set(true);
         }
         let acked: Vec<Key> = core.acked.drain().collect();
         for key in acked {
