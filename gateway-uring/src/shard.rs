@@ -317,6 +317,10 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
+    // Accepted sockets inherit it: the direct engine cannot set options on a socket it holds
+    // only as a direct descriptor without one more submission per connection, and every write
+    // is a whole batch of frames that must not wait for the peer's delayed ACK (Nagle).
+    s.set_tcp_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
     Ok(s.into())
