@@ -160,6 +160,8 @@ struct Core {
     slots: u32,
     /// Accepting is wanted but no ring has room: retried when a slot frees.
     accept_blocked: bool,
+    /// Where a read's bytes wait while the connection takes them (one provided buffer's worth).
+    scratch: Vec<u8>,
 }
 
 /// A shard of the direct engine.
@@ -339,24 +341,28 @@ impl DirectShard {
     }
 
     fn on_recv(&self, core: &mut Core, ring: usize, key: Key, c: Completion) {
+        // The bytes are copied into the shard's scratch buffer (no allocation per read), so the
+        // provided buffer goes back to the kernel at once; the connection then copies what it
+        // keeps (a partial frame) into its session.
+        let mut scratch = std::mem::take(&mut core.scratch);
+        scratch.clear();
         let bytes = match (c.res, c.buffer()) {
-            (n, Some(bid)) if n > 0 => {
-                let Some(r) = core.rings.get_mut(ring) else {
-                    return;
-                };
-                // Copied into the connection below, so the buffer goes back at once.
-                let data = r.buffer(bid, n as usize).to_vec();
-                r.recycle(bid);
-                Some(data)
-            }
-            (_, Some(bid)) => {
+            (n, Some(bid)) => {
                 if let Some(r) = core.rings.get_mut(ring) {
+                    if n > 0 {
+                        scratch.extend_from_slice(r.buffer(bid, n as usize));
+                    }
                     r.recycle(bid);
                 }
-                None
+                n > 0
             }
-            _ => None,
+            _ => false,
         };
+        self.on_read(core, key, c, bytes.then_some(&scratch[..]));
+        core.scratch = scratch;
+    }
+
+    fn on_read(&self, core: &mut Core, key: Key, c: Completion, bytes: Option<&[u8]>) {
         let Some(conn) = core.conns.get_mut(key) else {
             return;
         };
@@ -369,7 +375,7 @@ impl DirectShard {
             return;
         }
         if let Some(data) = bytes {
-            self.on_bytes(core, key, &data);
+            self.on_bytes(core, key, data);
             if !c.more() {
                 self.rearm_later(core, key);
             }
@@ -1129,6 +1135,7 @@ pub(crate) fn run_shard(
                 max_rings: plan.max_rings.max(1),
                 slots: plan.slots,
                 accept_blocked: false,
+                scratch: Vec::with_capacity(sai_ring::BUFFER_BYTES as usize),
             }),
             now: Cell::new(now),
             epoch: now,
