@@ -571,7 +571,7 @@ pub fn run(o: HoldOpts) -> Result<WorkerOut, String> {
     if o.conns == 0 || o.threads == 0 {
         return Err("hold needs --users > 0 and --threads > 0".into());
     }
-    let slots = crate::sys::nofile().unwrap_or(1024).clamp(64, 65_536) as u32;
+    let slots = sai_ring::table_slots(crate::sys::nofile());
     let shared = Arc::new(Shared::default());
     let slab_before = kernel_slab_bytes();
     let server = o.server_pid.map(|p| p.to_string());

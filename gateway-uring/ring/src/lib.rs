@@ -45,6 +45,16 @@ const GROUP: u16 = 0;
 const SOL_SOCKET: u32 = libc::SOL_SOCKET as u32;
 const SO_PEERNAME: u32 = libc::SO_PEERNAME as u32;
 
+/// Largest direct-descriptor table per ring when `RLIMIT_NOFILE` is larger (a production host).
+const MAX_SLOTS: u64 = 65_536;
+
+/// Slots of each ring's direct-descriptor table under a descriptor limit of `nofile`: as many as
+/// the kernel allows per ring (`RLIMIT_NOFILE`; one more fails with `EMFILE`), at most
+/// [`MAX_SLOTS`], at least 64 (1,024 when the limit is unknown).
+pub fn table_slots(nofile: Option<u64>) -> u32 {
+    nofile.unwrap_or(1024).clamp(64, MAX_SLOTS) as u32
+}
+
 /// One completion, copied out of the queue so the ring can be used while it is handled.
 #[derive(Debug, Clone, Copy)]
 pub struct Completion {

@@ -40,14 +40,11 @@ use std::time::Duration;
 /// Connections a direct-engine process holds when `admission.max_connections` is 0.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_048_576;
 
-/// Largest direct-descriptor table per ring, when `RLIMIT_NOFILE` is larger (a production host).
-const MAX_SLOTS: u64 = 65_536;
-
 /// How the shards' rings are sized for `total` connections over `shards` shards: tables as
 /// large as the kernel allows, and one ring more than an even spread needs (connections do not
 /// spread evenly over the shards' listeners).
 pub(crate) fn plan(total: usize, shards: usize, nofile: Option<u64>) -> RingPlan {
-    let slots = nofile.unwrap_or(1024).clamp(64, MAX_SLOTS) as u32;
+    let slots = sai_ring::table_slots(nofile);
     let per_shard = total.div_ceil(shards.max(1));
     RingPlan {
         slots,

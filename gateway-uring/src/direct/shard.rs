@@ -164,6 +164,21 @@ struct Core {
     scratch: Vec<u8>,
 }
 
+impl Core {
+    /// Queues operations of connection `key` on its ring, counting `ops` of them as in flight
+    /// first: the connection, and every buffer it lends the kernel, stays until the last of
+    /// them completes.
+    fn submit(&mut self, key: Key, ops: u8, op: impl FnOnce(&mut Ring, u32)) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.ops += ops;
+        if let Some(r) = self.rings.get_mut(usize::from(conn.ring)) {
+            op(r, conn.slot);
+        }
+    }
+}
+
 /// A shard of the direct engine.
 pub(crate) struct DirectShard {
     idx: usize,
@@ -411,12 +426,10 @@ impl DirectShard {
             if *done < buf.len() {
                 // A short send: the rest goes now.
                 let (ptr, len) = (buf[*done..].as_ptr(), (buf.len() - *done) as u32);
-                conn.ops += 1;
-                let (ring, slot) = (conn.ring, conn.slot);
-                if let Some(r) = core.rings.get_mut(usize::from(ring)) {
-                    // SAFETY: the buffer is owned by `conn.sending` until this completion.
-                    unsafe { r.send(slot, ptr, len, token(kind::SEND, key)) };
-                }
+                // SAFETY: the buffer is owned by `conn.sending` until this completion.
+                core.submit(key, 1, |r, slot| unsafe {
+                    r.send(slot, ptr, len, token(kind::SEND, key))
+                });
                 return;
             }
         }
@@ -592,13 +605,12 @@ impl DirectShard {
         let has_output = s.output_len() > 0 || s.close_sent() || !conn.raw.is_empty();
         let deadline = s.poll_timeout().map(|at| self.tick_of(at));
         let received = s.has_received();
-        let (ring, user) = (conn.ring, open.user.clone());
+        let user = start_task.then(|| open.user.clone());
         if pause {
             conn.paused = true;
-            if let Some(r) = core.rings.get_mut(usize::from(ring)) {
-                r.cancel(token(kind::RECV, key), token(kind::CANCEL, key));
-            }
-            conn.ops += 1;
+            core.submit(key, 1, |r, _| {
+                r.cancel(token(kind::RECV, key), token(kind::CANCEL, key))
+            });
         }
         if has_output {
             Self::mark_dirty(core, key);
@@ -609,7 +621,7 @@ impl DirectShard {
         if received {
             core.acked.insert(key);
         }
-        if start_task {
+        if let Some(user) = user {
             self.spawn_with(|shard| async move { shard.run_requests(key, user).await });
         }
     }
@@ -639,11 +651,7 @@ impl DirectShard {
         }
         if close_sent && !conn.fin {
             conn.fin = true;
-            conn.ops += 1;
-            let (ring, slot) = (conn.ring, conn.slot);
-            if let Some(r) = core.rings.get_mut(usize::from(ring)) {
-                r.shutdown_write(slot, token(kind::SHUTDOWN, key));
-            }
+            core.submit(key, 1, |r, slot| r.shutdown_write(slot, token(kind::SHUTDOWN, key)));
         }
     }
 
@@ -655,11 +663,7 @@ impl DirectShard {
             return;
         }
         conn.recv_armed = true;
-        conn.ops += 1;
-        let (ring, slot) = (conn.ring, conn.slot);
-        if let Some(r) = core.rings.get_mut(usize::from(ring)) {
-            r.recv(slot, token(kind::RECV, key));
-        }
+        core.submit(key, 1, |r, slot| r.recv(slot, token(kind::RECV, key)));
     }
 
     fn rearm_later(&self, core: &mut Core, key: Key) {
@@ -707,13 +711,11 @@ impl DirectShard {
         }
         let (ptr, len) = (out.as_ptr(), out.len() as u32);
         conn.sending = Some((out, 0));
-        conn.ops += 1;
-        let (ring, slot) = (conn.ring, conn.slot);
-        if let Some(r) = core.rings.get_mut(usize::from(ring)) {
-            // SAFETY: the buffer moved into `conn.sending` (its heap memory does not move) and
-            // stays there until this send's completion; the connection is not freed before.
-            unsafe { r.send(slot, ptr, len, token(kind::SEND, key)) };
-        }
+        // SAFETY: the buffer moved into `conn.sending` (its heap memory does not move) and stays
+        // there until this send's completion; the connection is not freed before.
+        core.submit(key, 1, |r, slot| unsafe {
+            r.send(slot, ptr, len, token(kind::SEND, key))
+        });
     }
 
     /// Closes the session with `code` (the close handshake; the slot is dropped after the grace
@@ -742,7 +744,6 @@ impl DirectShard {
             return;
         }
         conn.closing = true;
-        let (ring, slot) = (conn.ring, conn.slot);
         let mut flush = None;
         if let Phase::Open(open) = &mut conn.phase {
             if let Some(w) = open.drain.take() {
@@ -751,10 +752,9 @@ impl DirectShard {
             let acked = open.session.take_received();
             flush = Some((open.user.clone(), acked));
         }
-        conn.ops += 2;
-        if let Some(r) = core.rings.get_mut(usize::from(ring)) {
-            r.cancel_and_close(slot, token(kind::CANCEL, key), token(kind::CLOSE, key));
-        }
+        core.submit(key, 2, |r, slot| {
+            r.cancel_and_close(slot, token(kind::CANCEL, key), token(kind::CLOSE, key))
+        });
         core.acked.remove(&key);
         if let Some((user, acked)) = flush {
             self.shared.index.remove(&user, self.route(key));
