@@ -216,6 +216,39 @@ impl SqliteStore {
         self.writer.close().await;
     }
 
+    /// The user whose `column` (`user_id` or `username`, both unique) is `value`: a point read
+    /// in place (see `point`), not a round trip through sqlx's worker.
+    fn user_where(&self, column: &'static str, value: &str) -> StoreResult<Option<User>> {
+        use rusqlite::OptionalExtension;
+        let sql = format!(
+            "SELECT user_id, username, nickname, password_hash, created_at, token_epoch, disabled \
+             FROM users WHERE {column} = ?"
+        );
+        let row = self.points.with(|c| {
+            c.prepare_cached(&sql)?
+                .query_row([value], |r| {
+                    let user = User {
+                        user_id: r.get(0)?,
+                        username: r.get(1)?,
+                        nickname: r.get(2)?,
+                        password_hash: r.get(3)?,
+                        created_at: r.get(4)?,
+                        token_epoch: 0,
+                        disabled: r.get(6)?,
+                    };
+                    Ok((user, r.get::<_, i64>(5)?))
+                })
+                .optional()
+        })?;
+        row.map(|(user, e)| {
+            Ok(User {
+                token_epoch: epoch(e)?,
+                ..user
+            })
+        })
+        .transpose()
+    }
+
     /// The read barrier: returns once every write acknowledged before the call within `scope` is
     /// in the tables (at once when none waits for a merge; else after the merge this starts, a
     /// few milliseconds to a few hundred under load).
@@ -403,18 +436,6 @@ fn corrupt(e: sqlx::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
-fn user_from_row(r: &SqliteRow) -> StoreResult<User> {
-    Ok(User {
-        user_id: r.try_get("user_id").map_err(corrupt)?,
-        username: r.try_get("username").map_err(corrupt)?,
-        nickname: r.try_get("nickname").map_err(corrupt)?,
-        password_hash: r.try_get("password_hash").map_err(corrupt)?,
-        created_at: r.try_get("created_at").map_err(corrupt)?,
-        token_epoch: epoch(r.try_get("token_epoch").map_err(corrupt)?)?,
-        disabled: r.try_get("disabled").map_err(corrupt)?,
-    })
-}
-
 /// Runs an `UPDATE users ... RETURNING token_epoch`: the new epoch, `None` for no such user.
 async fn new_epoch<'q>(
     q: sqlx::query::QueryScalar<'q, sqlx::Sqlite, i64, sqlx::sqlite::SqliteArguments>,
@@ -482,14 +503,7 @@ impl UserStore for SqliteStore {
     }
 
     async fn user_by_name(&self, username: &str) -> StoreResult<Option<User>> {
-        sqlx::query("SELECT * FROM users WHERE username = ?")
-            .bind(username)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?
-            .as_ref()
-            .map(user_from_row)
-            .transpose()
+        self.user_where("username", username)
     }
 
     async fn create_users_bulk(&self, users: &[User]) -> StoreResult<u64> {
@@ -536,34 +550,8 @@ impl UserStore for SqliteStore {
     }
 
     async fn user_by_id(&self, user_id: &str) -> StoreResult<Option<User>> {
-        // On every upgrade of a user the account cache does not hold: a point read in place
-        // (see `point`), not a round trip through sqlx's worker.
-        let row = self.points.with(|c| {
-            use rusqlite::OptionalExtension;
-            let sql = "SELECT user_id, username, nickname, password_hash, created_at, token_epoch, disabled \
-                       FROM users WHERE user_id = ?";
-            c.prepare_cached(sql)?
-                .query_row([user_id], |r| {
-                    let user = User {
-                        user_id: r.get(0)?,
-                        username: r.get(1)?,
-                        nickname: r.get(2)?,
-                        password_hash: r.get(3)?,
-                        created_at: r.get(4)?,
-                        token_epoch: 0,
-                        disabled: r.get(6)?,
-                    };
-                    Ok((user, r.get::<_, i64>(5)?))
-                })
-                .optional()
-        })?;
-        row.map(|(user, e)| {
-            Ok(User {
-                token_epoch: epoch(e)?,
-                ..user
-            })
-        })
-        .transpose()
+        // On every upgrade of a user the account cache does not hold.
+        self.user_where("user_id", user_id)
     }
 }
 

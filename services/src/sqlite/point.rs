@@ -1,5 +1,6 @@
-//! Indexed point reads answered on the caller's thread with a pooled rusqlite connection, for
-//! the reads on the path of every WebSocket upgrade (the account behind a token).
+//! Indexed point reads answered on the caller's thread with a pooled rusqlite connection: the
+//! account by id (on the path of every WebSocket upgrade the account cache misses) and by name
+//! (login).
 //!
 //! Through sqlx each such read is two thread hand-offs (to its SQLite worker and back to the
 //! runtime): at a ramp of 10,000 upgrades/s of users not in the account cache, sqlx's worker and
