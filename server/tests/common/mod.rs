@@ -61,7 +61,11 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
-            .env("RUST_LOG", "warn")
+            // SAI_TEST_LOG=<filter> shows the server's log while debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("SAI_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
