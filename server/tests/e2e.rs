@@ -487,6 +487,25 @@ fn protocol_violations_close_with_their_codes() {
     assert_eq!(read_close_code(&mut t), 1007);
 }
 
+/// Refused upgrades back to back on one shard, each client leaving as soon as it has its answer:
+/// the slot of a connection that ends is reused by the next accept, and nothing still queued for
+/// the old connection (our FIN after the answer) may reach the new one before its own answer.
+/// The kernel's first shutdown waits for a worker thread to start, so each fresh server gives
+/// the race its widest window.
+#[test]
+fn back_to_back_refusals_each_get_their_whole_answer() {
+    for run in 0..30 {
+        let s = Server::start(&["--shards", "1"]);
+        for i in 0..20 {
+            match Client::connect(&s.ws, "") {
+                Err(ConnectError::Status(401, body)) => assert_eq!(body["code"], "missing_token", "{body}"),
+                Err(e) => panic!("server {run}, connection {i}: {e}"),
+                Ok(_) => panic!("server {run}, connection {i}: upgrade accepted without a token"),
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_tokens_get_401_and_no_upgrade() {
     let s = Server::start(&[]);

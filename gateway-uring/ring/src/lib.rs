@@ -341,8 +341,30 @@ impl Ring {
         self.push(e);
     }
 
+    /// Cancels every operation on `slot` that the kernel can still find by its file.
+    ///
+    /// An operation the kernel hands to its worker pool without trying it first (a shutdown)
+    /// looks its fixed file up only when a worker runs it, so this cancel does not see it and
+    /// it may run later: close the slot only once every operation on it has completed, or that
+    /// late operation acts on whatever socket took the slot after the close.
+    pub fn cancel_all(&mut self, slot: u32, token: u64) {
+        let e = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(slot)).all())
+            .build()
+            .user_data(token);
+        self.push(e);
+    }
+
+    /// Closes `slot`: its socket goes and the slot is free for the next accept. Every operation
+    /// on the slot must have completed (see [`Ring::cancel_all`]).
+    pub fn close(&mut self, slot: u32, token: u64) {
+        let e = opcode::Close::new(Fixed(slot)).build().user_data(token);
+        self.push(e);
+    }
+
     /// Cancels every operation on `slot` and then closes it (hard-linked: the close runs
-    /// whatever the cancel finds). Each completes with its own token.
+    /// whatever the cancel finds). Each completes with its own token. Only for a slot with no
+    /// operation the cancel cannot reach (see [`Ring::cancel_all`]): one just accepted, or one
+    /// that is never reused.
     pub fn cancel_and_close(&mut self, slot: u32, cancel_token: u64, close_token: u64) {
         let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(slot)).all())
             .build()

@@ -129,8 +129,10 @@ struct Conn {
     eof: bool,
     /// Our FIN is sent or queued.
     fin: bool,
-    /// Cancel + close submitted.
+    /// Cancel submitted: the connection is ending.
     closing: bool,
+    /// Close submitted (only once nothing else is in flight on the slot).
+    released: bool,
     /// In the shard's flush list.
     dirty: bool,
     /// The bytes of the send in flight, and how many are written.
@@ -300,6 +302,7 @@ impl DirectShard {
             eof: false,
             fin: false,
             closing: false,
+            released: false,
             dirty: false,
             sending: None,
             raw: Vec::new(),
@@ -734,8 +737,8 @@ impl DirectShard {
         }
     }
 
-    /// Drops the connection: its route goes, every operation on its slot is cancelled and the
-    /// slot closed; the place is freed when the last completion is in.
+    /// Drops the connection: its route goes and every operation on its slot is cancelled; the
+    /// slot is closed once none is in flight, and the place freed when the close is in.
     fn teardown(&self, core: &mut Core, key: Key) {
         let Some(conn) = core.conns.get_mut(key) else {
             return;
@@ -752,9 +755,10 @@ impl DirectShard {
             let acked = open.session.take_received();
             flush = Some((open.user.clone(), acked));
         }
-        core.submit(key, 2, |r, slot| {
-            r.cancel_and_close(slot, token(kind::CANCEL, key), token(kind::CLOSE, key))
-        });
+        // The close follows in `maybe_free`, once every operation on the slot has completed:
+        // the cancel cannot reach one queued for the kernel's workers (a shutdown), and that
+        // one would otherwise act on the next connection accepted into the slot.
+        core.submit(key, 1, |r, slot| r.cancel_all(slot, token(kind::CANCEL, key)));
         core.acked.remove(&key);
         if let Some((user, acked)) = flush {
             self.shared.index.remove(&user, self.route(key));
@@ -766,10 +770,21 @@ impl DirectShard {
         }
     }
 
-    /// Frees a closed connection once no operation is in flight and no task runs its requests.
+    /// An ending connection's last steps: once no operation is in flight on its slot, the slot
+    /// is closed; once that close is in and no task runs its requests, its place is freed.
     fn maybe_free(&self, core: &mut Core, key: Key) {
-        let done = |c: &Conn| c.closing && c.ops == 0 && !matches!(&c.phase, Phase::Open(o) if o.busy);
-        if core.conns.get(key).is_some_and(done) {
+        let Some(conn) = core.conns.get_mut(key) else {
+            return;
+        };
+        if !conn.closing || conn.ops > 0 {
+            return;
+        }
+        if !conn.released {
+            conn.released = true;
+            core.submit(key, 1, |r, slot| r.close(slot, token(kind::CLOSE, key)));
+            return;
+        }
+        if !matches!(&conn.phase, Phase::Open(o) if o.busy) {
             core.conns.remove(key);
         }
     }

@@ -65,6 +65,7 @@ impl<T> Slab<T> {
     }
 
     /// The value under `key`, if it is still that connection.
+    #[cfg(test)]
     pub fn get(&self, key: Key) -> Option<&T> {
         let (i, gen) = Self::split(key);
         let e = self.entries.get(i)?;
