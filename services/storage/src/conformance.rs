@@ -127,6 +127,13 @@ pub async fn check_messages(s: &dyn MessageStore) {
         panic!("another sender's key reported duplicate");
     };
     assert_eq!(m.seq, 6);
+    // Keys compare byte for byte: case and trailing spaces make another key.
+    for (key, seq) in [("q", 1), ("Q", 2), ("q ", 3)] {
+        let Appended::New(m) = s.append(message("c3", "kx", "ky", key)).await.expect("append") else {
+            panic!("{key:?} taken for a duplicate");
+        };
+        assert_eq!(m.seq, seq);
+    }
 
     let after: Vec<u64> = s
         .messages_after("c1", 2, 10)
