@@ -34,7 +34,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the default).
     Serve,
-    /// Maintenance on the data directory (the server need not run).
+    /// Maintenance on the storage (the server need not run).
     Admin {
         /// What to do.
         #[command(subcommand)]
@@ -45,6 +45,8 @@ pub enum Command {
 /// `sai-im admin ...`.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
+    /// Bring the database's schema up to date and exit (the server also does it at start).
+    Migrate,
     /// Bulk-create users `<prefix>0` .. `<prefix><count-1>` (user id = username) sharing one
     /// password hash, for load tests. Existing users are skipped, so it can be re-run.
     SeedUsers {
@@ -75,6 +77,10 @@ pub struct Overrides {
     /// Where the SQLite database and the JWT secret live.
     #[arg(long, env = "SAI_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+    /// Storage instead of the embedded SQLite: mysql://user:password@host:port/database
+    /// (`?pool=N` sets the pool size).
+    #[arg(long, env = "SAI_DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
     /// none | only | rigor.
     #[arg(long, env = "SAI_ACK_MODE", global = true)]
     pub ack_mode: Option<AckMode>,
@@ -134,6 +140,8 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Storage URL; `None`: SQLite in the data directory.
+    pub database_url: Option<String>,
     /// Ack mode name.
     #[serde(deserialize_with = "de_ack_mode")]
     pub ack_mode: AckMode,
@@ -273,6 +281,7 @@ impl Default for Config {
             http_listen: (ip, 8081).into(),
             grpc_listen: (ip, 8082).into(),
             data_dir: PathBuf::from("./data"),
+            database_url: None,
             ack_mode: AckMode::Only,
             engine: Engine::Direct,
             idle_timeout_secs: 60,
@@ -331,6 +340,9 @@ impl Config {
         }
         if o.jwt_secret.is_some() {
             c.jwt_secret = o.jwt_secret;
+        }
+        if o.database_url.is_some() {
+            c.database_url = o.database_url;
         }
         if o.admin_token.is_some() {
             c.admin_token = o.admin_token;

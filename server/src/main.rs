@@ -49,12 +49,14 @@ fn admin(cfg: Config, command: AdminCommand) -> ExitCode {
         }
     };
     let result = match command {
+        AdminCommand::Migrate => rt.block_on(sai_services::admin::migrate(&cfg.data_dir, cfg.database_url.as_deref())),
         AdminCommand::SeedUsers {
             count,
             prefix,
             password,
         } => rt.block_on(sai_services::admin::seed_users(
             &cfg.data_dir,
+            cfg.database_url.as_deref(),
             cfg.bcrypt_cost,
             count,
             &prefix,

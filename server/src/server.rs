@@ -7,7 +7,7 @@ use sai_services::auth::{load_or_create_keys, JwtKeys};
 use sai_services::bridge::InProcessPipeline;
 use sai_services::messages::{ChatPolicy, MessageService};
 use sai_services::social::SocialService;
-use sai_services::sqlite::SqliteStore;
+use sai_services::storage::Storage;
 use sai_services::users::UserService;
 use sai_services::{Outbound, Services, SystemClock};
 use std::future::Future;
@@ -59,7 +59,8 @@ pub async fn run(
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!("creating {}", cfg.data_dir.display())))?;
-    let store = Arc::new(SqliteStore::open(&cfg.data_dir.join("sai-im.db")).await?);
+    let store = Storage::open(&cfg.data_dir, cfg.database_url.as_deref()).await?;
+    tracing::info!(storage = store.kind(), "storage open");
     let keys = match &cfg.jwt_secret {
         Some(s) => JwtKeys::new(s.as_bytes().to_vec()),
         None => {
@@ -75,14 +76,14 @@ pub async fn run(
     });
     let outbound = Arc::new(Outbound::new(gateway.routes(), gateway.outbound()));
     let users = Arc::new(UserService::new(
-        store.clone(),
+        store.users(),
         keys,
         clock.clone(),
         cfg.users(),
         outbound.clone(),
     )?);
     let social = Arc::new(SocialService::new(
-        store.clone(),
+        store.social(),
         users.clone(),
         outbound.clone(),
         clock.clone(),
@@ -92,7 +93,7 @@ pub async fn run(
         require_friendship: cfg.chat.require_friendship,
     };
     let messages = Arc::new(MessageService::new(
-        store.clone(),
+        store.messages(),
         users.clone(),
         social.clone(),
         outbound,

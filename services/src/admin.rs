@@ -1,19 +1,31 @@
-//! `sai-im admin`: maintenance commands that work on the data directory directly.
+//! `sai-im admin`: maintenance commands that work on the storage directly.
 
-use crate::sqlite::SqliteStore;
-use sai_storage::{User, UserStore};
+use crate::storage::Storage;
+use sai_storage::User;
 use std::path::Path;
 use std::time::Instant;
 
 /// Users inserted per transaction.
 const BATCH: u64 = 10_000;
 
-/// Creates `<prefix>0..<prefix><count-1>` in the database of `data_dir` with one shared bcrypt
+/// Opens the storage (which applies its migrations) and closes it again.
+pub async fn migrate(data_dir: &Path, database_url: Option<&str>) -> Result<String, String> {
+    if database_url.is_none() {
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
+    }
+    let store = Storage::open(data_dir, database_url).await.map_err(|e| e.to_string())?;
+    let kind = store.kind();
+    store.close().await;
+    Ok(format!("{kind} schema is up to date"))
+}
+
+/// Creates `<prefix>0..<prefix><count-1>` in the storage (`database_url`, else the data dir) with one shared bcrypt
 /// hash (of `bcrypt_cost`) of `password`. The names are also the user ids, so the prefix may not
 /// hold `_`: private conversation ids join two user ids with `_` (`si_<a>_<b>`), and ids with
 /// `_` in them made two pairs share one conversation.
 pub async fn seed_users(
     data_dir: &Path,
+    database_url: Option<&str>,
     bcrypt_cost: u32,
     count: u64,
     prefix: &str,
@@ -31,10 +43,11 @@ pub async fn seed_users(
                 .into(),
         );
     }
-    std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
-    let store = SqliteStore::open(&data_dir.join("sai-im.db"))
-        .await
-        .map_err(|e| e.to_string())?;
+    if database_url.is_none() {
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
+    }
+    let storage = Storage::open(data_dir, database_url).await.map_err(|e| e.to_string())?;
+    let store = storage.users();
     let t0 = Instant::now();
     let hash = bcrypt::hash(password, bcrypt_cost).map_err(|e| e.to_string())?;
     let now = crate::Clock::now_ms(&crate::SystemClock);
@@ -59,7 +72,7 @@ pub async fn seed_users(
         inserted += store.create_users_bulk(&batch).await.map_err(|e| e.to_string())?;
         start = end;
     }
-    store.close().await;
+    storage.close().await;
     Ok(format!(
         "seeded {inserted} new users ({} already there): ids {prefix}0..{prefix}{} in {:.1} s",
         count - inserted,
@@ -76,7 +89,7 @@ mod tests {
     async fn prefixes_that_would_make_ambiguous_conversation_ids_are_refused() {
         let dir = std::env::temp_dir().join(format!("sai-admin-{}", std::process::id()));
         for bad in ["load_", "a_b", "", "x y"] {
-            let e = seed_users(&dir, 4, 2, bad, "password1").await.unwrap_err();
+            let e = seed_users(&dir, None, 4, 2, bad, "password1").await.unwrap_err();
             assert!(e.contains("no '_'"), "{bad:?}: {e}");
         }
         assert!(!dir.join("sai-im.db").exists(), "nothing was created");

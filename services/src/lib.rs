@@ -7,7 +7,9 @@
 //!   read receipts ([`receipts`]: the bitmap codec) and the conversation list.
 //! - [`social`]: friend requests, friendships, groups.
 //! - [`cache`]: the bounded read-through caches (user existence, friendships, group members).
-//! - [`sqlite`]: the embedded storage adapter (reference implementation of `sai-storage`).
+//! - [`sqlite`]: the embedded storage adapter (reference implementation of `sai-storage`);
+//!   [`mysql`]: the production adapter of the same traits (MySQL / MariaDB); [`storage`]: the
+//!   one a process opens, chosen by the database URL.
 //! - [`http`]: the HTTP JSON API (axum); [`grpc`]: the tonic services.
 //! - [`bridge`]: the pipeline's `ws2ms_chat` receiving side ([`sai_pipeline::flow::Ws2Ms`])
 //!   for gateways in the same process: each command is a future the gateway shard polls itself;
@@ -25,9 +27,11 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod messages;
+pub mod mysql;
 pub mod receipts;
 pub mod social;
 pub mod sqlite;
+pub mod storage;
 pub mod throttle;
 pub mod users;
 
