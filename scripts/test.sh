@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check of the workspace on a fresh machine: formatting, clippy with the workspace lints
 # as errors, unit, property and end-to-end tests, the benchmarks in test mode, and the
-# load-generator smoke. They need nothing but the Rust toolchain:
-# the embedded default (SQLite) is compiled in, protoc is vendored, and the end-to-end tests start
-# the real `sai-im` binary on free loopback ports with their own data directories.
+# load-generator smoke. They need the Rust toolchain and a MySQL server (MariaDB, which
+# scripts/backends.sh installs and starts when missing): the embedded default (SQLite) is compiled
+# in, protoc is vendored, and the end-to-end tests start the real `sai-im` binary on free loopback
+# ports with their own data directories (and, in their MySQL run, their own databases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,10 +41,16 @@ forbidden sai-pipeline 'tokio|monoio|mio|sqlx|rusqlite|axum|tonic|sai-gateway|sa
 forbidden sai-services 'sai-gateway|sai-proto|monoio'
 forbidden sai-gateway 'sai-services|sai-storage|sqlx|rusqlite'
 
+# The MySQL adapter's conformance tests and the end-to-end suites on MySQL need a MySQL server:
+# MariaDB on 127.0.0.1:3306, installed and started when missing (or SAI_TEST_MYSQL_URL's).
+./scripts/backends.sh mysql
+
 # Every suite on the default engine, direct (the test harness checks that the server did not
-# fall back to monoio), then the end-to-end suites once more on the monoio engine.
+# fall back to monoio), then the end-to-end suites once more on the monoio engine, and once
+# more with each server on a MySQL database of its own instead of the embedded SQLite.
 SAI_ENGINE=direct cargo test --workspace --locked "$@"
 SAI_ENGINE=monoio cargo test --locked -p sai-im --tests "$@"
+SAI_ENGINE=direct SAI_TEST_DATABASE=mysql cargo test --locked -p sai-im --tests "$@"
 
 # Benchmarks must keep compiling and running (one iteration each, no timing).
 cargo bench --locked -p sai-benches -p sai-bitmap -- --test

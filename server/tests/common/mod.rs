@@ -1,5 +1,9 @@
 //! Test harness: starts the real `sai-im` binary on free ports with its own data dir, and talks
 //! to it over real TCP with a real WebSocket client (tungstenite) and HTTP client (ureq).
+//!
+//! `SAI_TEST_DATABASE=mysql` runs each server on a database of its own on the MySQL server at
+//! `SAI_TEST_MYSQL_URL` (default `mysql://root@127.0.0.1:3306`), created by the server and
+//! dropped with it; otherwise each server has the embedded SQLite in its data dir.
 #![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{json, Value};
@@ -20,6 +24,8 @@ pub struct Server {
     pub ws: String,
     pub http: String,
     pub grpc: String,
+    /// (server URL, database) when the server runs on MySQL.
+    database: Option<(String, String)>,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -30,10 +36,18 @@ impl Server {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let data_dir = std::env::temp_dir().join(format!("sai-im-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let database = (std::env::var("SAI_TEST_DATABASE").as_deref() == Ok("mysql")).then(|| {
+            let server = std::env::var("SAI_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+            let name = format!("sai_e2e_{}_{n}", std::process::id());
+            args.extend(["--database-url".to_string(), format!("{server}/{name}?pool=4")]);
+            (server, name)
+        });
         let mut s = Server {
             child: None,
             data_dir,
-            args: extra.iter().map(|s| s.to_string()).collect(),
+            database,
+            args,
             ws: String::new(),
             http: String::new(),
             grpc: String::new(),
@@ -241,6 +255,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop(false);
         let _ = std::fs::remove_dir_all(&self.data_dir);
+        if let Some((server, name)) = self.database.take() {
+            drop_database(&server, &name);
+        }
     }
 }
 
@@ -403,4 +420,17 @@ pub fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
 
 pub fn close_code(c: CloseCode) -> u16 {
     u16::from(c)
+}
+
+fn drop_database(server: &str, name: &str) {
+    use sqlx::Connection;
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return;
+    };
+    rt.block_on(async {
+        if let Ok(mut c) = sqlx::MySqlConnection::connect(server).await {
+            let drop = sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"));
+            let _ = sqlx::query(drop).execute(&mut c).await;
+        }
+    });
 }

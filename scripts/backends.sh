@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Starts the external servers the tests use when they are not running, installing them first on a
+# fresh machine; skips whatever already answers. Source it and call the function, or run it:
+#   ./scripts/backends.sh mysql
+# MySQL: SAI_TEST_MYSQL_URL (default mysql://root@127.0.0.1:3306) names the server the tests
+# use. When it is set, nothing is installed or started: the server is yours.
+set -euo pipefail
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+ensure_mysql() {
+    if [ -n "${SAI_TEST_MYSQL_URL:-}" ]; then
+        return 0
+    fi
+    if listening 3306; then
+        return 0
+    fi
+    if [ ! -x /usr/sbin/mariadbd ]; then
+        echo "installing MariaDB (the MySQL adapter's tests)" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null
+        local fresh=1
+    fi
+    echo "starting MariaDB on 127.0.0.1:3306" >&2
+    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --bind-address=127.0.0.1
+    for _ in $(seq 1 100); do
+        listening 3306 && break
+        sleep 0.2
+    done
+    if ! listening 3306; then
+        echo "MariaDB did not start" >&2
+        return 1
+    fi
+    if [ -n "${fresh:-}" ]; then
+        # A fresh Debian install lets root in only through the Unix socket: the tests connect
+        # over TCP as root without a password, as on the CI machine.
+        mysql -uroot -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD('');
+            CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY '';
+            GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;"
+    fi
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    for b in "$@"; do
+        case "$b" in
+            mysql) ensure_mysql ;;
+            *) echo "unknown backend $b (mysql)" >&2; exit 2 ;;
+        esac
+    done
+fi
