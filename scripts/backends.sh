@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts the external servers the tests use when they are not running, installing them first on a
 # fresh machine; skips whatever already answers. Source it and call the function, or run it:
-#   ./scripts/backends.sh mysql
+#   ./scripts/backends.sh mysql redis
 # MySQL: SAI_TEST_MYSQL_URL (default mysql://root@127.0.0.1:3306) names the server the tests
 # use. When it is set, nothing is installed or started: the server is yours.
 set -euo pipefail
@@ -41,11 +41,33 @@ ensure_mysql() {
     fi
 }
 
+# Redis: SAI_TEST_REDIS_URL (default redis://127.0.0.1:6379). The route directory's restart test
+# also runs a private redis-server of its own, so the binary is installed even when a server is
+# set.
+ensure_redis() {
+    if ! command -v redis-server >/dev/null 2>&1; then
+        echo "installing Redis (the route directory's tests)" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    fi
+    if [ -n "${SAI_TEST_REDIS_URL:-}" ] || listening 6379; then
+        return 0
+    fi
+    echo "starting Redis on 127.0.0.1:6379" >&2
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+    for _ in $(seq 1 50); do
+        listening 6379 && return 0
+        sleep 0.1
+    done
+    echo "Redis did not start" >&2
+    return 1
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     for b in "$@"; do
         case "$b" in
             mysql) ensure_mysql ;;
-            *) echo "unknown backend $b (mysql)" >&2; exit 2 ;;
+            redis) ensure_redis ;;
+            *) echo "unknown backend $b (mysql, redis)" >&2; exit 2 ;;
         esac
     done
 fi

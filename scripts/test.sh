@@ -40,10 +40,12 @@ forbidden() { # crate, pattern
 forbidden sai-pipeline 'tokio|monoio|mio|sqlx|rusqlite|axum|tonic|sai-gateway|sai-services|sai-proto'
 forbidden sai-services 'sai-gateway|sai-proto|monoio'
 forbidden sai-gateway 'sai-services|sai-storage|sqlx|rusqlite'
+forbidden sai-cluster 'sai-gateway|sai-services|sai-proto|monoio|sqlx|rusqlite'
 
-# The MySQL adapter's conformance tests and the end-to-end suites on MySQL need a MySQL server:
-# MariaDB on 127.0.0.1:3306, installed and started when missing (or SAI_TEST_MYSQL_URL's).
-./scripts/backends.sh mysql
+# The MySQL adapter's conformance tests and the end-to-end suites on MySQL need a MySQL server
+# (MariaDB on 127.0.0.1:3306, or SAI_TEST_MYSQL_URL's), the cluster's route directory a Redis
+# (127.0.0.1:6379, or SAI_TEST_REDIS_URL's): installed and started when missing.
+./scripts/backends.sh mysql redis
 
 # Every suite on the default engine, direct (the test harness checks that the server did not
 # fall back to monoio), then the end-to-end suites once more on the monoio engine, and once

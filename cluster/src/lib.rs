@@ -1,0 +1,9 @@
+//! The wiring of a SAI-IM cluster: several gateway and service processes that share state
+//! through real backends instead of in-process channels, behind the pipeline contract
+//! (`sai-pipeline`). It sees neither a gateway nor the services.
+//!
+//! - [`routes`]: the route directory in Redis (user -> gateway node, shard, connection; which
+//!   nodes are alive; presence), with stale routes of dead or restarted gateways detected and
+//!   cleaned, and everything rebuilt by the gateways after Redis loses it.
+
+pub mod routes;
