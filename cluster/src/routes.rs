@@ -27,8 +27,9 @@
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
-use sai_pipeline::flow::Route;
+use sai_pipeline::flow::{BoxFuture, Route, RouteLookup};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest wait for one Redis answer.
@@ -132,6 +133,10 @@ pub struct RouteDirectory {
     conn: ConnectionManager,
     prefix: String,
     ttls: Ttls,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
     announce: Script,
     refresh: Script,
     remove: Script,
@@ -182,9 +187,11 @@ impl RouteDirectory {
             conn,
             prefix: prefix.to_string(),
             ttls,
-            announce: Script::new(ANNOUNCE),
-            refresh: Script::new(REFRESH),
-            remove: Script::new(REMOVE),
+            scripts: Arc::new(Scripts {
+                announce: Script::new(ANNOUNCE),
+                refresh: Script::new(REFRESH),
+                remove: Script::new(REMOVE),
+            }),
         })
     }
 
@@ -205,6 +212,7 @@ impl RouteDirectory {
     /// the node id.
     pub async fn announce(&self, node: u32, incarnation: u64) -> Result<(), RouteError> {
         let set: i64 = self
+            .scripts
             .announce
             .key(self.node_key(node))
             .arg(incarnation.to_string())
@@ -221,6 +229,7 @@ impl RouteDirectory {
     /// Ends `node`'s life now (a graceful stop): its routes stop counting at once.
     pub async fn retire(&self, node: u32, incarnation: u64) -> Result<(), RouteError> {
         let _: i64 = self
+            .scripts
             .remove
             .key(self.node_key(node))
             .arg(incarnation.to_string())
@@ -254,7 +263,7 @@ impl RouteDirectory {
     pub async fn refresh(&self, routes: &[(&str, Placed)]) -> Result<Vec<Refreshed>, RouteError> {
         let mut out = Vec::with_capacity(routes.len());
         for chunk in routes.chunks(BATCH) {
-            let mut call = self.refresh.prepare_invoke();
+            let mut call = self.scripts.refresh.prepare_invoke();
             call.arg(Self::ms(self.ttls.route));
             for (user, placed) in chunk {
                 call.key(self.route_key(user));
@@ -280,6 +289,7 @@ impl RouteDirectory {
     /// Forgets the user's route if it is still `placed` (a newer login is kept).
     pub async fn remove(&self, user: &str, placed: Placed) -> Result<bool, RouteError> {
         let n: i64 = self
+            .scripts
             .remove
             .key(self.route_key(user))
             .arg(placed.encode())
@@ -317,7 +327,7 @@ impl RouteDirectory {
                 out.push(route);
             }
             if !stale_keys.is_empty() {
-                let mut call = self.remove.prepare_invoke();
+                let mut call = self.scripts.remove.prepare_invoke();
                 for (k, v) in stale_keys.iter().zip(&stale_values) {
                     call.key(k);
                     call.arg(v);
@@ -355,6 +365,23 @@ impl RouteDirectory {
             .iter()
             .map(|p| alive.get(&p.route.node) == Some(&p.incarnation))
             .collect())
+    }
+}
+
+/// The pipeline's lookups (`Outbound`) in a services process.
+impl RouteLookup for RouteDirectory {
+    fn lookup_many(&self, users: Vec<String>) -> BoxFuture<Vec<Option<Route>>> {
+        let directory = self.clone();
+        Box::pin(async move {
+            let names: Vec<&str> = users.iter().map(String::as_str).collect();
+            match directory.lookup(&names).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(error = %e, users = users.len(), "route lookup failed: the users will sync");
+                    vec![None; users.len()]
+                }
+            }
+        })
     }
 }
 

@@ -5,7 +5,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use sai_cluster::routes::{Placed, Refreshed, RouteDirectory, RouteError, Ttls};
-use sai_pipeline::flow::Route;
+use sai_pipeline::flow::{Route, RouteLookup};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -260,4 +260,21 @@ async fn a_redis_restart_fails_calls_quickly_and_the_next_sweep_heals() {
     }
     assert_eq!(d.refresh(&[("a", a)]).await.unwrap(), vec![Refreshed::Healed]);
     assert_eq!(d.lookup(&["a"]).await.unwrap(), vec![Some(a.route)]);
+}
+
+/// The pipeline's view: lookups through `RouteLookup`, and a Redis that is down answers
+/// everyone offline (their messages wait for sync) instead of failing the send.
+#[tokio::test]
+async fn the_pipeline_looks_routes_up_and_treats_a_dead_redis_as_offline() {
+    let server = PrivateRedis::start(PrivateRedis::free_port());
+    let d = directory(&server.url(), "sai:").await;
+    d.announce(1, 1).await.unwrap();
+    d.register("a", placed(1, 1, 3)).await.unwrap();
+    let lookup: std::sync::Arc<dyn RouteLookup> = std::sync::Arc::new(d);
+    assert_eq!(
+        lookup.lookup_many(vec!["a".into(), "b".into()]).await,
+        vec![Some(placed(1, 1, 3).route), None]
+    );
+    drop(server);
+    assert_eq!(lookup.lookup_many(vec!["a".into()]).await, vec![None]);
 }

@@ -22,7 +22,7 @@ mod requests;
 pub mod shard;
 pub mod wheel;
 
-use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, Routes, Ws2Ms};
+use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, RouteLookup, Routes, Ws2Ms};
 use sai_proto::close;
 use sai_proto::pending::PendingConfig;
 use std::net::SocketAddr;
@@ -183,6 +183,11 @@ pub struct Prepared {
 impl Prepared {
     /// "Where is this user connected", answered by this gateway's index.
     pub fn routes(&self) -> Arc<dyn Routes> {
+        self.index.clone()
+    }
+
+    /// The same index as the pipeline's route lookups see it (answered at once).
+    pub fn route_lookup(&self) -> Arc<dyn RouteLookup> {
         self.index.clone()
     }
 

@@ -44,6 +44,24 @@ pub trait Routes: Send + Sync + 'static {
     fn remove(&self, user: &str, route: Route);
 }
 
+/// How the pipeline finds where users are before each delivery. In one process the gateway's
+/// index answers at once; in a cluster the route directory in Redis does, over the network, so
+/// the answer is a future.
+pub trait RouteLookup: Send + Sync + 'static {
+    /// The live route of each user (`None`: offline), in order. A directory that cannot be
+    /// reached answers `None` for everyone (and says so in its log): nothing is lost, the
+    /// messages wait in storage for the clients' sync.
+    fn lookup_many(&self, users: Vec<String>) -> BoxFuture<Vec<Option<Route>>>;
+}
+
+/// Every [`Routes`] (an index in memory) answers lookups at once.
+impl<R: Routes> RouteLookup for R {
+    fn lookup_many(&self, users: Vec<String>) -> BoxFuture<Vec<Option<Route>>> {
+        let found = users.iter().map(|u| self.lookup(u)).collect();
+        Box::pin(std::future::ready(found))
+    }
+}
+
 /// What the pipeline sends to gateways (`ms2ps_chat`).
 #[derive(Debug, Clone)]
 pub enum Delivery {

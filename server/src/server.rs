@@ -74,7 +74,7 @@ pub async fn run(
         pipeline_runtime: Some(tokio::runtime::Handle::current()),
         ..cfg.gateway()
     });
-    let outbound = Arc::new(Outbound::new(gateway.routes(), gateway.outbound()));
+    let outbound = Arc::new(Outbound::new(gateway.route_lookup(), gateway.outbound()));
     let users = Arc::new(UserService::new(
         store.users(),
         keys,

@@ -35,7 +35,7 @@ pub mod storage;
 pub mod throttle;
 pub mod users;
 
-use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, Routes};
+use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, RouteLookup};
 use sai_pipeline::frame::{data_frame, PushFrame};
 use sai_pipeline::message::Push;
 use serde::Serialize;
@@ -76,19 +76,36 @@ pub struct Services {
 /// gateways. Offline users get nothing: a stored message reaches them by sync, and what a
 /// notification announces can always be fetched over HTTP.
 pub struct Outbound {
-    routes: Arc<dyn Routes>,
+    routes: Arc<dyn RouteLookup>,
     ms2ps: Arc<dyn Ms2Ps>,
 }
 
 impl Outbound {
-    /// Deliveries to `ms2ps`, addressed through `routes`.
-    pub fn new(routes: Arc<dyn Routes>, ms2ps: Arc<dyn Ms2Ps>) -> Self {
+    /// Deliveries to `ms2ps`, addressed through `routes` (the gateway's index in one process,
+    /// the route directory in a cluster).
+    pub fn new(routes: Arc<dyn RouteLookup>, ms2ps: Arc<dyn Ms2Ps>) -> Self {
         Self { routes, ms2ps }
     }
 
+    /// The route of one user.
+    async fn route(&self, user: &str) -> Option<sai_pipeline::flow::Route> {
+        self.routes
+            .lookup_many(vec![user.to_string()])
+            .await
+            .into_iter()
+            .next()
+            .flatten()
+    }
+
     /// Pushes a stored message to the online ones of `recipients`, serialized once for all.
-    pub fn push(&self, recipients: &[String], push: &Push) {
-        let to: Vec<_> = recipients.iter().filter_map(|u| self.routes.lookup(u)).collect();
+    pub async fn push(&self, recipients: &[String], push: &Push) {
+        let to: Vec<_> = self
+            .routes
+            .lookup_many(recipients.to_vec())
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         if !to.is_empty() {
             let push = Arc::new(PushFrame::new(push));
             self.ms2ps.deliver(Delivery::Push { to, push });
@@ -96,16 +113,16 @@ impl Outbound {
     }
 
     /// Closes `user`'s live connection, if any, for `reason`.
-    pub fn close(&self, user: &str, reason: CloseReason) {
-        if let Some(to) = self.routes.lookup(user) {
+    pub async fn close(&self, user: &str, reason: CloseReason) {
+        if let Some(to) = self.route(user).await {
             self.ms2ps.deliver(Delivery::Close { to, reason });
         }
     }
 
     /// Sends `{"frameType":0,"method":<method>,"data":<data>}` to `user` if online.
-    pub fn notify<T: Serialize>(&self, user: &str, method: &str, data: &T) {
-        if let Some(to) = self.routes.lookup(user) {
-            let frame = Arc::from(data_frame(None, method, data));
+    pub async fn notify<T: Serialize>(&self, user: &str, method: &str, data: &T) {
+        let frame: Arc<str> = Arc::from(data_frame(None, method, data));
+        if let Some(to) = self.route(user).await {
             self.ms2ps.deliver(Delivery::Notify { to, frame });
         }
     }

@@ -304,7 +304,7 @@ impl MessageService {
             send_time: stored.send_time,
         };
         if fresh {
-            self.outbound.push(&recipients, &to_push(stored)?);
+            self.outbound.push(&recipients, &to_push(stored)?).await;
         }
         Ok(Sent { ack, duplicate: !fresh })
     }
@@ -420,11 +420,13 @@ impl MessageService {
             .ok_or_else(not_a_member)?;
         if new > old && group_id.is_none() {
             if let Some(peer) = peer_of(conversation_id, user) {
-                self.outbound.notify(
-                    &peer,
-                    method::READ,
-                    &serde_json::json!({"conversationId": conversation_id, "readerId": user, "readSeq": new}),
-                );
+                self.outbound
+                    .notify(
+                        &peer,
+                        method::READ,
+                        &serde_json::json!({"conversationId": conversation_id, "readerId": user, "readSeq": new}),
+                    )
+                    .await;
             }
         }
         Ok(new)

@@ -120,11 +120,13 @@ impl SocialService {
             }
             Err(e) => return Err(e.into()),
         }
-        self.outbound.notify(
-            to,
-            method::FRIEND_REQUEST,
-            &json!({"requestId": req.request_id, "fromUserId": from, "message": message, "createdAt": req.created_at}),
-        );
+        self.outbound
+            .notify(
+                to,
+                method::FRIEND_REQUEST,
+                &json!({"requestId": req.request_id, "fromUserId": from, "message": message, "createdAt": req.created_at}),
+            )
+            .await;
         Ok(req.request_id)
     }
 
@@ -151,11 +153,13 @@ impl SocialService {
         if accept {
             self.friendships
                 .invalidate(&ConversationId::private(&req.from_user, &req.to_user));
-            self.outbound.notify(
-                &req.from_user,
-                method::FRIEND_ACCEPTED,
-                &json!({"requestId": request_id, "userId": user}),
-            );
+            self.outbound
+                .notify(
+                    &req.from_user,
+                    method::FRIEND_ACCEPTED,
+                    &json!({"requestId": request_id, "userId": user}),
+                )
+                .await;
         }
         Ok(())
     }

@@ -253,7 +253,7 @@ impl UserService {
     /// live session is closed with 4004.
     pub async fn logout(&self, user_id: &str) -> Result<(), ServiceError> {
         self.store.revoke_tokens(user_id).await?.ok_or_else(user_not_found)?;
-        self.revoked(user_id, CloseReason::TokenRevoked);
+        self.revoked(user_id, CloseReason::TokenRevoked).await;
         Ok(())
     }
 
@@ -275,7 +275,7 @@ impl UserService {
             .set_password(user_id, &hash)
             .await?
             .ok_or_else(user_not_found)?;
-        self.revoked(user_id, CloseReason::TokenRevoked);
+        self.revoked(user_id, CloseReason::TokenRevoked).await;
         Ok(self.issue(user_id, epoch))
     }
 
@@ -292,14 +292,14 @@ impl UserService {
         } else {
             CloseReason::TokenRevoked
         };
-        self.revoked(user_id, reason);
+        self.revoked(user_id, reason).await;
         Ok(())
     }
 
     /// After a committed revocation: forget the cached account, close the live session.
-    fn revoked(&self, user_id: &str, reason: CloseReason) {
+    async fn revoked(&self, user_id: &str, reason: CloseReason) {
         self.accounts.invalidate(&user_id.to_string());
-        self.outbound.close(user_id, reason);
+        self.outbound.close(user_id, reason).await;
     }
 
     async fn account(&self, user_id: &str) -> Result<Option<Account>, ServiceError> {
