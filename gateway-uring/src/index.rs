@@ -9,25 +9,33 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
-use sai_pipeline::flow::{Route, Routes};
+use sai_pipeline::flow::{Route, RouteSink, Routes};
+use std::sync::Arc;
 
 const STRIPES: usize = 64;
 
 /// The index: the embedded default's [`Routes`].
-#[derive(Debug)]
 pub struct UserIndex {
     stripes: Vec<Mutex<HashMap<String, Route>>>,
+    /// Told of each route taken and dropped (a cluster's route directory), outside the locks.
+    sink: Option<Arc<dyn RouteSink>>,
 }
 
 impl Default for UserIndex {
     fn default() -> Self {
-        Self {
-            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
+        Self::new(None)
     }
 }
 
 impl UserIndex {
+    /// An empty index that tells `sink` of its changes.
+    pub fn new(sink: Option<Arc<dyn RouteSink>>) -> Self {
+        Self {
+            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            sink,
+        }
+    }
+
     fn stripe(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
         let mut h = DefaultHasher::new();
         user.hash(&mut h);
@@ -57,13 +65,29 @@ impl Routes for UserIndex {
     }
 
     fn register(&self, user: &str, route: Route) -> Option<Route> {
-        self.stripe(user).insert(user.to_string(), route)
+        let old = self.stripe(user).insert(user.to_string(), route);
+        if let Some(sink) = &self.sink {
+            sink.registered(user, route);
+        }
+        old
     }
 
     fn remove(&self, user: &str, route: Route) {
-        let mut s = self.stripe(user);
-        if s.get(user) == Some(&route) {
-            s.remove(user);
+        let removed = {
+            let mut s = self.stripe(user);
+            s.get(user) == Some(&route) && s.remove(user).is_some()
+        };
+        if let (true, Some(sink)) = (removed, &self.sink) {
+            sink.removed(user, route);
         }
+    }
+
+    fn held(&self) -> Vec<(String, Route)> {
+        let mut out = Vec::with_capacity(self.len());
+        for s in &self.stripes {
+            let s = s.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(s.iter().map(|(u, r)| (u.clone(), *r)));
+        }
+        out
     }
 }

@@ -22,7 +22,7 @@ mod requests;
 pub mod shard;
 pub mod wheel;
 
-use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, RouteLookup, Routes, Ws2Ms};
+use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, RouteLookup, RouteSink, Routes, Ws2Ms};
 use sai_proto::close;
 use sai_proto::pending::PendingConfig;
 use std::net::SocketAddr;
@@ -132,6 +132,20 @@ pub struct GatewayConfig {
     /// polled right on the shard: no hop to another thread and back per command. `None` when
     /// the pipeline's futures need no runtime.
     pub pipeline_runtime: Option<tokio::runtime::Handle>,
+    /// This gateway's node id in a cluster (the `node` of its routes; 0 alone).
+    pub node: u32,
+    /// Told of every route the index takes and drops (a cluster's route directory).
+    pub route_sink: Option<Sink>,
+}
+
+/// A [`RouteSink`] in the config (`Debug` for the config's sake).
+#[derive(Clone)]
+pub struct Sink(pub Arc<dyn RouteSink>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteSink")
+    }
 }
 
 impl Default for GatewayConfig {
@@ -152,6 +166,8 @@ impl Default for GatewayConfig {
             pending: PendingConfig::default(),
             sync_page: 200,
             pipeline_runtime: None,
+            node: 0,
+            route_sink: None,
         }
     }
 }
@@ -255,6 +271,7 @@ pub(crate) fn close_for(reason: CloseReason) -> (u16, &'static str) {
     match reason {
         CloseReason::TokenRevoked => (close::TOKEN_REVOKED, "token revoked: log in again"),
         CloseReason::AccountDisabled => (close::ACCOUNT_DISABLED, "account disabled"),
+        CloseReason::Replaced => (close::REPLACED, "replaced by a new login"),
     }
 }
 
@@ -272,9 +289,10 @@ impl Gateway {
     pub fn prepare(cfg: GatewayConfig) -> Prepared {
         let n = cfg.shards.max(1);
         let (inboxes, receivers) = (0..n).map(|_| shard::inbox()).unzip();
+        let index = Arc::new(index::UserIndex::new(cfg.route_sink.clone().map(|s| s.0)));
         Prepared {
             cfg,
-            index: Arc::new(index::UserIndex::default()),
+            index,
             inboxes,
             receivers,
         }

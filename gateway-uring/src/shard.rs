@@ -193,7 +193,7 @@ impl Shard {
     /// The route of connection `conn` of this shard.
     pub fn route(&self, conn: u64) -> Route {
         Route {
-            node: 0,
+            node: self.shared.cfg.node,
             shard: self.idx as u32,
             conn,
         }

@@ -42,6 +42,18 @@ pub trait Routes: Send + Sync + 'static {
     fn register(&self, user: &str, route: Route) -> Option<Route>;
     /// Forgets the user's connection if it is still `route` (a newer login is kept).
     fn remove(&self, user: &str, route: Route);
+    /// Every user and route held (a cluster's gateway renews them in the route directory).
+    fn held(&self) -> Vec<(String, Route)>;
+}
+
+/// Told of each route a gateway starts and ends, after its own index took it: a cluster
+/// publishes them to the route directory. Called on the gateway's shard threads, so an
+/// implementation only queues the work.
+pub trait RouteSink: Send + Sync + 'static {
+    /// `user` is now connected at `route`.
+    fn registered(&self, user: &str, route: Route);
+    /// `user`'s connection at `route` ended.
+    fn removed(&self, user: &str, route: Route);
 }
 
 /// How the pipeline finds where users are before each delivery. In one process the gateway's
@@ -96,6 +108,8 @@ pub enum CloseReason {
     TokenRevoked,
     /// The account was disabled.
     AccountDisabled,
+    /// The user logged in on another gateway of the cluster (4001).
+    Replaced,
 }
 
 /// The sending side of `ms2ps_chat`.

@@ -106,6 +106,21 @@ impl PushFrame {
         }
     }
 
+    /// A push serialized elsewhere (another process of a cluster): its conversation, seq and
+    /// `data` JSON as [`PushFrame::data`] gave them.
+    pub fn from_parts(conversation_id: &str, seq: u64, data: String) -> Self {
+        Self {
+            conversation_id: Arc::from(conversation_id),
+            seq,
+            data: data.into_boxed_str(),
+        }
+    }
+
+    /// The push's `data` JSON.
+    pub fn data(&self) -> &str {
+        &self.data
+    }
+
     /// The frame for one connection: `{"frameType":0,"id":"<id>","method":"push","data":..}`.
     pub fn frame(&self, id: u64) -> String {
         let mut s = String::with_capacity(self.data.len() + 64);

@@ -218,7 +218,7 @@ impl DirectShard {
 
     fn route(&self, key: Key) -> Route {
         Route {
-            node: 0,
+            node: self.shared.cfg.node,
             shard: self.idx as u32,
             conn: self.conn_id(key),
         }
