@@ -724,3 +724,47 @@ fn grpc_social_and_read_state() {
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     });
 }
+
+#[test]
+fn presence_is_shown_to_friends_and_follows_the_connection() {
+    let s = Server::start(&[]);
+    let (alice, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let (carol, _) = s.user("carol");
+    s.befriend(&ta, &bob, &tb);
+    let online = |who: &str| {
+        let (st, v) = s.get(&format!("/v1/presence?userIds={who},{alice}"), Some(&ta));
+        assert_eq!(st, 200, "{v}");
+        (
+            v["online"][who].as_bool().unwrap(),
+            v["online"][&alice].as_bool().unwrap(),
+        )
+    };
+    assert_eq!(online(&bob), (false, false));
+    // The route is taken right after the upgrade (the monoio engine writes the 101 first).
+    let until = |want: bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while online(&bob) != (want, false) {
+            assert!(std::time::Instant::now() < deadline, "bob never showed online={want}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let b = s.connect(&tb);
+    until(true);
+    drop(b);
+    until(false);
+    assert_eq!(
+        code(&s.get(&format!("/v1/presence?userIds={carol}"), Some(&ta))),
+        (403, "not_friends")
+    );
+    assert_eq!(
+        code(&s.get("/v1/presence?userIds=", Some(&ta))),
+        (400, "invalid_user_ids")
+    );
+    let many = vec![bob.as_str(); 101].join(",");
+    assert_eq!(
+        code(&s.get(&format!("/v1/presence?userIds={many}"), Some(&ta))),
+        (400, "invalid_user_ids")
+    );
+    assert_eq!(code(&s.get(&format!("/v1/presence?userIds={bob}"), None)).0, 401);
+}

@@ -92,6 +92,7 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/friends/requests/{id}/accept", post(accept_request))
         .route("/v1/friends/requests/{id}/reject", post(reject_request))
         .route("/v1/friends", get(friends))
+        .route("/v1/presence", get(presence))
         .route("/v1/friends/{user_id}", axum::routing::delete(unfriend))
         .route("/v1/groups", post(create_group).get(my_groups))
         .route("/v1/groups/{id}", get(group))
@@ -434,6 +435,23 @@ async fn friends(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResul
         out.push(json!({"userId": f.user_id, "username": u.username, "nickname": u.nickname, "since": f.since}));
     }
     Ok(Json(json!({ "friends": out })).into_response())
+}
+
+/// `GET /v1/presence?userIds=a,b`: whether the caller's friends (or the caller) are connected.
+async fn presence(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let user_id = caller(&s, &headers).await?;
+    let ids: Vec<String> = q
+        .get("userIds")
+        .map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default();
+    let online = s.social.presence(&user_id, &ids).await?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        ids.into_iter().zip(online).map(|(id, on)| (id, json!(on))).collect();
+    Ok(Json(json!({ "online": map })).into_response())
 }
 
 async fn unfriend(State(s): State<Arc<Services>>, headers: HeaderMap, Path(other): Path<String>) -> ApiResult {

@@ -112,6 +112,16 @@ impl Outbound {
         }
     }
 
+    /// Whether each of `users` has a live connection (a route), in order.
+    pub async fn online(&self, users: &[String]) -> Vec<bool> {
+        self.routes
+            .lookup_many(users.to_vec())
+            .await
+            .into_iter()
+            .map(|r| r.is_some())
+            .collect()
+    }
+
     /// Closes `user`'s live connection, if any, for `reason`.
     pub async fn close(&self, user: &str, reason: CloseReason) {
         if let Some(to) = self.route(user).await {

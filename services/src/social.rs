@@ -177,6 +177,28 @@ impl SocialService {
             .await?)
     }
 
+    /// Most users one presence query may name.
+    pub const MAX_PRESENCE_IDS: usize = 100;
+
+    /// Whether each of `ids` (the caller or their friends) is connected now.
+    pub async fn presence(&self, user: &str, ids: &[String]) -> Result<Vec<bool>, ServiceError> {
+        if ids.is_empty() || ids.len() > Self::MAX_PRESENCE_IDS {
+            return Err(ServiceError::invalid(
+                "invalid_user_ids",
+                format!("name 1 to {} users", Self::MAX_PRESENCE_IDS),
+            ));
+        }
+        for id in ids {
+            if id != user && !self.are_friends(user, id).await? {
+                return Err(forbidden(
+                    "not_friends",
+                    &format!("presence is shown to friends only ({id})"),
+                ));
+            }
+        }
+        Ok(self.outbound.online(ids).await)
+    }
+
     /// Ends a friendship.
     pub async fn unfriend(&self, user: &str, other: &str) -> Result<(), ServiceError> {
         let removed = self.store.remove_friend(user, other).await?;
