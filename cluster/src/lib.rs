@@ -6,4 +6,10 @@
 //!   nodes are alive; presence), with stale routes of dead or restarted gateways detected and
 //!   cleaned, and everything rebuilt by the gateways after Redis loses it.
 
+//! - [`pipeline`]: `ws2ms_chat` and `ms2ps_chat` between gateway and services processes over
+//!   gRPC (an internal port).
+//! - [`publisher`]: a gateway's routes published to the directory, kept fresh and repaired.
+
+pub mod pipeline;
+pub mod publisher;
 pub mod routes;
