@@ -61,6 +61,11 @@ cargo bench --locked -p sai-benches -p sai-bitmap -- --test
 SAI_ENGINE=direct ./scripts/smoke.sh
 SAI_ENGINE=monoio ./scripts/smoke.sh
 
+# The cluster script: a services process and two gateways up (each prints its ready line), down.
+CLUSTER_DIR=$(mktemp -d /tmp/sai-cluster-ci.XXXXXX)
+SAI_CLUSTER_DIR=$CLUSTER_DIR ./scripts/cluster.sh up --gateways 2
+SAI_CLUSTER_DIR=$CLUSTER_DIR ./scripts/cluster.sh down
+
 # Fuzzing (AFL++ through cargo-afl): the committed corpora replayed as tests, then one minute of
 # coverage-guided fuzzing per target (frame codec, handshake, IM requests, bitmap); any crash or
 # hang fails the run. scripts/fuzz.sh installs cargo-afl when missing.

@@ -32,8 +32,13 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the server (the default).
+    /// Run the server (the default): everything in one process.
     Serve,
+    /// Run a services process of a cluster (storage, services, HTTP, gRPC, the internal
+    /// pipeline port); needs --redis-url.
+    Services,
+    /// Run a gateway process of a cluster (WebSocket); needs --services, --redis-url, --node.
+    Gateway,
     /// Maintenance on the storage (the server need not run).
     Admin {
         /// What to do.
@@ -81,6 +86,22 @@ pub struct Overrides {
     /// (`?pool=N` sets the pool size).
     #[arg(long, env = "SAI_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Cluster: the Redis of the route directory (redis://host:port/db).
+    #[arg(long, env = "SAI_REDIS_URL", global = true, hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Cluster: the prefix of every Redis key (default `sai:`), to share one Redis.
+    #[arg(long, env = "SAI_REDIS_PREFIX", global = true)]
+    pub redis_prefix: Option<String>,
+    /// Cluster: this gateway's node id, unique among the live gateways (default 0).
+    #[arg(long, env = "SAI_NODE", global = true)]
+    pub node: Option<u32>,
+    /// Cluster: the internal pipeline address of each services process, comma-separated.
+    #[arg(long, env = "SAI_SERVICES", global = true, value_delimiter = ',')]
+    pub services: Option<Vec<String>>,
+    /// Cluster: the internal pipeline port of a services process (default 127.0.0.1:8083;
+    /// never expose it: it trusts its callers).
+    #[arg(long, env = "SAI_INTERNAL_LISTEN", global = true)]
+    pub internal_listen: Option<SocketAddr>,
     /// none | only | rigor.
     #[arg(long, env = "SAI_ACK_MODE", global = true)]
     pub ack_mode: Option<AckMode>,
@@ -142,6 +163,16 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Storage URL; `None`: SQLite in the data directory.
     pub database_url: Option<String>,
+    /// Cluster: Redis of the route directory.
+    pub redis_url: Option<String>,
+    /// Cluster: prefix of every Redis key.
+    pub redis_prefix: String,
+    /// Cluster: this gateway's node id.
+    pub node: u32,
+    /// Cluster: internal pipeline addresses of the services processes.
+    pub services: Vec<String>,
+    /// Cluster: the internal pipeline port of a services process.
+    pub internal_listen: SocketAddr,
     /// Ack mode name.
     #[serde(deserialize_with = "de_ack_mode")]
     pub ack_mode: AckMode,
@@ -282,6 +313,11 @@ impl Default for Config {
             grpc_listen: (ip, 8082).into(),
             data_dir: PathBuf::from("./data"),
             database_url: None,
+            redis_url: None,
+            redis_prefix: "sai:".into(),
+            node: 0,
+            services: Vec::new(),
+            internal_listen: (ip, 8083).into(),
             ack_mode: AckMode::Only,
             engine: Engine::Direct,
             idle_timeout_secs: 60,
@@ -321,6 +357,10 @@ impl Config {
             http_listen,
             grpc_listen,
             data_dir,
+            redis_prefix,
+            node,
+            services,
+            internal_listen,
             ack_mode,
             engine,
             idle_timeout_secs,
@@ -343,6 +383,9 @@ impl Config {
         }
         if o.database_url.is_some() {
             c.database_url = o.database_url;
+        }
+        if o.redis_url.is_some() {
+            c.redis_url = o.redis_url;
         }
         if o.admin_token.is_some() {
             c.admin_token = o.admin_token;

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`config`]: settings from flags, environment and a TOML file.
 //! - [`server`]: wires one deployment (the embedded default: SQLite, the services, the gateway
-//!   and the in-process pipeline flows between them) and runs it until shutdown.
+//!   and the in-process pipeline flows between them), or one process of a cluster (`services`,
+//!   `gateway`), and runs it until shutdown.
 
 mod config;
 mod server;
@@ -36,6 +37,22 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg),
+        Command::Services => run_with(|rt| {
+            rt.block_on(server::run_services(cfg, shutdown_signal(), |b| {
+                ready(&format!(
+                    "services ready http={} grpc={} internal={}",
+                    b.http, b.grpc, b.internal
+                ))
+            }))
+        }),
+        Command::Gateway => run_with(|rt| {
+            rt.block_on(server::run_gateway(cfg, shutdown_signal(), |b| {
+                ready(&format!(
+                    "gateway ready ws={} engine={} node={}",
+                    b.ws, b.engine, b.node
+                ))
+            }))
+        }),
         Command::Admin { command } => admin(cfg, command),
     }
 }
@@ -75,7 +92,15 @@ fn admin(cfg: Config, command: AdminCommand) -> ExitCode {
     }
 }
 
-fn serve(cfg: Config) -> ExitCode {
+/// Prints the ready line (scripts and tests wait for it to learn the bound ports).
+fn ready(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Runs `f` on a fresh runtime; its error, if any, ends the process with status 1.
+fn run_with(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), server::ServerError>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -83,23 +108,24 @@ fn serve(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(server::run(cfg, shutdown_signal(), |b| {
-        // Scripts and tests wait for this line to learn the bound ports.
-        let mut out = std::io::stdout();
-        let _ = writeln!(
-            out,
-            "sai-im ready ws={} http={} grpc={} engine={}",
-            b.ws, b.http, b.grpc, b.engine
-        );
-        let _ = out.flush();
-    }));
-    match result {
+    match f(&rt) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sai-im: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(cfg: Config) -> ExitCode {
+    run_with(|rt| {
+        rt.block_on(server::run(cfg, shutdown_signal(), |b| {
+            ready(&format!(
+                "sai-im ready ws={} http={} grpc={} engine={}",
+                b.ws, b.http, b.grpc, b.engine
+            ))
+        }))
+    })
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,12 @@
-//! Starts the whole system in one process: storage, services, HTTP, gRPC and the gateway, and
-//! the pipeline's flows between the gateway and the services (in-process channels).
+//! Starts the system: all in one process (storage, services, HTTP, gRPC and the gateway, with
+//! the pipeline's flows as in-process channels), or one process of a cluster: `services`
+//! (storage, services, HTTP, gRPC and the internal pipeline port) or `gateway` (WebSocket,
+//! reaching the services over the internal port and the route directory in Redis).
 
 use crate::config::Config;
+use sai_cluster::pipeline::{DeliveryHub, GrpcPipeline, PipelineService};
+use sai_cluster::publisher::{self, Node};
+use sai_cluster::routes::{RouteDirectory, RouteError, Ttls};
 use sai_gateway::Gateway;
 use sai_services::auth::{load_or_create_keys, JwtKeys};
 use sai_services::bridge::InProcessPipeline;
@@ -31,6 +36,12 @@ pub enum ServerError {
     /// Service set-up failed.
     #[error("starting services: {0}")]
     Service(#[from] sai_services::error::ServiceError),
+    /// The route directory (Redis) could not be used.
+    #[error("route directory: {0}")]
+    Routes(#[from] RouteError),
+    /// The cluster settings are incomplete.
+    #[error("{0}")]
+    Config(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -58,9 +69,184 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), ServerError> {
+    let store = open_storage(&cfg).await?;
+    // The gateway's index and inboxes come first: the services send through them.
+    let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
+        pipeline_runtime: Some(tokio::runtime::Handle::current()),
+        ..cfg.gateway()
+    });
+    let outbound = Arc::new(Outbound::new(gateway.route_lookup(), gateway.outbound()));
+    let services = build_services(&cfg, &store, outbound)?;
+    let apis = Apis::bind(&cfg).await?;
+    let pipeline = Arc::new(InProcessPipeline::new(services.clone()));
+    let gateway = gateway
+        .start(cfg.ws_listen, pipeline)
+        .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
+    let bound = Bound {
+        ws: gateway.local_addr(),
+        http: apis.http,
+        grpc: apis.grpc,
+        engine: gateway.engine(),
+    };
+    let apis = apis.serve(services, None);
+    on_ready(bound);
+    tracing::info!(ws = %bound.ws, http = %bound.http, grpc = %bound.grpc, "sai-im ready");
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    // The gateway first (it closes clients with 1001 and joins its threads), then the APIs.
+    tokio::task::spawn_blocking(move || gateway.shutdown())
+        .await
+        .map_err(|e| io("gateway shutdown")(std::io::Error::other(e.to_string())))?;
+    apis.stop().await;
+    store.close().await;
+    Ok(())
+}
+
+/// What a services process serves.
+#[derive(Debug, Clone, Copy)]
+pub struct ServicesBound {
+    /// HTTP.
+    pub http: SocketAddr,
+    /// gRPC.
+    pub grpc: SocketAddr,
+    /// The internal pipeline port the gateways use.
+    pub internal: SocketAddr,
+}
+
+/// A services process of a cluster: storage, the services, HTTP and gRPC, and the internal
+/// pipeline port that gateways call (`ws2ms_chat`) and subscribe to (`ms2ps_chat`, addressed
+/// through the route directory in Redis).
+pub async fn run_services(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(ServicesBound),
+) -> Result<(), ServerError> {
+    let directory = connect_directory(&cfg).await?;
+    let store = open_storage(&cfg).await?;
+    let hub = Arc::new(DeliveryHub::default());
+    let outbound = Arc::new(Outbound::new(Arc::new(directory), hub.clone()));
+    let services = build_services(&cfg, &store, outbound)?;
+    let apis = Apis::bind(&cfg).await?;
+    let internal_l = tokio::net::TcpListener::bind(cfg.internal_listen)
+        .await
+        .map_err(io(format!("binding the internal port {}", cfg.internal_listen)))?;
+    let bound = ServicesBound {
+        http: apis.http,
+        grpc: apis.grpc,
+        internal: internal_l.local_addr().map_err(io("internal address"))?,
+    };
+    let pipeline = PipelineService::new(Arc::new(InProcessPipeline::new(services.clone())), hub.clone());
+    let apis = apis.serve(services, Some((internal_l, pipeline)));
+    on_ready(bound);
+    tracing::info!(http = %bound.http, grpc = %bound.grpc, internal = %bound.internal, "services ready");
+    shutdown.await;
+    tracing::info!("shutting down");
+    // The delivery streams end first: a graceful stop waits for every open stream.
+    hub.close_all();
+    apis.stop().await;
+    store.close().await;
+    Ok(())
+}
+
+/// What a gateway process serves.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayBound {
+    /// The WebSocket endpoint.
+    pub ws: SocketAddr,
+    /// Its engine.
+    pub engine: sai_gateway::Engine,
+    /// Its node id.
+    pub node: u32,
+}
+
+/// A gateway process of a cluster: WebSocket connections, whose commands go to the services
+/// processes over the internal port and whose routes live in the directory in Redis.
+pub async fn run_gateway(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(GatewayBound),
+) -> Result<(), ServerError> {
+    if cfg.services.is_empty() {
+        return Err(ServerError::Config(
+            "a gateway needs --services (the internal address of each services process)".into(),
+        ));
+    }
+    let runtime = tokio::runtime::Handle::current();
+    let directory = connect_directory(&cfg).await?;
+    let incarnation = getrandom::u64().map_err(|e| ServerError::Config(format!("random incarnation: {e}")))?;
+    let node = Node {
+        directory,
+        id: cfg.node,
+        incarnation,
+    };
+    node.directory.announce(node.id, incarnation).await?;
+    let endpoints: Vec<String> = cfg
+        .services
+        .iter()
+        .map(|s| {
+            if s.contains("://") {
+                s.clone()
+            } else {
+                format!("http://{s}")
+            }
+        })
+        .collect();
+    let pipeline = GrpcPipeline::new(&endpoints, runtime.clone()).map_err(ServerError::Config)?;
+    let (sink, events) = publisher::channel();
+    let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
+        pipeline_runtime: Some(runtime.clone()),
+        node: cfg.node,
+        route_sink: Some(sai_gateway::Sink(Arc::new(sink))),
+        ..cfg.gateway()
+    });
+    let local = gateway.outbound();
+    for client in pipeline.clients() {
+        sai_cluster::pipeline::subscribe(client, cfg.node, local.clone(), &runtime);
+    }
+    publisher::publish(events, node.clone(), pipeline.clone(), &runtime);
+    let every = Ttls::default().node / 3;
+    // Routes are renewed every 6th sweep (30 s), a quarter of their TTL.
+    publisher::sweep(node.clone(), gateway.routes(), local, every, 6, &runtime);
+    let gateway = gateway
+        .start(cfg.ws_listen, Arc::new(pipeline))
+        .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
+    let bound = GatewayBound {
+        ws: gateway.local_addr(),
+        engine: gateway.engine(),
+        node: cfg.node,
+    };
+    on_ready(bound);
+    tracing::info!(ws = %bound.ws, node = bound.node, "gateway ready");
+    shutdown.await;
+    tracing::info!("shutting down");
+    tokio::task::spawn_blocking(move || gateway.shutdown())
+        .await
+        .map_err(|e| io("gateway shutdown")(std::io::Error::other(e.to_string())))?;
+    // Its routes stop counting at once.
+    if let Err(e) = node.directory.retire(node.id, incarnation).await {
+        tracing::warn!(error = %e, "retiring the node failed: its routes lapse with its TTL");
+    }
+    Ok(())
+}
+
+async fn connect_directory(cfg: &Config) -> Result<RouteDirectory, ServerError> {
+    let url = cfg
+        .redis_url
+        .as_deref()
+        .ok_or_else(|| ServerError::Config("a cluster process needs --redis-url".into()))?;
+    Ok(RouteDirectory::connect(url, &cfg.redis_prefix, Ttls::default()).await?)
+}
+
+async fn open_storage(cfg: &Config) -> Result<Storage, ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!("creating {}", cfg.data_dir.display())))?;
     let store = Storage::open(&cfg.data_dir, cfg.database_url.as_deref()).await?;
     tracing::info!(storage = store.kind(), "storage open");
+    Ok(store)
+}
+
+/// The services over `store`, sending to clients through `outbound`.
+fn build_services(cfg: &Config, store: &Storage, outbound: Arc<Outbound>) -> Result<Arc<Services>, ServerError> {
     let keys = match &cfg.jwt_secret {
         Some(s) => JwtKeys::new(s.as_bytes().to_vec()),
         None => {
@@ -69,12 +255,6 @@ pub async fn run(
         }
     };
     let clock = Arc::new(SystemClock);
-    // The gateway's index and inboxes come first: the services send through them.
-    let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
-        pipeline_runtime: Some(tokio::runtime::Handle::current()),
-        ..cfg.gateway()
-    });
-    let outbound = Arc::new(Outbound::new(gateway.route_lookup(), gateway.outbound()));
     let users = Arc::new(UserService::new(
         store.users(),
         keys,
@@ -100,70 +280,110 @@ pub async fn run(
         clock,
         policy,
     ));
-    let services = Arc::new(Services {
+    Ok(Arc::new(Services {
         users,
         messages,
         social,
         admin_token: cfg.admin_token.clone(),
-    });
+    }))
+}
 
-    let http_l = tokio::net::TcpListener::bind(cfg.http_listen)
-        .await
-        .map_err(io(format!("binding HTTP {}", cfg.http_listen)))?;
-    let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_listen)
-        .await
-        .map_err(io(format!("binding gRPC {}", cfg.grpc_listen)))?;
-    let pipeline = Arc::new(InProcessPipeline::new(services.clone()));
-    let gateway = gateway
-        .start(cfg.ws_listen, pipeline)
-        .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
-    let bound = Bound {
-        ws: gateway.local_addr(),
-        http: http_l.local_addr().map_err(io("HTTP address"))?,
-        grpc: grpc_l.local_addr().map_err(io("gRPC address"))?,
-        engine: gateway.engine(),
-    };
+/// The HTTP and gRPC listeners, bound.
+struct Apis {
+    http_l: tokio::net::TcpListener,
+    grpc_l: tokio::net::TcpListener,
+    http: SocketAddr,
+    grpc: SocketAddr,
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    let http = tokio::spawn({
-        let app = sai_services::http::router(services.clone());
-        let stop = wait(stop_rx.clone());
-        // With the peer's address: login and registration are limited per address.
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        async move { axum::serve(http_l, app).with_graceful_shutdown(stop).await }
-    });
-    let grpc = tokio::spawn({
-        let (u, m, so) = sai_services::grpc::services(services.clone());
-        let stop = wait(stop_rx.clone());
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_l);
-        async move {
-            tonic::transport::Server::builder()
-                .add_service(u)
-                .add_service(m)
-                .add_service(so)
-                .serve_with_incoming_shutdown(incoming, stop)
-                .await
+/// The APIs, serving until [`Serving::stop`].
+struct Serving {
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<Result<(), String>>)>,
+}
+
+type Internal = (
+    tokio::net::TcpListener,
+    sai_cluster::pipeline::pb::pipeline_server::PipelineServer<PipelineService>,
+);
+
+impl Apis {
+    async fn bind(cfg: &Config) -> Result<Self, ServerError> {
+        let http_l = tokio::net::TcpListener::bind(cfg.http_listen)
+            .await
+            .map_err(io(format!("binding HTTP {}", cfg.http_listen)))?;
+        let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_listen)
+            .await
+            .map_err(io(format!("binding gRPC {}", cfg.grpc_listen)))?;
+        Ok(Self {
+            http: http_l.local_addr().map_err(io("HTTP address"))?,
+            grpc: grpc_l.local_addr().map_err(io("gRPC address"))?,
+            http_l,
+            grpc_l,
+        })
+    }
+
+    /// Serves HTTP and gRPC (and the internal pipeline port, in a services process).
+    fn serve(self, services: Arc<Services>, internal: Option<Internal>) -> Serving {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let mut tasks = Vec::new();
+        let http = tokio::spawn({
+            let app = sai_services::http::router(services.clone());
+            let stop = wait(stop_rx.clone());
+            // With the peer's address: login and registration are limited per address.
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            let l = self.http_l;
+            async move {
+                axum::serve(l, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        tasks.push(("HTTP", http));
+        let grpc = tokio::spawn({
+            let (u, m, so) = sai_services::grpc::services(services);
+            let stop = wait(stop_rx.clone());
+            let incoming = tonic::transport::server::TcpIncoming::from(self.grpc_l);
+            async move {
+                tonic::transport::Server::builder()
+                    .add_service(u)
+                    .add_service(m)
+                    .add_service(so)
+                    .serve_with_incoming_shutdown(incoming, stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        tasks.push(("gRPC", grpc));
+        if let Some((l, pipeline)) = internal {
+            let stop = wait(stop_rx.clone());
+            let incoming = tonic::transport::server::TcpIncoming::from(l);
+            tasks.push((
+                "internal pipeline",
+                tokio::spawn(async move {
+                    tonic::transport::Server::builder()
+                        .add_service(pipeline)
+                        .serve_with_incoming_shutdown(incoming, stop)
+                        .await
+                        .map_err(|e| e.to_string())
+                }),
+            ));
         }
-    });
-    on_ready(bound);
-    tracing::info!(ws = %bound.ws, http = %bound.http, grpc = %bound.grpc, "sai-im ready");
+        Serving { stop_tx, tasks }
+    }
+}
 
-    shutdown.await;
-    tracing::info!("shutting down");
-    // The gateway first (it closes clients with 1001 and joins its threads), then the APIs.
-    tokio::task::spawn_blocking(move || gateway.shutdown())
-        .await
-        .map_err(|e| io("gateway shutdown")(std::io::Error::other(e.to_string())))?;
-    let _ = stop_tx.send(true);
-    if let Ok(Err(e)) = http.await {
-        tracing::warn!(error = %e, "HTTP server error");
+impl Serving {
+    async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        for (what, task) in self.tasks {
+            if let Ok(Err(e)) = task.await {
+                tracing::warn!(error = %e, "{what} server error");
+            }
+        }
     }
-    if let Ok(Err(e)) = grpc.await {
-        tracing::warn!(error = %e, "gRPC server error");
-    }
-    store.close().await;
-    Ok(())
 }

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A SAI-IM cluster on this machine: one `sai-im services` process and N `sai-im gateway`
+# processes on MySQL (MariaDB) and Redis, started when missing by scripts/backends.sh.
+#   ./scripts/cluster.sh up [--gateways N]   start (default 3 gateways); prints each ready line
+#   ./scripts/cluster.sh down                stop every process `up` started
+# Settings: SAI_CLUSTER_DIR (state, logs; default /tmp/sai-cluster), SAI_CLUSTER_DATABASE_URL
+# (default mysql://root@127.0.0.1:3306/sai_cluster), SAI_CLUSTER_REDIS_URL (default
+# redis://127.0.0.1:6379), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR=${SAI_CLUSTER_DIR:-/tmp/sai-cluster}
+DB=${SAI_CLUSTER_DATABASE_URL:-mysql://root@127.0.0.1:3306/sai_cluster}
+REDIS=${SAI_CLUSTER_REDIS_URL:-redis://127.0.0.1:6379}
+BIN=${SAI_CLUSTER_BIN:-target/release/sai-im}
+
+# Waits for the ready line of the process logging to $1 (pid $2); prints it.
+await_ready() {
+    for _ in $(seq 1 300); do
+        if line=$(grep -m1 " ready " "$1" 2>/dev/null); then
+            echo "$line"
+            return 0
+        fi
+        if ! kill -0 "$2" 2>/dev/null; then
+            echo "process $2 exited before it was ready:" >&2
+            tail -20 "${1%.out}.err" >&2 || true
+            return 1
+        fi
+        sleep 0.1
+    done
+    echo "process $2 not ready after 30 s" >&2
+    return 1
+}
+
+up() {
+    local gateways=3
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --gateways) gateways=$2; shift 2 ;;
+            *) echo "unknown option $1" >&2; exit 2 ;;
+        esac
+    done
+    if [ -s "$DIR/pids" ]; then
+        echo "a cluster is up ($DIR/pids): ./scripts/cluster.sh down first" >&2
+        exit 1
+    fi
+    [ -n "${SAI_CLUSTER_DATABASE_URL:-}" ] || ./scripts/backends.sh mysql
+    [ -n "${SAI_CLUSTER_REDIS_URL:-}" ] || ./scripts/backends.sh redis
+    [ -x "$BIN" ] || cargo build --release --locked --bin sai-im
+    mkdir -p "$DIR"
+    : > "$DIR/pids"
+    "$BIN" services --data-dir "$DIR/services" --database-url "$DB" --redis-url "$REDIS" \
+        --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
+        --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 \
+        > "$DIR/services.out" 2> "$DIR/services.err" &
+    echo $! >> "$DIR/pids"
+    local ready internal
+    ready=$(await_ready "$DIR/services.out" $!)
+    echo "$ready"
+    internal=$(echo "$ready" | tr ' ' '\n' | sed -n 's/^internal=//p')
+    for node in $(seq 1 "$gateways"); do
+        "$BIN" gateway --node "$node" --services "$internal" --redis-url "$REDIS" \
+            --redis-prefix sai-cluster: --ws-listen 127.0.0.1:0 --data-dir "$DIR/gateway-$node" \
+            > "$DIR/gateway-$node.out" 2> "$DIR/gateway-$node.err" &
+        echo $! >> "$DIR/pids"
+        await_ready "$DIR/gateway-$node.out" $!
+    done
+}
+
+down() {
+    [ -f "$DIR/pids" ] || { echo "no cluster is up ($DIR/pids)"; return 0; }
+    # Gateways first (reverse order of start), gracefully; then whatever is left.
+    for pid in $(tac "$DIR/pids"); do
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -f "$DIR/pids"
+    echo "cluster down"
+}
+
+case "${1:-}" in
+    up) shift; up "$@" ;;
+    down) down ;;
+    *) echo "usage: $0 up [--gateways N] | down" >&2; exit 2 ;;
+esac
