@@ -6,7 +6,7 @@
 mod common;
 
 use common::{drop_database, Server};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 struct Cluster {
@@ -19,6 +19,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(gateways: u32) -> Cluster {
+        Self::start_on("127.0.0.1:0", gateways)
+    }
+
+    /// With the services' internal port at `internal` (a fixed port survives a restart).
+    fn start_on(internal: &str, gateways: u32) -> Cluster {
         let redis = std::env::var("SAI_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let mysql = std::env::var("SAI_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
         let tag = format!("{}_{}", std::process::id(), rand_tag());
@@ -35,7 +40,7 @@ impl Cluster {
                 "--database-url",
                 &url,
                 "--internal-listen",
-                "127.0.0.1:0",
+                internal,
                 "--require-friendship",
                 "false",
             ],
@@ -203,4 +208,83 @@ fn offline_messages_arrive_by_sync_and_a_killed_gateway_is_left_behind() {
         (p["data"]["seq"].as_i64(), p["data"]["msg"]["content"].as_str()),
         (Some(6), Some("found you"))
     );
+}
+
+/// Sends `key` until it is acked, resending after an error frame (the services were down) or
+/// silence; the ack's data.
+fn send_until_acked(a: &mut common::Client, to: &str, key: &str) -> Value {
+    for _ in 0..20 {
+        let id = a.chat(to, key, key);
+        while let Some(f) = a.try_recv(Duration::from_secs(15)) {
+            if f["id"] != id.as_str() {
+                continue;
+            }
+            if f["frameType"] == 9 {
+                assert_eq!(f["data"]["code"], "service_unavailable", "{f}");
+                std::thread::sleep(Duration::from_millis(200));
+                break;
+            }
+            return f["data"].clone();
+        }
+    }
+    panic!("{key} never acked");
+}
+
+#[test]
+fn killing_the_services_process_loses_no_acked_message() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = Cluster::start_on(&format!("127.0.0.1:{port}"), 2);
+    let alice = c.services.user("alice");
+    let bob = c.services.user("bob");
+    let mut a = c.connect(0, &alice);
+    let mut b = c.connect(1, &bob);
+    let mut acked = Vec::new();
+    for i in 1..=40 {
+        if i == 21 {
+            // In flight when the process dies: its answer is an error or nothing, and the
+            // resend of the same key is stored once.
+            a.chat(&bob.0, "m21", "m21");
+            c.services.restart(false);
+        }
+        let ack = send_until_acked(&mut a, &bob.0, &format!("m{i}"));
+        acked.push(ack["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        acked,
+        (1..=40).collect::<Vec<u64>>(),
+        "every ack in order, no gap, no duplicate"
+    );
+    let conv = sai_pipeline::conversation::ConversationId::private(&alice.0, &bob.0).to_string();
+    let (st, hist) = c
+        .services
+        .get(&format!("/v1/conversations/{conv}/messages?limit=100"), Some(&bob.1));
+    assert_eq!(st, 200, "{hist}");
+    let mut stored: Vec<(u64, String)> = hist["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap(),
+                m["clientMsgId"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    stored.sort();
+    let want: Vec<(u64, String)> = (1..=40).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(stored, want, "each message stored once, in order");
+    // Bob got what was pushed while the services ran and syncs the rest: all 40, once each.
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(p) = b.try_recv(Duration::from_millis(500)) {
+        if p["method"] == "push" {
+            assert!(seen.insert(p["data"]["seq"].as_u64().unwrap()), "pushed twice: {p}");
+        }
+    }
+    let (pushes, _) = b.sync(json!({}));
+    seen.extend(pushes.iter().map(|p| p["data"]["seq"].as_u64().unwrap()));
+    assert_eq!(seen, (1..=40).collect());
 }
