@@ -5,7 +5,9 @@
 #   ./scripts/cluster.sh down                stop every process `up` started
 # Settings: SAI_CLUSTER_DIR (state, logs; default /tmp/sai-cluster), SAI_CLUSTER_DATABASE_URL
 # (default mysql://root@127.0.0.1:3306/sai_cluster), SAI_CLUSTER_REDIS_URL (default
-# redis://127.0.0.1:6379), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing).
+# redis://127.0.0.1:6379), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing),
+# SAI_CLUSTER_SERVICES_ARGS / SAI_CLUSTER_GATEWAY_ARGS (more flags for those processes, e.g.
+# "--require-friendship false" for a benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,7 +53,7 @@ up() {
     : > "$DIR/pids"
     "$BIN" services --data-dir "$DIR/services" --database-url "$DB" --redis-url "$REDIS" \
         --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
-        --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 \
+        --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 ${SAI_CLUSTER_SERVICES_ARGS:-} \
         > "$DIR/services.out" 2> "$DIR/services.err" &
     echo $! >> "$DIR/pids"
     local ready internal
@@ -61,6 +63,7 @@ up() {
     for node in $(seq 1 "$gateways"); do
         "$BIN" gateway --node "$node" --services "$internal" --redis-url "$REDIS" \
             --redis-prefix sai-cluster: --ws-listen 127.0.0.1:0 --data-dir "$DIR/gateway-$node" \
+            ${SAI_CLUSTER_GATEWAY_ARGS:-} \
             > "$DIR/gateway-$node.out" 2> "$DIR/gateway-$node.err" &
         echo $! >> "$DIR/pids"
         await_ready "$DIR/gateway-$node.out" $!

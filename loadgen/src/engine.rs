@@ -35,7 +35,8 @@ use tokio::sync::mpsc;
 #[derive(Debug, Clone)]
 pub struct Opts {
     /// Gateway address.
-    pub ws: SocketAddr,
+    /// Gateways; user i connects to `ws[i % len]`.
+    pub ws: Vec<SocketAddr>,
     /// HTTP API base URL (group scenario).
     pub http: String,
     /// The gateway's JWT secret (benchmark mode: loadgen mints tokens).
@@ -281,8 +282,13 @@ impl Worker {
     async fn open(self: Rc<Self>, i: usize, sync_on_connect: bool, done: tokio::sync::oneshot::Sender<()>) {
         let t0 = Instant::now();
         let seed = self.opts.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9);
+        let Some(ws) = self.opts.ws.get(i % self.opts.ws.len().max(1)).copied() else {
+            self.fail("no_gateway".into());
+            let _ = done.send(());
+            return;
+        };
         let c = client::connect(
-            self.opts.ws,
+            ws,
             self.src(i),
             &self.token(i),
             self.opts.connect_timeout,

@@ -140,9 +140,10 @@ enum Cmd {
 
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// Gateway address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    ws: SocketAddr,
+    /// Gateway address; several, comma-separated, spread the users over a cluster's gateways
+    /// (user i on gateway i mod n).
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',', num_args = 1..)]
+    ws: Vec<SocketAddr>,
     /// HTTP API base URL (used by `group` to create groups).
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     http: String,
@@ -293,7 +294,7 @@ fn main() -> ExitCode {
 
 /// `hold`: one process, `threads` threads, direct descriptors.
 fn run_hold(c: &Common, secret: String, hold: f64, threads: u32) -> Result<WorkerOut, String> {
-    let std::net::SocketAddr::V4(server) = c.ws else {
+    let Some(std::net::SocketAddr::V4(server)) = c.ws.first().copied() else {
         return Err("hold connects to an IPv4 gateway address".into());
     };
     if c.procs > 1 {
@@ -378,11 +379,16 @@ fn share(total: u64, parts: u32, i: u32) -> (u64, u64) {
 /// room to spare.
 const AUTO_CONNECTIONS_PER_ADDRESS: u64 = 2000;
 
+/// Every gateway is an IPv4 loopback address.
+fn loopback_v4(c: &Common) -> bool {
+    c.ws.iter().all(|w| w.is_ipv4() && w.ip().is_loopback())
+}
+
 /// `--src-addrs`, or with 0 and an IPv4 loopback target, as many loopback source addresses as
 /// the run's connections need at [`AUTO_CONNECTIONS_PER_ADDRESS`] each (0, the kernel's choice,
 /// when one address is enough).
 fn source_addresses(cmd: &Cmd, c: &Common) -> u32 {
-    if c.src_addrs > 0 || !(c.ws.is_ipv4() && c.ws.ip().is_loopback()) {
+    if c.src_addrs > 0 || !loopback_v4(c) {
         return c.src_addrs;
     }
     let connections = match cmd {
@@ -394,7 +400,7 @@ fn source_addresses(cmd: &Cmd, c: &Common) -> u32 {
 
 /// [`source_addresses`] for `connections` connections.
 fn source_addresses_for(connections: u64, c: &Common) -> u32 {
-    if c.src_addrs > 0 || !(c.ws.is_ipv4() && c.ws.ip().is_loopback()) {
+    if c.src_addrs > 0 || !loopback_v4(c) {
         return c.src_addrs;
     }
     if connections <= AUTO_CONNECTIONS_PER_ADDRESS {
@@ -413,7 +419,7 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
         _ => share(c.users, workers, index),
     };
     let opts = Opts {
-        ws: c.ws,
+        ws: c.ws.clone(),
         http: c.http.clone(),
         jwt_secret: secret,
         prefix: c.prefix.clone(),
