@@ -586,67 +586,70 @@ impl UserStore for MySqlStore {
 #[async_trait]
 impl MessageStore for MySqlStore {
     async fn append(&self, m: NewMessage) -> StoreResult<Appended> {
-        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
-        if let Some(original) = Self::find_duplicate(&mut conn, &m.send_id, &m.client_msg_id).await? {
-            return Ok(Appended::Duplicate(original));
-        }
-        drop(conn);
+        // Four round trips for a new message (begin, seq, insert, commit); a duplicate is
+        // found by the unique key refusing the insert, then read. (Checking for it first and
+        // reading the seq back took seven and 268 us of our CPU per message; see
+        // results/cluster.)
         let (pool, m) = (&self.pool, &m);
         let inserted = retrying(move || async move {
-                    let mut tx = pool.begin().await.map_err(unavailable)?;
-                    // Takes the conversation row's lock until commit: appends to one
-                    // conversation queue here, in any process.
-                    sqlx::query(
-                        "INSERT INTO conversations (conversation_id, chat_type, max_seq, updated_at)
+            let mut tx = pool.begin().await.map_err(unavailable)?;
+            // Takes the conversation row's lock until commit: appends to one
+            // conversation queue here, in any process.
+            // The new seq comes back in the answer: `LAST_INSERT_ID(expr)` on an
+            // update (2 rows affected), 1 for a conversation created now (1 row).
+            let bumped = sqlx::query(
+                "INSERT INTO conversations (conversation_id, chat_type, max_seq, updated_at)
                          VALUES (?, ?, 1, ?)
-                         ON DUPLICATE KEY UPDATE max_seq = max_seq + 1, updated_at = GREATEST(updated_at, VALUES(updated_at))",
-                    )
+                         ON DUPLICATE KEY UPDATE max_seq = LAST_INSERT_ID(max_seq + 1),
+                           updated_at = GREATEST(updated_at, VALUES(updated_at))",
+            )
+            .bind(&m.conversation_id)
+            .bind(i16::from(m.chat_type))
+            .bind(m.send_time)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let created = bumped.rows_affected() == 1;
+            let seq = if created { 1 } else { bumped.last_insert_id() };
+            let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("max_seq = {seq}")))?;
+            let done = sqlx::query(concat!(
+                "INSERT INTO messages (",
+                message_columns!(),
+                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .bind(&m.conversation_id)
+            .bind(seq)
+            .bind(i16::from(m.chat_type))
+            .bind(&m.send_id)
+            .bind(&m.recv_id)
+            .bind(&m.client_msg_id)
+            .bind(&m.msg_id)
+            .bind(m.send_time)
+            .bind(&m.body)
+            .execute(&mut *tx)
+            .await;
+            match done {
+                Ok(_) => {}
+                // The same key appended by another process since our check: the
+                // rollback gives the seq back, and the original is answered below.
+                Err(e) if is_unique_violation(&e) => return Ok(None),
+                Err(e) => return Err(unavailable(e)),
+            }
+            // A private conversation's two members join with its first message.
+            for user in m.members.iter().filter(|_| created) {
+                sqlx::query("INSERT IGNORE INTO conversation_members (user_id, conversation_id) VALUES (?, ?)")
+                    .bind(user)
                     .bind(&m.conversation_id)
-                    .bind(i16::from(m.chat_type))
-                    .bind(m.send_time)
                     .execute(&mut *tx)
                     .await
                     .map_err(unavailable)?;
-                    let seq: i64 = sqlx::query_scalar("SELECT max_seq FROM conversations WHERE conversation_id = ?")
-                        .bind(&m.conversation_id)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(unavailable)?;
-                    let done = sqlx::query(concat!(
-                        "INSERT INTO messages (",
-                        message_columns!(),
-                        ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    ))
-                    .bind(&m.conversation_id)
-                    .bind(seq)
-                    .bind(i16::from(m.chat_type))
-                    .bind(&m.send_id)
-                    .bind(&m.recv_id)
-                    .bind(&m.client_msg_id)
-                    .bind(&m.msg_id)
-                    .bind(m.send_time)
-                    .bind(&m.body)
-                    .execute(&mut *tx)
-                    .await;
-                    match done {
-                        Ok(_) => {}
-                        // The same key appended by another process since our check: the
-                        // rollback gives the seq back, and the original is answered below.
-                        Err(e) if is_unique_violation(&e) => return Ok(None),
-                        Err(e) => return Err(unavailable(e)),
-                    }
-                    for user in &m.members {
-                        sqlx::query("INSERT IGNORE INTO conversation_members (user_id, conversation_id) VALUES (?, ?)")
-                            .bind(user)
-                            .bind(&m.conversation_id)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(unavailable)?;
-                    }
-                    tx.commit().await.map_err(unavailable)?;
-                    u64::try_from(seq).map(Some).map_err(|_| StoreError::Corrupt(format!("max_seq = {seq}")))
-            })
-            .await;
+            }
+            tx.commit().await.map_err(unavailable)?;
+            u64::try_from(seq)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt(format!("max_seq = {seq}")))
+        })
+        .await;
         match inserted {
             Ok(Some(seq)) => Ok(Appended::New(StoredMessage {
                 conversation_id: m.conversation_id.clone(),

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Same-day capacity of one build in three wirings: the embedded default (SQLite), the embedded
+# default on MySQL (--database-url), and a cluster (one services process + two gateway processes,
+# MySQL + Redis). loadgen capacity: 2,000 users, private chat, ack mode only, steps of 1,000
+# msg/s for 5 s, limit p99 e2e 50 ms. CPU seconds of every process involved (sai-im processes,
+# mariadbd, redis-server) are read from /proc before and after each run: cpu.txt.
+#   results/cluster/run.sh [embedded-sqlite|embedded-mysql|cluster ...]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=target/release/sai-im
+LG=target/release/loadgen
+OUT=results/cluster
+MYSQL=mysql://root@127.0.0.1:3306
+RATES=(--users 2000 --start-rate 2000 --step-rate 1000 --max-rate 14000 --step-secs 5)
+
+cpu() { # pids -> total CPU seconds
+    local t=0
+    for p in "$@"; do
+        if [ -r "/proc/$p/stat" ]; then
+            t=$(awk -v t="$t" '{print t + ($14 + $15) / 100}' "/proc/$p/stat")
+        fi
+    done
+    echo "$t"
+}
+drop_db() { mysql -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $1"; }
+backend_pids() { echo "$(pgrep -x mariadbd || true) $(pgrep -x redis-server | head -1 || true)"; }
+wait_ready() { for _ in $(seq 300); do grep -q " ready " "$1" && return 0; sleep 0.1; done; return 1; }
+
+run_embedded() { # name, extra server flags
+    local name=$1; shift
+    local d=/tmp/bench-$name
+    rm -rf "$d"; mkdir -p "$d"
+    "$BIN" --data-dir "$d" "$@" admin seed-users --count 2000 --prefix load >/dev/null
+    "$BIN" --data-dir "$d" --require-friendship false "$@" --ws-listen 127.0.0.1:18080 \
+        --http-listen 127.0.0.1:18081 --grpc-listen 127.0.0.1:18082 > "$d/out" 2> "$d/err" &
+    local pid=$!
+    wait_ready "$d/out"
+    local pids="$pid $(backend_pids)"
+    local c0; c0=$(cpu $pids)
+    "$LG" capacity --ws 127.0.0.1:18080 --http http://127.0.0.1:18081 --data-dir "$d" "${RATES[@]}" \
+        --server-pid "$pid" --quiet --out "$OUT/capacity-$name" > "$OUT/capacity-$name.txt"
+    local c1; c1=$(cpu $pids)
+    echo "$name cpu_seconds=$(echo "$c1 - $c0" | bc) processes=sai-im,mariadbd,redis-server" >> "$OUT/cpu.txt"
+    kill -TERM "$pid"; wait "$pid" || true
+}
+
+run_cluster() {
+    local dir=/tmp/bench-cluster
+    ./scripts/cluster.sh down >/dev/null 2>&1 || true
+    SAI_CLUSTER_DIR=$dir ./scripts/cluster.sh down >/dev/null 2>&1 || true
+    rm -rf "$dir"
+    drop_db sai_bench_cluster
+    SAI_CLUSTER_DIR=$dir SAI_CLUSTER_BIN=$BIN SAI_CLUSTER_DATABASE_URL=$MYSQL/sai_bench_cluster \
+        SAI_CLUSTER_SERVICES_ARGS="--require-friendship false" ./scripts/cluster.sh up --gateways 2 | tee "$dir.ready"
+    "$BIN" --data-dir "$dir/services" --database-url "$MYSQL/sai_bench_cluster" admin seed-users --count 2000 --prefix load >/dev/null
+    local ws http
+    ws=$(grep "^gateway ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^ws=//p' | paste -sd,)
+    http=$(grep "^services ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^http=//p')
+    local pids; pids="$(cat "$dir/pids" | tr '\n' ' ') $(backend_pids)"
+    local c0; c0=$(cpu $pids)
+    "$LG" capacity --ws "$ws" --http "http://$http" --data-dir "$dir/services" "${RATES[@]}" \
+        --server-pid "$(head -1 "$dir/pids")" --quiet --out "$OUT/capacity-cluster" > "$OUT/capacity-cluster.txt"
+    local c1; c1=$(cpu $pids)
+    echo "cluster cpu_seconds=$(echo "$c1 - $c0" | bc) processes=services,2 gateways,mariadbd,redis-server" >> "$OUT/cpu.txt"
+    SAI_CLUSTER_DIR=$dir ./scripts/cluster.sh down
+}
+
+for what in "${@:-embedded-sqlite embedded-mysql cluster}"; do
+    for w in $what; do
+        case "$w" in
+            embedded-sqlite) run_embedded embedded-sqlite ;;
+            embedded-mysql) drop_db sai_bench_embedded; run_embedded embedded-mysql --database-url "$MYSQL/sai_bench_embedded" ;;
+            cluster) run_cluster ;;
+        esac
+    done
+done
