@@ -51,6 +51,10 @@ up() {
     [ -x "$BIN" ] || cargo build --release --locked --bin sai-im
     mkdir -p "$DIR"
     : > "$DIR/pids"
+    # The secret of the internal port, shared by this cluster's processes only.
+    local key
+    key=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    export SAI_CLUSTER_KEY=$key
     "$BIN" services --data-dir "$DIR/services" --database-url "$DB" --redis-url "$REDIS" \
         --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
         --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 ${SAI_CLUSTER_SERVICES_ARGS:-} \

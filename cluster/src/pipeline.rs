@@ -24,6 +24,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -44,6 +46,73 @@ pub const MAX_CODES: usize = 256;
 
 /// The longest a gateway waits for one call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shortest cluster key.
+pub const MIN_KEY_BYTES: usize = 16;
+
+/// The secret every process of one cluster shares: the internal port serves only callers that
+/// present it (`authorization: Bearer <key>`), since it acts for any user it is told.
+#[derive(Clone)]
+pub struct ClusterKey(Arc<str>);
+
+impl ClusterKey {
+    /// A key of at least [`MIN_KEY_BYTES`] printable bytes.
+    pub fn new(key: &str) -> Result<Self, String> {
+        if key.len() < MIN_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "the cluster key must be at least {MIN_KEY_BYTES} printable ASCII bytes (no spaces)"
+            ));
+        }
+        Ok(Self(Arc::from(format!("Bearer {key}"))))
+    }
+
+    /// Whether `presented` is this key, in time independent of where they differ.
+    fn matches(&self, presented: &[u8]) -> bool {
+        let want = self.0.as_bytes();
+        want.len() == presented.len() && want.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(..)")
+    }
+}
+
+/// The internal port's check: calls without the cluster key are refused (`unauthenticated`).
+#[derive(Clone, Debug)]
+pub struct RequireKey(ClusterKey);
+
+impl Interceptor for RequireKey {
+    fn call(&mut self, r: Request<()>) -> Result<Request<()>, Status> {
+        match r.metadata().get("authorization") {
+            Some(v) if self.0.matches(v.as_bytes()) => Ok(r),
+            _ => Err(Status::unauthenticated("the cluster key is missing or wrong")),
+        }
+    }
+}
+
+/// A gateway's calls carry the cluster key.
+#[derive(Clone, Debug)]
+pub struct PresentKey(ClusterKey);
+
+impl Interceptor for PresentKey {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        let v = self
+            .0
+             .0
+            .parse()
+            .map_err(|_| Status::internal("the cluster key is not a valid header value"))?;
+        r.metadata_mut().insert("authorization", v);
+        Ok(r)
+    }
+}
+
+/// A client of a services process's internal port.
+pub type Client = PipelineClient<InterceptedService<Channel, PresentKey>>;
+
+/// The internal port's service, behind the key check.
+pub type Server = InterceptedService<PipelineServer<PipelineService>, RequireKey>;
 
 // ---- conversions -------------------------------------------------------------------------
 
@@ -81,6 +150,18 @@ fn unavailable(e: impl std::fmt::Display) -> Refusal {
         code: "service_unavailable",
         message: format!("the services cannot be reached: {e}"),
     }
+}
+
+/// A failed call, as the client is told (`service_unavailable`); a refused cluster key is also
+/// logged, once per process, since every call after it fails the same way.
+fn call_failed(s: Status) -> Refusal {
+    if s.code() == tonic::Code::Unauthenticated {
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(error = %s, "the services refuse this gateway's cluster key: every call fails");
+        }
+    }
+    unavailable(s)
 }
 
 fn route_to_pb(r: Route) -> pb::RouteMsg {
@@ -226,9 +307,9 @@ pub struct PipelineService {
 }
 
 impl PipelineService {
-    /// Answers calls with `ws2ms` and streams what `hub` is given.
-    pub fn new(ws2ms: Arc<dyn Ws2Ms>, hub: Arc<DeliveryHub>) -> PipelineServer<Self> {
-        PipelineServer::new(Self { ws2ms, hub })
+    /// Answers calls that present `key` with `ws2ms`, and streams what `hub` is given.
+    pub fn new(ws2ms: Arc<dyn Ws2Ms>, hub: Arc<DeliveryHub>, key: ClusterKey) -> Server {
+        PipelineServer::with_interceptor(Self { ws2ms, hub }, RequireKey(key))
     }
 }
 
@@ -330,14 +411,14 @@ impl Pipeline for PipelineService {
 /// The gateway's `ws2ms_chat` to the services processes at `endpoints`.
 #[derive(Clone)]
 pub struct GrpcPipeline {
-    clients: Arc<Vec<PipelineClient<Channel>>>,
+    clients: Arc<Vec<Client>>,
     runtime: tokio::runtime::Handle,
 }
 
 impl GrpcPipeline {
     /// Clients of `endpoints` (`http://host:port`, at least one), connecting lazily; calls run
     /// on `runtime`, so any thread may poll their futures.
-    pub fn new(endpoints: &[String], runtime: tokio::runtime::Handle) -> Result<Self, String> {
+    pub fn new(endpoints: &[String], key: &ClusterKey, runtime: tokio::runtime::Handle) -> Result<Self, String> {
         if endpoints.is_empty() {
             return Err("no services endpoint".into());
         }
@@ -349,7 +430,7 @@ impl GrpcPipeline {
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(CALL_TIMEOUT)
                 .connect_lazy();
-            clients.push(PipelineClient::new(channel));
+            clients.push(PipelineClient::with_interceptor(channel, PresentKey(key.clone())));
         }
         Ok(Self {
             clients: Arc::new(clients),
@@ -358,7 +439,7 @@ impl GrpcPipeline {
     }
 
     /// The client of the process that serves `user`.
-    fn client(&self, user: &str) -> PipelineClient<Channel> {
+    fn client(&self, user: &str) -> Client {
         let h = user.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         });
@@ -367,7 +448,7 @@ impl GrpcPipeline {
     }
 
     /// Every client (one per services process).
-    pub fn clients(&self) -> Vec<PipelineClient<Channel>> {
+    pub fn clients(&self) -> Vec<Client> {
         self.clients.iter().cloned().collect()
     }
 
@@ -402,7 +483,7 @@ impl Ws2Ms for GrpcPipeline {
             match c
                 .authenticate(pb::AuthCall { token })
                 .await
-                .map_err(unavailable)?
+                .map_err(call_failed)?
                 .into_inner()
                 .result
             {
@@ -424,7 +505,7 @@ impl Ws2Ms for GrpcPipeline {
         };
         self.run(async move {
             use pb::chat_reply::Result as R;
-            match c.chat(call).await.map_err(unavailable)?.into_inner().result {
+            match c.chat(call).await.map_err(call_failed)?.into_inner().result {
                 Some(R::Ack(a)) => Ok(ChatAck {
                     conversation_id: a.conversation_id,
                     seq: a.seq,
@@ -446,7 +527,7 @@ impl Ws2Ms for GrpcPipeline {
         };
         self.run(async move {
             use pb::sync_reply::Result as R;
-            match c.sync(call).await.map_err(unavailable)?.into_inner().result {
+            match c.sync(call).await.map_err(call_failed)?.into_inner().result {
                 Some(R::Page(p)) => {
                     let mut pushes = Vec::with_capacity(p.pushes_json.len());
                     for j in &p.pushes_json {
@@ -474,7 +555,7 @@ impl Ws2Ms for GrpcPipeline {
         };
         self.run(async move {
             use pb::mark_read_reply::Result as R;
-            match c.mark_read(call).await.map_err(unavailable)?.into_inner().result {
+            match c.mark_read(call).await.map_err(call_failed)?.into_inner().result {
                 Some(R::ReadSeq(s)) => Ok(s),
                 Some(R::Refusal(r)) => Err(refusal_from_pb(r)),
                 None => Err(unavailable("empty answer")),
@@ -505,12 +586,7 @@ impl Ws2Ms for GrpcPipeline {
 /// Keeps `node` subscribed to the deliveries of the services process behind `client` for as
 /// long as the runtime runs, handing each to `local` (the gateway's shards); re-subscribes
 /// after a lost stream (a services restart) within a second or two.
-pub fn subscribe(
-    mut client: PipelineClient<Channel>,
-    node: u32,
-    local: Arc<dyn Ms2Ps>,
-    runtime: &tokio::runtime::Handle,
-) {
+pub fn subscribe(mut client: Client, node: u32, local: Arc<dyn Ms2Ps>, runtime: &tokio::runtime::Handle) {
     runtime.spawn(async move {
         let mut wait = Duration::from_millis(100);
         loop {
@@ -574,6 +650,23 @@ mod tests {
             })
         ));
         assert!(delivery_to_pb(&close, 1).is_none());
+    }
+
+    #[test]
+    fn the_internal_port_serves_only_callers_with_the_cluster_key() {
+        assert!(ClusterKey::new("short").is_err());
+        assert!(ClusterKey::new("sixteen bytes, sp").is_err(), "no spaces");
+        let key = ClusterKey::new("0123456789abcdef").unwrap();
+        let mut check = RequireKey(key.clone());
+        assert_eq!(
+            check.call(Request::new(())).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let other = ClusterKey::new("0123456789abcdeX").unwrap();
+        let wrong = PresentKey(other).call(Request::new(())).unwrap();
+        assert_eq!(check.call(wrong).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let right = PresentKey(key).call(Request::new(())).unwrap();
+        assert!(check.call(right).is_ok());
     }
 
     #[test]

@@ -98,8 +98,12 @@ pub struct Overrides {
     /// Cluster: the internal pipeline address of each services process, comma-separated.
     #[arg(long, env = "SAI_SERVICES", global = true, value_delimiter = ',')]
     pub services: Option<Vec<String>>,
+    /// Cluster: the secret every process of the cluster shares (16+ printable bytes); the
+    /// internal port serves only callers that present it.
+    #[arg(long, env = "SAI_CLUSTER_KEY", global = true, hide_env_values = true)]
+    pub cluster_key: Option<String>,
     /// Cluster: the internal pipeline port of a services process (default 127.0.0.1:8083;
-    /// never expose it: it trusts its callers).
+    /// keep it off any network clients reach).
     #[arg(long, env = "SAI_INTERNAL_LISTEN", global = true)]
     pub internal_listen: Option<SocketAddr>,
     /// none | only | rigor.
@@ -173,6 +177,8 @@ pub struct Config {
     pub services: Vec<String>,
     /// Cluster: the internal pipeline port of a services process.
     pub internal_listen: SocketAddr,
+    /// Cluster: the key of the internal port.
+    pub cluster_key: Option<String>,
     /// Ack mode name.
     #[serde(deserialize_with = "de_ack_mode")]
     pub ack_mode: AckMode,
@@ -318,6 +324,7 @@ impl Default for Config {
             node: 0,
             services: Vec::new(),
             internal_listen: (ip, 8083).into(),
+            cluster_key: None,
             ack_mode: AckMode::Only,
             engine: Engine::Direct,
             idle_timeout_secs: 60,
@@ -386,6 +393,9 @@ impl Config {
         }
         if o.redis_url.is_some() {
             c.redis_url = o.redis_url;
+        }
+        if o.cluster_key.is_some() {
+            c.cluster_key = o.cluster_key;
         }
         if o.admin_token.is_some() {
             c.admin_token = o.admin_token;

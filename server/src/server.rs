@@ -4,7 +4,7 @@
 //! reaching the services over the internal port and the route directory in Redis).
 
 use crate::config::Config;
-use sai_cluster::pipeline::{DeliveryHub, GrpcPipeline, PipelineService};
+use sai_cluster::pipeline::{ClusterKey, DeliveryHub, GrpcPipeline, PipelineService};
 use sai_cluster::publisher::{self, Node};
 use sai_cluster::routes::{RouteDirectory, RouteError, Ttls};
 use sai_gateway::Gateway;
@@ -122,6 +122,7 @@ pub async fn run_services(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(ServicesBound),
 ) -> Result<(), ServerError> {
+    let key = cluster_key(&cfg)?;
     let directory = connect_directory(&cfg).await?;
     let store = open_storage(&cfg).await?;
     let hub = Arc::new(DeliveryHub::default());
@@ -136,7 +137,7 @@ pub async fn run_services(
         grpc: apis.grpc,
         internal: internal_l.local_addr().map_err(io("internal address"))?,
     };
-    let pipeline = PipelineService::new(Arc::new(InProcessPipeline::new(services.clone())), hub.clone());
+    let pipeline = PipelineService::new(Arc::new(InProcessPipeline::new(services.clone())), hub.clone(), key);
     let apis = apis.serve(services, Some((internal_l, pipeline)));
     on_ready(bound);
     tracing::info!(http = %bound.http, grpc = %bound.grpc, internal = %bound.internal, "services ready");
@@ -172,6 +173,7 @@ pub async fn run_gateway(
             "a gateway needs --services (the internal address of each services process)".into(),
         ));
     }
+    let key = cluster_key(&cfg)?;
     let runtime = tokio::runtime::Handle::current();
     let directory = connect_directory(&cfg).await?;
     let incarnation = getrandom::u64().map_err(|e| ServerError::Config(format!("random incarnation: {e}")))?;
@@ -192,7 +194,7 @@ pub async fn run_gateway(
             }
         })
         .collect();
-    let pipeline = GrpcPipeline::new(&endpoints, runtime.clone()).map_err(ServerError::Config)?;
+    let pipeline = GrpcPipeline::new(&endpoints, &key, runtime.clone()).map_err(ServerError::Config)?;
     let (sink, events) = publisher::channel();
     let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
         pipeline_runtime: Some(runtime.clone()),
@@ -228,6 +230,13 @@ pub async fn run_gateway(
         tracing::warn!(error = %e, "retiring the node failed: its routes lapse with its TTL");
     }
     Ok(())
+}
+
+fn cluster_key(cfg: &Config) -> Result<ClusterKey, ServerError> {
+    let key = cfg.cluster_key.as_deref().ok_or_else(|| {
+        ServerError::Config("a cluster process needs --cluster-key (the secret its processes share)".into())
+    })?;
+    ClusterKey::new(key).map_err(ServerError::Config)
 }
 
 async fn connect_directory(cfg: &Config) -> Result<RouteDirectory, ServerError> {
@@ -302,10 +311,7 @@ struct Serving {
     tasks: Vec<(&'static str, tokio::task::JoinHandle<Result<(), String>>)>,
 }
 
-type Internal = (
-    tokio::net::TcpListener,
-    sai_cluster::pipeline::pb::pipeline_server::PipelineServer<PipelineService>,
-);
+type Internal = (tokio::net::TcpListener, sai_cluster::pipeline::Server);
 
 impl Apis {
     async fn bind(cfg: &Config) -> Result<Self, ServerError> {

@@ -9,6 +9,9 @@ use common::{drop_database, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// The secret of the test clusters' internal port.
+const KEY: &str = "test-cluster-key-0123";
+
 struct Cluster {
     services: Server,
     gateways: Vec<Server>,
@@ -33,6 +36,8 @@ impl Cluster {
         let services = Server::start_as(
             Some("services"),
             &[
+                "--cluster-key",
+                KEY,
                 "--redis-url",
                 &redis,
                 "--redis-prefix",
@@ -63,6 +68,8 @@ impl Cluster {
         let g = Server::start_as(
             Some("gateway"),
             &[
+                "--cluster-key",
+                KEY,
                 "--redis-url",
                 &self.redis,
                 "--redis-prefix",
@@ -287,4 +294,40 @@ fn killing_the_services_process_loses_no_acked_message() {
     let (pushes, _) = b.sync(json!({}));
     seen.extend(pushes.iter().map(|p| p["data"]["seq"].as_u64().unwrap()));
     assert_eq!(seen, (1..=40).collect());
+}
+
+#[test]
+fn the_internal_port_refuses_a_gateway_without_the_cluster_key() {
+    let c = Cluster::start(1);
+    let internal = c.services.field("internal").unwrap();
+    let stranger = Server::start_as(
+        Some("gateway"),
+        &[
+            "--cluster-key",
+            "not-the-cluster-key",
+            "--redis-url",
+            &c.redis,
+            "--redis-prefix",
+            &c.prefix,
+            "--services",
+            &internal,
+            "--node",
+            "9",
+        ],
+    );
+    let bob = c.services.user("bob");
+    // Its upgrade check is a call the services refuse: the client is told the service is
+    // unavailable, and nothing was done for it.
+    match common::Client::connect(&stranger.ws, &bob.1) {
+        Err(common::ConnectError::Status(503, body)) => assert_eq!(body["code"], "service_unavailable", "{body}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a gateway without the key got a user in"),
+    }
+    // A process without a key does not start at all.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sai-im"))
+        .args(["gateway", "--services", &internal, "--redis-url", &c.redis])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-key"));
 }
