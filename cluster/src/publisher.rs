@@ -11,7 +11,7 @@
 //! connection's gateway is gone.
 
 use crate::pipeline::GrpcPipeline;
-use crate::routes::{Placed, Refreshed, RouteDirectory, RouteError};
+use crate::routes::{Announced, Placed, Refreshed, RouteDirectory, RouteError};
 use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, Route, RouteSink, Routes};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,13 +124,13 @@ pub fn sweep(
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n: u32 = 0;
-        // Refresh at once on the first turn and after any failure (Redis may have lost all).
+        // Refresh at once on the first turn, after any failure and when the node key had to be
+        // written again (Redis lost everything): routes heal within one sweep (5 s).
         let mut repair = true;
         loop {
             tick.tick().await;
             n = n.wrapping_add(1);
-            let announced = node.directory.announce(node.id, node.incarnation).await;
-            match &announced {
+            match node.directory.announce(node.id, node.incarnation).await {
                 Err(RouteError::NodeTaken { .. }) => {
                     tracing::error!(node = node.id, "another live gateway process holds this node id");
                     repair = true;
@@ -141,7 +141,9 @@ pub fn sweep(
                     repair = true;
                     continue;
                 }
-                Ok(()) => {}
+                // Redis lost the node key (a FLUSHALL, a restart): it lost the routes too.
+                Ok(Announced::Written) => repair = true,
+                Ok(Announced::Renewed) => {}
             }
             if !repair && !n.is_multiple_of(refresh_every.max(1)) {
                 continue;

@@ -90,12 +90,24 @@ impl Default for Ttls {
     }
 }
 
-/// `SET key value PX ttl` unless another live process holds the node: 1 set, 0 taken.
+/// `SET key value PX ttl` unless another live process holds the node: 1 renewed, 2 written
+/// (the key was missing), 0 taken.
 const ANNOUNCE: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1";
+if cur then return 1 end
+return 2";
+
+/// What [`RouteDirectory::announce`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announced {
+    /// The node key was there: its TTL starts again.
+    Renewed,
+    /// The node key was missing (the first announce, or Redis lost it): the gateway's routes
+    /// may be gone too, and are refreshed at once.
+    Written,
+}
 
 /// For each key/value pair: 1 kept (TTL renewed), 2 healed (written again), 0 replaced.
 /// ARGV[1] is the TTL in ms; ARGV[i + 1] the value of KEYS[i].
@@ -210,7 +222,7 @@ impl RouteDirectory {
     /// Marks `node` alive in this `incarnation` for the node TTL; call it well within the TTL
     /// (a third of it). Fails with [`RouteError::NodeTaken`] while another live process holds
     /// the node id.
-    pub async fn announce(&self, node: u32, incarnation: u64) -> Result<(), RouteError> {
+    pub async fn announce(&self, node: u32, incarnation: u64) -> Result<Announced, RouteError> {
         let set: i64 = self
             .scripts
             .announce
@@ -219,10 +231,10 @@ impl RouteDirectory {
             .arg(Self::ms(self.ttls.node))
             .invoke_async(&mut self.conn.clone())
             .await?;
-        if set == 1 {
-            Ok(())
-        } else {
-            Err(RouteError::NodeTaken { node })
+        match set {
+            1 => Ok(Announced::Renewed),
+            2 => Ok(Announced::Written),
+            _ => Err(RouteError::NodeTaken { node }),
         }
     }
 

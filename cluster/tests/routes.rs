@@ -4,7 +4,7 @@
 //! a TTL, so nothing outlives a failed test for long.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use sai_cluster::routes::{Placed, Refreshed, RouteDirectory, RouteError, Ttls};
+use sai_cluster::routes::{Announced, Placed, Refreshed, RouteDirectory, RouteError, Ttls};
 use sai_pipeline::flow::{Route, RouteLookup};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -124,8 +124,8 @@ async fn routes_of_dead_or_restarted_gateways_are_dropped_and_deleted() {
 async fn a_node_id_is_held_by_one_live_process() {
     let (url, p) = (redis_url(), prefix());
     let d = directory(&url, &p).await;
-    d.announce(5, 1).await.unwrap();
-    d.announce(5, 1).await.unwrap();
+    assert_eq!(d.announce(5, 1).await.unwrap(), Announced::Written);
+    assert_eq!(d.announce(5, 1).await.unwrap(), Announced::Renewed);
     assert!(matches!(d.announce(5, 2).await, Err(RouteError::NodeTaken { node: 5 })));
     d.retire(5, 2).await.unwrap();
     assert!(
@@ -164,7 +164,11 @@ async fn refresh_renews_heals_after_a_flush_and_reports_replaced() {
     // Redis loses everything: lookups find nobody until the gateways' next sweep puts it back.
     wipe(&url, &p).await;
     assert_eq!(d.lookup(&["a"]).await.unwrap(), vec![None]);
-    d.announce(1, 1).await.unwrap();
+    assert_eq!(
+        d.announce(1, 1).await.unwrap(),
+        Announced::Written,
+        "the gateway learns that Redis lost its keys"
+    );
     assert_eq!(d.refresh(&[("a", a)]).await.unwrap(), vec![Refreshed::Healed]);
     assert_eq!(d.lookup(&["a"]).await.unwrap(), vec![Some(a.route)]);
     // Batches larger than one round trip.

@@ -331,3 +331,31 @@ fn the_internal_port_refuses_a_gateway_without_the_cluster_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-key"));
 }
+
+#[test]
+fn when_redis_loses_everything_routes_heal_within_a_sweep() {
+    let c = Cluster::start(2);
+    let alice = c.services.user("alice");
+    let bob = c.services.user("bob");
+    let mut a = c.connect(0, &alice);
+    let mut b = c.connect(1, &bob);
+    // What a FLUSHALL does to this cluster's keys (other users of this Redis are left alone).
+    let mut r = redis::Client::open(c.redis.as_str()).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", c.prefix)).query(&mut r).unwrap();
+    assert!(keys.len() >= 4, "two nodes and two routes: {keys:?}");
+    let _: i64 = redis::cmd("DEL").arg(&keys).query(&mut r).unwrap();
+    let online = || {
+        let (_, v) = c.services.get(&format!("/v1/presence?userIds={}", bob.0), Some(&bob.1));
+        v["online"][&bob.0] == true
+    };
+    // Bob looks offline until his gateway's next sweep (every 5 s) finds its node key gone and
+    // writes every route back.
+    let t0 = std::time::Instant::now();
+    while !online() {
+        assert!(t0.elapsed() < Duration::from_secs(12), "routes did not heal");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.chat(&bob.0, "healed", "found you again");
+    a.recv();
+    assert_eq!(b.recv()["data"]["msg"]["content"], "found you again");
+}
