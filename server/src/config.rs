@@ -138,6 +138,15 @@ pub struct Overrides {
     /// JWT signing secret; when unset one is generated and kept in the data dir.
     #[arg(long, env = "SAI_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// EdDSA tokens instead of HS256: the Ed25519 private key (PKCS#8 PEM file) to sign with.
+    #[arg(long, env = "SAI_JWT_PRIVATE_KEY", global = true)]
+    pub jwt_private_key: Option<PathBuf>,
+    /// EdDSA tokens: the private key's public key (PEM file), to verify with.
+    #[arg(long, env = "SAI_JWT_PUBLIC_KEY", global = true)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// A rotation: the previous Ed25519 public key (PEM file), whose tokens stay good.
+    #[arg(long, env = "SAI_JWT_PREVIOUS_PUBLIC_KEY", global = true)]
+    pub jwt_previous_public_key: Option<PathBuf>,
     /// Most WebSocket connections in all (0: 1,048,576 on the direct engine; on monoio the
     /// descriptor limit minus `fd_reserve`).
     #[arg(long, env = "SAI_MAX_CONNECTIONS", global = true)]
@@ -207,6 +216,12 @@ pub struct Config {
     pub token_ttl_secs: i64,
     /// JWT secret (generated and stored in the data dir when absent).
     pub jwt_secret: Option<String>,
+    /// EdDSA: the private key file.
+    pub jwt_private_key: Option<PathBuf>,
+    /// EdDSA: the public key file.
+    pub jwt_public_key: Option<PathBuf>,
+    /// EdDSA: the previous public key file (rotation).
+    pub jwt_previous_public_key: Option<PathBuf>,
     /// Bearer token of the admin routes (`/v1/admin/...`: disable and enable accounts); the
     /// routes answer 403 while it is unset.
     pub admin_token: Option<String>,
@@ -338,6 +353,9 @@ impl Default for Config {
             bcrypt_cost: 12,
             token_ttl_secs: 7 * 24 * 3600,
             jwt_secret: None,
+            jwt_private_key: None,
+            jwt_public_key: None,
+            jwt_previous_public_key: None,
             admin_token: None,
             chat: ChatConfig::default(),
             group: GroupConfig::default(),
@@ -388,6 +406,15 @@ impl Config {
         if o.jwt_secret.is_some() {
             c.jwt_secret = o.jwt_secret;
         }
+        for (to, from) in [
+            (&mut c.jwt_private_key, o.jwt_private_key),
+            (&mut c.jwt_public_key, o.jwt_public_key),
+            (&mut c.jwt_previous_public_key, o.jwt_previous_public_key),
+        ] {
+            if from.is_some() {
+                *to = from;
+            }
+        }
         if o.database_url.is_some() {
             c.database_url = o.database_url;
         }
@@ -437,6 +464,12 @@ impl Config {
         }
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return Err("jwt_secret must be at least 16 bytes".into());
+        }
+        if self.jwt_private_key.is_some() != self.jwt_public_key.is_some() {
+            return Err("jwt_private_key and jwt_public_key go together (EdDSA tokens)".into());
+        }
+        if self.jwt_previous_public_key.is_some() && self.jwt_public_key.is_none() {
+            return Err("jwt_previous_public_key needs jwt_private_key and jwt_public_key".into());
         }
         Ok(())
     }

@@ -254,15 +254,32 @@ async fn open_storage(cfg: &Config) -> Result<Storage, ServerError> {
     Ok(store)
 }
 
-/// The services over `store`, sending to clients through `outbound`.
-fn build_services(cfg: &Config, store: &Storage, outbound: Arc<Outbound>) -> Result<Arc<Services>, ServerError> {
-    let keys = match &cfg.jwt_secret {
+/// The token keys: EdDSA from key files, else HS256 from the secret (given, or generated once
+/// and kept in the data dir).
+fn jwt_keys(cfg: &Config) -> Result<JwtKeys, ServerError> {
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(io(format!("reading {}", p.display())));
+    if let (Some(private), Some(public)) = (&cfg.jwt_private_key, &cfg.jwt_public_key) {
+        let mut keys = JwtKeys::ed25519(&read(private)?, &read(public)?).map_err(ServerError::Config)?;
+        if let Some(previous) = &cfg.jwt_previous_public_key {
+            keys = keys
+                .with_previous_ed25519(&read(previous)?)
+                .map_err(ServerError::Config)?;
+        }
+        tracing::info!(kid = keys.key_id(), "tokens: EdDSA");
+        return Ok(keys);
+    }
+    Ok(match &cfg.jwt_secret {
         Some(s) => JwtKeys::new(s.as_bytes().to_vec()),
         None => {
             let p = cfg.data_dir.join("jwt.secret");
             load_or_create_keys(&p).map_err(io(format!("JWT secret {}", p.display())))?
         }
-    };
+    })
+}
+
+/// The services over `store`, sending to clients through `outbound`.
+fn build_services(cfg: &Config, store: &Storage, outbound: Arc<Outbound>) -> Result<Arc<Services>, ServerError> {
+    let keys = jwt_keys(cfg)?;
     let clock = Arc::new(SystemClock);
     let users = Arc::new(UserService::new(
         store.users(),

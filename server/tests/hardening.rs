@@ -291,3 +291,62 @@ fn grpc_login_has_the_same_limits_and_revocation() {
         assert!(e.message().starts_with("token_revoked:"), "{}", e.message());
     });
 }
+
+const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIOvaE+U7szTB5rJkXv/r/7PqhgDN0YC7VHAjDqVx00DE\n-----END PRIVATE KEY-----\n";
+const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAyEcxMahsg9u9g+J29m0uBR7mfaWqvJHOyy95k/9ItRc=\n-----END PUBLIC KEY-----\n";
+const ED_OTHER_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAvGXuGRPrQsRRmG22iJZEy5DyiisE+dYSU2Du7DvpN58=\n-----END PUBLIC KEY-----\n";
+
+#[test]
+fn eddsa_tokens_name_their_key_and_a_mismatched_pair_does_not_start() {
+    use base64::Engine as _;
+    let dir = std::env::temp_dir().join(format!("sai-ed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (private, public, other) = (dir.join("ed.pem"), dir.join("ed.pub"), dir.join("other.pub"));
+    std::fs::write(&private, ED_PRIVATE).unwrap();
+    std::fs::write(&public, ED_PUBLIC).unwrap();
+    std::fs::write(&other, ED_OTHER_PUBLIC).unwrap();
+    let s = Server::start(&[
+        "--jwt-private-key",
+        private.to_str().unwrap(),
+        "--jwt-public-key",
+        public.to_str().unwrap(),
+    ]);
+    let (_, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(ta.split('.').next().unwrap())
+        .unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    assert_eq!(header["alg"], "EdDSA");
+    assert!(header["kid"].as_str().unwrap().starts_with("ed25519-"), "{header}");
+    s.befriend(&ta, &bob, &tb);
+    let mut a = s.connect(&ta);
+    let mut b = s.connect(&tb);
+    a.chat(&bob, "ed1", "signed with Ed25519");
+    a.recv();
+    assert_eq!(b.recv()["data"]["msg"]["content"], "signed with Ed25519");
+    // A public key that is not the private key's pair: the server says so and does not start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sai-im"))
+        .args([
+            "--jwt-private-key",
+            private.to_str().unwrap(),
+            "--jwt-public-key",
+            other.to_str().unwrap(),
+        ])
+        .args([
+            "--data-dir",
+            dir.join("data").to_str().unwrap(),
+            "--ws-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--http-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pair"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
