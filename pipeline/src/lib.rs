@@ -22,7 +22,7 @@
 //!   once for all its recipients.
 //! - [`flow`]: the flows: [`Ws2Ms`](flow::Ws2Ms), [`Ms2Ps`](flow::Ms2Ps) with
 //!   [`Delivery`](flow::Delivery), [`Routes`](flow::Routes) and [`Route`](flow::Route).
-//! - [`token`]: HS256 JWT sign / verify (the clock is an argument): services issue tokens,
+//! - [`token`]: JWT sign / verify, HS256 or EdDSA with key ids (the clock is an argument): services issue tokens,
 //!   gateways and the load generator present them.
 
 pub mod client;

@@ -1,7 +1,7 @@
 //! SAI-IM services and the one-binary server.
 //!
 //! # Layout
-//! - [`users`]: registration (bcrypt), login, tokens ([`auth`]: HS256 JWT); [`throttle`]: the
+//! - [`users`]: registration (bcrypt), login, tokens ([`auth`]: JWT, HS256 or EdDSA); [`throttle`]: the
 //!   attempt limits of login and registration and the bounded bcrypt pool.
 //! - [`messages`]: send with per-conversation seq and idempotency, sync, history, read state,
 //!   read receipts ([`receipts`]: the bitmap codec) and the conversation list.
