@@ -31,6 +31,7 @@ use sqlx::Row;
 use std::str::FromStr;
 use std::time::Duration;
 
+mod batch;
 mod social;
 
 /// Connections in the pool unless the URL says otherwise.
@@ -48,6 +49,9 @@ macro_rules! message_columns {
         "conversation_id, seq, chat_type, send_id, recv_id, client_msg_id, msg_id, send_time, body"
     };
 }
+
+/// The message columns, for the batch writer's dynamic statements.
+const MESSAGE_COLUMNS: &str = message_columns!();
 
 /// Table options of every table.
 macro_rules! table {
@@ -166,6 +170,8 @@ const SCHEMA_V1: &[&str] = &[
 #[derive(Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
+    /// The batch writer's queue (see [`batch`]).
+    appender: tokio::sync::mpsc::Sender<batch::Job>,
 }
 
 impl MySqlStore {
@@ -190,7 +196,8 @@ impl MySqlStore {
             other => other.map_err(unavailable)?,
         };
         migrate(&pool).await?;
-        Ok(Self { pool })
+        let appender = batch::start(pool.clone());
+        Ok(Self { pool, appender })
     }
 
     /// Closes the pool.
@@ -274,6 +281,92 @@ where
             }
             other => return other,
         }
+    }
+}
+
+/// One append in its own transaction: four round trips for a new message (begin, seq, insert,
+/// commit); a duplicate is found by the unique key refusing the insert, then read. The batch
+/// writer falls back to it when another process stored one of its keys meanwhile.
+async fn append_one(pool: &MySqlPool, m: &NewMessage) -> StoreResult<Appended> {
+    let inserted = retrying(move || async move {
+        let mut tx = pool.begin().await.map_err(unavailable)?;
+        // Takes the conversation row's lock until commit: appends to one
+        // conversation queue here, in any process.
+        // The new seq comes back in the answer: `LAST_INSERT_ID(expr)` on an
+        // update (2 rows affected), 1 for a conversation created now (1 row).
+        let bumped = sqlx::query(
+            "INSERT INTO conversations (conversation_id, chat_type, max_seq, updated_at)
+                         VALUES (?, ?, 1, ?)
+                         ON DUPLICATE KEY UPDATE max_seq = LAST_INSERT_ID(max_seq + 1),
+                           updated_at = GREATEST(updated_at, VALUES(updated_at))",
+        )
+        .bind(&m.conversation_id)
+        .bind(i16::from(m.chat_type))
+        .bind(m.send_time)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let created = bumped.rows_affected() == 1;
+        let seq = if created { 1 } else { bumped.last_insert_id() };
+        let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("max_seq = {seq}")))?;
+        let done = sqlx::query(concat!(
+            "INSERT INTO messages (",
+            message_columns!(),
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&m.conversation_id)
+        .bind(seq)
+        .bind(i16::from(m.chat_type))
+        .bind(&m.send_id)
+        .bind(&m.recv_id)
+        .bind(&m.client_msg_id)
+        .bind(&m.msg_id)
+        .bind(m.send_time)
+        .bind(&m.body)
+        .execute(&mut *tx)
+        .await;
+        match done {
+            Ok(_) => {}
+            // The same key appended by another process since our check: the
+            // rollback gives the seq back, and the original is answered below.
+            Err(e) if is_unique_violation(&e) => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        }
+        // A private conversation's two members join with its first message.
+        for user in m.members.iter().filter(|_| created) {
+            sqlx::query("INSERT IGNORE INTO conversation_members (user_id, conversation_id) VALUES (?, ?)")
+                .bind(user)
+                .bind(&m.conversation_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        u64::try_from(seq)
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt(format!("max_seq = {seq}")))
+    })
+    .await;
+    match inserted {
+        Ok(Some(seq)) => Ok(Appended::New(StoredMessage {
+            conversation_id: m.conversation_id.clone(),
+            chat_type: m.chat_type,
+            seq,
+            send_id: m.send_id.clone(),
+            recv_id: m.recv_id.clone(),
+            client_msg_id: m.client_msg_id.clone(),
+            msg_id: m.msg_id.clone(),
+            send_time: m.send_time,
+            body: m.body.clone(),
+        })),
+        Ok(None) => {
+            let mut conn = pool.acquire().await.map_err(unavailable)?;
+            MySqlStore::find_duplicate(&mut conn, &m.send_id, &m.client_msg_id)
+                .await?
+                .map(Appended::Duplicate)
+                .ok_or_else(|| StoreError::Unavailable("a duplicate key vanished; retry".into()))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -586,91 +679,14 @@ impl UserStore for MySqlStore {
 #[async_trait]
 impl MessageStore for MySqlStore {
     async fn append(&self, m: NewMessage) -> StoreResult<Appended> {
-        // Four round trips for a new message (begin, seq, insert, commit); a duplicate is
-        // found by the unique key refusing the insert, then read. (Checking for it first and
-        // reading the seq back took seven and 268 us of our CPU per message; see
-        // results/cluster.)
-        let (pool, m) = (&self.pool, &m);
-        let inserted = retrying(move || async move {
-            let mut tx = pool.begin().await.map_err(unavailable)?;
-            // Takes the conversation row's lock until commit: appends to one
-            // conversation queue here, in any process.
-            // The new seq comes back in the answer: `LAST_INSERT_ID(expr)` on an
-            // update (2 rows affected), 1 for a conversation created now (1 row).
-            let bumped = sqlx::query(
-                "INSERT INTO conversations (conversation_id, chat_type, max_seq, updated_at)
-                         VALUES (?, ?, 1, ?)
-                         ON DUPLICATE KEY UPDATE max_seq = LAST_INSERT_ID(max_seq + 1),
-                           updated_at = GREATEST(updated_at, VALUES(updated_at))",
-            )
-            .bind(&m.conversation_id)
-            .bind(i16::from(m.chat_type))
-            .bind(m.send_time)
-            .execute(&mut *tx)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.appender
+            .send(batch::Job { msg: m, reply })
             .await
-            .map_err(unavailable)?;
-            let created = bumped.rows_affected() == 1;
-            let seq = if created { 1 } else { bumped.last_insert_id() };
-            let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("max_seq = {seq}")))?;
-            let done = sqlx::query(concat!(
-                "INSERT INTO messages (",
-                message_columns!(),
-                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            ))
-            .bind(&m.conversation_id)
-            .bind(seq)
-            .bind(i16::from(m.chat_type))
-            .bind(&m.send_id)
-            .bind(&m.recv_id)
-            .bind(&m.client_msg_id)
-            .bind(&m.msg_id)
-            .bind(m.send_time)
-            .bind(&m.body)
-            .execute(&mut *tx)
-            .await;
-            match done {
-                Ok(_) => {}
-                // The same key appended by another process since our check: the
-                // rollback gives the seq back, and the original is answered below.
-                Err(e) if is_unique_violation(&e) => return Ok(None),
-                Err(e) => return Err(unavailable(e)),
-            }
-            // A private conversation's two members join with its first message.
-            for user in m.members.iter().filter(|_| created) {
-                sqlx::query("INSERT IGNORE INTO conversation_members (user_id, conversation_id) VALUES (?, ?)")
-                    .bind(user)
-                    .bind(&m.conversation_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-            }
-            tx.commit().await.map_err(unavailable)?;
-            u64::try_from(seq)
-                .map(Some)
-                .map_err(|_| StoreError::Corrupt(format!("max_seq = {seq}")))
-        })
-        .await;
-        match inserted {
-            Ok(Some(seq)) => Ok(Appended::New(StoredMessage {
-                conversation_id: m.conversation_id.clone(),
-                chat_type: m.chat_type,
-                seq,
-                send_id: m.send_id.clone(),
-                recv_id: m.recv_id.clone(),
-                client_msg_id: m.client_msg_id.clone(),
-                msg_id: m.msg_id.clone(),
-                send_time: m.send_time,
-                body: m.body.clone(),
-            })),
-            Ok(None) => {
-                let mut conn = self.pool.acquire().await.map_err(unavailable)?;
-                Self::find_duplicate(&mut conn, &m.send_id, &m.client_msg_id)
-                    .await?
-                    .map(Appended::Duplicate)
-                    .ok_or_else(|| StoreError::Unavailable("a duplicate key vanished; retry".into()))
-            }
-            Err(e) => Err(e),
-        }
+            .map_err(|_| StoreError::Unavailable("the append writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the append writer stopped".into()))?
     }
 
     async fn messages_after(
@@ -1050,6 +1066,51 @@ mod tests {
         for s in &stores {
             s.close().await;
         }
+    }
+
+    /// The same keys sent twice at once land in the same batches: each is stored once, one
+    /// answer new and the other its duplicate, across many conversations.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_twice_in_one_batch_is_stored_once() {
+        let db = TestDatabase::create("dup").await;
+        let s = Arc::new(MySqlStore::open(&db.url).await.unwrap());
+        let tasks: Vec<_> = (0..200u64)
+            .map(|i| {
+                let s = s.clone();
+                let conv = format!("c{}", i % 20 / 2);
+                tokio::spawn(async move {
+                    s.append(conformance::message(&conv, "a", "b", &format!("k{}", i / 2)))
+                        .await
+                })
+            })
+            .collect();
+        let mut by_key: std::collections::HashMap<String, Vec<Appended>> = std::collections::HashMap::new();
+        for t in tasks {
+            let a = t.await.unwrap().unwrap();
+            let (Appended::New(m) | Appended::Duplicate(m)) = &a;
+            by_key.entry(m.client_msg_id.clone()).or_default().push(a);
+        }
+        assert_eq!(by_key.len(), 100);
+        for (k, answers) in &by_key {
+            let news = answers.iter().filter(|a| matches!(a, Appended::New(_))).count();
+            assert_eq!(news, 1, "{k}: {answers:?}");
+            let seqs: std::collections::BTreeSet<u64> = answers
+                .iter()
+                .map(|(Appended::New(m) | Appended::Duplicate(m))| m.seq)
+                .collect();
+            assert_eq!(seqs.len(), 1, "{k}: one message, one seq");
+        }
+        for c in 0..10 {
+            let seqs: Vec<u64> = s
+                .messages_after(&format!("c{c}"), 0, 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| m.seq)
+                .collect();
+            assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "gapless");
+        }
+        s.close().await;
     }
 
     #[tokio::test]
