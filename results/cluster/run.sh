@@ -11,7 +11,7 @@ BIN=target/release/sai-im
 LG=target/release/loadgen
 OUT=results/cluster
 MYSQL=mysql://root@127.0.0.1:3306
-RATES=(--users 2000 --start-rate 2000 --step-rate 1000 --max-rate 14000 --step-secs 5)
+RATES=(--users 2000 --start-rate 2000 --step-rate 1000 --max-rate 16000 --step-secs 5)
 
 cpu() { # pids -> total CPU seconds
     local t=0
