@@ -53,20 +53,6 @@ fn key(m: &NewMessage) -> Key {
     (m.send_id.clone(), m.client_msg_id.clone())
 }
 
-fn stored(m: &NewMessage, seq: u64) -> StoredMessage {
-    StoredMessage {
-        conversation_id: m.conversation_id.clone(),
-        chat_type: m.chat_type,
-        seq,
-        send_id: m.send_id.clone(),
-        recv_id: m.recv_id.clone(),
-        client_msg_id: m.client_msg_id.clone(),
-        msg_id: m.msg_id.clone(),
-        send_time: m.send_time,
-        body: m.body.clone(),
-    }
-}
-
 async fn write(pool: &MySqlPool, jobs: Vec<Job>) {
     // The first job of each key; the others answer with its message.
     let mut first: HashMap<Key, usize> = HashMap::new();
@@ -98,7 +84,7 @@ async fn write(pool: &MySqlPool, jobs: Vec<Job>) {
     let mut fresh = vec![false; jobs.len()];
     for (i, seq) in seqs {
         fresh[i] = true;
-        answers.insert(key(&jobs[i].msg), stored(&jobs[i].msg, seq));
+        answers.insert(key(&jobs[i].msg), jobs[i].msg.stored(seq));
     }
     for (i, j) in jobs.into_iter().enumerate() {
         let answer = match answers.get(&key(&j.msg)) {

@@ -348,17 +348,7 @@ async fn append_one(pool: &MySqlPool, m: &NewMessage) -> StoreResult<Appended> {
     })
     .await;
     match inserted {
-        Ok(Some(seq)) => Ok(Appended::New(StoredMessage {
-            conversation_id: m.conversation_id.clone(),
-            chat_type: m.chat_type,
-            seq,
-            send_id: m.send_id.clone(),
-            recv_id: m.recv_id.clone(),
-            client_msg_id: m.client_msg_id.clone(),
-            msg_id: m.msg_id.clone(),
-            send_time: m.send_time,
-            body: m.body.clone(),
-        })),
+        Ok(Some(seq)) => Ok(Appended::New(m.stored(seq))),
         Ok(None) => {
             let mut conn = pool.acquire().await.map_err(unavailable)?;
             MySqlStore::find_duplicate(&mut conn, &m.send_id, &m.client_msg_id)

@@ -259,7 +259,7 @@ fn stage(
                 };
                 let seq = current + 1;
                 assigned.insert(&m.conversation_id, seq);
-                let msg = stored(m, seq);
+                let msg = m.stored(seq);
                 fresh_keys.insert(key, msg.clone());
                 results.push(Outcome::Appended(Appended::New(msg.clone())));
                 // Members join with the conversation's first message.
@@ -344,20 +344,6 @@ fn stored_max_seq(conn: &Connection, conversation_id: &str) -> rusqlite::Result<
     let mut stmt = conn.prepare_cached("SELECT max_seq FROM conversations WHERE conversation_id = ?1")?;
     let v: Option<i64> = stmt.query_row([conversation_id], |r| r.get(0)).optional()?;
     Ok(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
-}
-
-fn stored(m: &NewMessage, seq: u64) -> StoredMessage {
-    StoredMessage {
-        conversation_id: m.conversation_id.clone(),
-        chat_type: m.chat_type,
-        seq,
-        send_id: m.send_id.clone(),
-        recv_id: m.recv_id.clone(),
-        client_msg_id: m.client_msg_id.clone(),
-        msg_id: m.msg_id.clone(),
-        send_time: m.send_time,
-        body: m.body.clone(),
-    }
 }
 
 /// Starts the checkpointer: a thread with a connection of its own that runs a passive checkpoint

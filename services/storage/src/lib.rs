@@ -96,6 +96,23 @@ pub struct NewMessage {
     pub members: Vec<String>,
 }
 
+impl NewMessage {
+    /// The message as stored with `seq`.
+    pub fn stored(&self, seq: u64) -> StoredMessage {
+        StoredMessage {
+            conversation_id: self.conversation_id.clone(),
+            chat_type: self.chat_type,
+            seq,
+            send_id: self.send_id.clone(),
+            recv_id: self.recv_id.clone(),
+            client_msg_id: self.client_msg_id.clone(),
+            msg_id: self.msg_id.clone(),
+            send_time: self.send_time,
+            body: self.body.clone(),
+        }
+    }
+}
+
 /// A stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
