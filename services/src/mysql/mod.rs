@@ -267,20 +267,38 @@ impl MySqlStore {
 /// Runs `attempt` (one transaction, begun and committed by it) again from its start while it
 /// loses deadlocks or lock waits, at most [`TX_ATTEMPTS`] times. Dropping an uncommitted
 /// transaction rolls it back.
-async fn retrying<T, F, Fut>(mut attempt: F) -> StoreResult<T>
+async fn retrying<T, E, F, Fut>(mut attempt: F) -> Result<T, E>
 where
+    E: Retryable,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = StoreResult<T>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut tries = 0;
     loop {
         tries += 1;
         match attempt().await {
-            Err(StoreError::Unavailable(why)) if tries < TX_ATTEMPTS && is_retryable(&why) => {
+            Err(e) if tries < TX_ATTEMPTS && e.retryable() => {
                 tokio::time::sleep(Duration::from_millis(2 << tries)).await;
             }
             other => return other,
         }
+    }
+}
+
+/// An error [`retrying`] runs a transaction again for: a lost deadlock or lock wait.
+trait Retryable {
+    fn retryable(&self) -> bool;
+}
+
+impl Retryable for StoreError {
+    fn retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(why) if is_retryable(why))
+    }
+}
+
+impl Retryable for sai_storage::AddMembersError {
+    fn retryable(&self) -> bool {
+        matches!(self, sai_storage::AddMembersError::Store(e) if e.retryable())
     }
 }
 

@@ -267,7 +267,7 @@ impl SocialStore for MySqlStore {
         now: i64,
     ) -> Result<Vec<GroupMember>, AddMembersError> {
         let pool = &self.pool;
-        retrying_add(move || async move {
+        retrying(move || async move {
             let mut tx = pool.begin().await.map_err(unavailable)?;
             // The group's row lock orders concurrent adds (slots stay dense and unique); the
             // conversation's row lock orders the join seq against appends.
@@ -393,25 +393,5 @@ impl SocialStore for MySqlStore {
             .await
             .map_err(unavailable)?;
         Ok(done.rows_affected() > 0)
-    }
-}
-
-/// [`retrying`] for [`SocialStore::add_group_members`], whose refusals are not storage errors.
-async fn retrying_add<F, Fut>(mut attempt: F) -> Result<Vec<GroupMember>, AddMembersError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<GroupMember>, AddMembersError>>,
-{
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match attempt().await {
-            Err(AddMembersError::Store(StoreError::Unavailable(why)))
-                if tries < super::TX_ATTEMPTS && super::is_retryable(&why) =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(2 << tries)).await;
-            }
-            other => return other,
-        }
     }
 }
