@@ -194,6 +194,13 @@ pub async fn run_gateway(
             }
         })
         .collect();
+    if endpoints.len() > 1 {
+        tracing::warn!(
+            services = endpoints.len(),
+            "several services processes: their caches (accounts, friendships, group members) are not \
+             invalidated across processes yet, so a revocation or an ended friendship may be seen late"
+        );
+    }
     let pipeline = GrpcPipeline::new(&endpoints, &key, runtime.clone()).map_err(ServerError::Config)?;
     let (sink, events) = publisher::channel();
     let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
