@@ -8,12 +8,70 @@
 //! it read (checked again after the insert, so an invalidation that lands between the check and
 //! the insert still wins). The cost of that rule is an occasional extra miss, never a stale hit.
 //!
-//! The caches live in one process: a deployment with several service processes must invalidate
-//! through the pipeline's route store as well (not built yet; the embedded default has one).
+//! The caches live in one process. In a cluster with several services processes every
+//! invalidation is also told to the others ([`CachePeers`], over Redis), which forget the same
+//! key; a process that may have missed some (its subscription was lost) forgets everything.
 
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// The caches peers name in their invalidations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheName {
+    /// Accounts by user id (token epochs, disabled).
+    Accounts,
+    /// Friendships by private conversation id.
+    Friendships,
+    /// Group members by group id.
+    Members,
+}
+
+impl CacheName {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accounts => "accounts",
+            Self::Friendships => "friendships",
+            Self::Members => "members",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "accounts" => Some(Self::Accounts),
+            "friendships" => Some(Self::Friendships),
+            "members" => Some(Self::Members),
+            _ => None,
+        }
+    }
+}
+
+/// The other services processes of a cluster, told of every invalidation made here.
+pub trait CachePeers: Send + Sync + 'static {
+    /// `key` of `cache` changed; the peers forget it.
+    fn invalidated(&self, cache: CacheName, key: &str);
+}
+
+/// A service's peers, once the cluster wiring sets them (none in one process).
+#[derive(Default)]
+pub struct Peers(OnceLock<Arc<dyn CachePeers>>);
+
+impl Peers {
+    /// Sets the peers (the first call wins).
+    pub fn set(&self, peers: Arc<dyn CachePeers>) {
+        let _ = self.0.set(peers);
+    }
+
+    /// Tells the peers, if any, that `key` of `cache` changed.
+    pub fn tell(&self, cache: CacheName, key: &str) {
+        if let Some(p) = self.0.get() {
+            p.invalidated(cache, key);
+        }
+    }
+}
 
 /// A bounded cache of `K -> V` filled from storage on a miss.
 pub struct Cached<K, V> {
@@ -54,6 +112,12 @@ impl<K: Eq + Hash + Clone, V: Clone> Cached<K, V> {
     pub fn invalidate(&self, key: &K) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.cache.remove(key);
+    }
+
+    /// Forgets everything.
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.cache.clear();
     }
 }
 

@@ -71,6 +71,28 @@ pub struct Services {
     pub admin_token: Option<String>,
 }
 
+impl Services {
+    /// Tells `peers` (the other services processes of a cluster) of every cache invalidation.
+    pub fn set_cache_peers(&self, peers: Arc<dyn cache::CachePeers>) {
+        self.users.set_peers(peers.clone());
+        self.social.set_peers(peers);
+    }
+
+    /// Forgets what a peer invalidated.
+    pub fn forget(&self, cache: cache::CacheName, key: &str) {
+        match cache {
+            cache::CacheName::Accounts => self.users.forget_account(key),
+            other => self.social.forget(other, key),
+        }
+    }
+
+    /// Forgets every cached fact (invalidations from peers may have been missed).
+    pub fn forget_all(&self) {
+        self.users.forget_accounts();
+        self.social.forget_all();
+    }
+}
+
 /// `ms2ps_chat`, the services' one way out to clients: stored messages and notifications alike
 /// are addressed to the recipients' [`Route`](sai_pipeline::flow::Route)s and handed to the
 /// gateways. Offline users get nothing: a stored message reaches them by sync, and what a

@@ -34,6 +34,8 @@ pub struct SocialService {
     /// A group's members by slot: every group send and group markChat asks. Invalidated by every
     /// member change (add, remove, role).
     members: Cached<String, Arc<Vec<GroupMember>>>,
+    /// Other services processes, told of every invalidation here.
+    peers: crate::cache::Peers,
 }
 
 /// Friendship answers kept (about 150 bytes each).
@@ -79,7 +81,42 @@ impl SocialService {
             max_group_members,
             friendships: Cached::new(CACHED_FRIENDSHIPS),
             members: Cached::new(CACHED_GROUPS),
+            peers: crate::cache::Peers::default(),
         }
+    }
+
+    /// Tells `peers` of every friendship and member list invalidated here.
+    pub fn set_peers(&self, peers: Arc<dyn crate::cache::CachePeers>) {
+        self.peers.set(peers);
+    }
+
+    /// Forgets a cached fact a peer changed (`key`: a private conversation id or a group id).
+    pub fn forget(&self, cache: crate::cache::CacheName, key: &str) {
+        match cache {
+            crate::cache::CacheName::Friendships => {
+                if let Some(id) = ConversationId::parse(key) {
+                    self.friendships.invalidate(&id);
+                }
+            }
+            crate::cache::CacheName::Members => self.members.invalidate(&key.to_string()),
+            crate::cache::CacheName::Accounts => {}
+        }
+    }
+
+    /// Forgets every cached friendship and member list.
+    pub fn forget_all(&self) {
+        self.friendships.clear();
+        self.members.clear();
+    }
+
+    fn forget_friendship(&self, id: &ConversationId) {
+        self.friendships.invalidate(id);
+        self.peers.tell(crate::cache::CacheName::Friendships, &id.to_string());
+    }
+
+    fn forget_members(&self, group_id: &str) {
+        self.members.invalidate(&group_id.to_string());
+        self.peers.tell(crate::cache::CacheName::Members, group_id);
     }
 
     /// Sends a friend request; the recipient, if online, gets a `friend.request` push.
@@ -151,8 +188,7 @@ impl SocialService {
             return Err(conflict("request_not_pending", "the request was already answered"));
         }
         if accept {
-            self.friendships
-                .invalidate(&ConversationId::private(&req.from_user, &req.to_user));
+            self.forget_friendship(&ConversationId::private(&req.from_user, &req.to_user));
             self.outbound
                 .notify(
                     &req.from_user,
@@ -202,7 +238,7 @@ impl SocialService {
     /// Ends a friendship.
     pub async fn unfriend(&self, user: &str, other: &str) -> Result<(), ServiceError> {
         let removed = self.store.remove_friend(user, other).await?;
-        self.friendships.invalidate(&ConversationId::private(user, other));
+        self.forget_friendship(&ConversationId::private(user, other));
         if removed {
             Ok(())
         } else {
@@ -252,7 +288,7 @@ impl SocialService {
             .create_group(&group, &group_conversation_id(&group.group_id), &members)
             .await?;
         // A send to this id before it existed cached an empty member list.
-        self.members.invalidate(&group.group_id);
+        self.forget_members(&group.group_id);
         Ok(group.group_id)
     }
 
@@ -315,7 +351,7 @@ impl SocialService {
             .store
             .add_group_members(group_id, &conv, user_ids, self.max_group_members, self.clock.now_ms())
             .await;
-        self.members.invalidate(&group_id.to_string());
+        self.forget_members(group_id);
         match added {
             Ok(added) => Ok(added),
             Err(AddMembersError::Full { limit, .. }) => Err(conflict(
@@ -356,7 +392,7 @@ impl SocialService {
             .store
             .remove_group_member(group_id, &group_conversation_id(group_id), target)
             .await?;
-        self.members.invalidate(&group_id.to_string());
+        self.forget_members(group_id);
         if removed {
             Ok(())
         } else {
@@ -377,7 +413,7 @@ impl SocialService {
             return Err(ServiceError::invalid("invalid_role", "the owner's role cannot change"));
         }
         let changed = self.store.set_group_role(group_id, target, role).await?;
-        self.members.invalidate(&group_id.to_string());
+        self.forget_members(group_id);
         if changed {
             Ok(())
         } else {

@@ -59,6 +59,8 @@ pub struct UserService {
     /// request, and existence for every private send. Invalidated by every revocation; absent
     /// ids are not cached (they may be registered next).
     accounts: Cached<String, Account>,
+    /// Other services processes, told of every account invalidated here.
+    peers: crate::cache::Peers,
     /// Where revoked sessions are closed.
     outbound: Arc<Outbound>,
 }
@@ -102,8 +104,24 @@ impl UserService {
             throttle: LoginThrottle::new(cfg.limits),
             dummy_hash,
             accounts: Cached::new(CACHED_ACCOUNTS),
+            peers: crate::cache::Peers::default(),
             outbound,
         })
+    }
+
+    /// Tells `peers` of every account invalidated here.
+    pub fn set_peers(&self, peers: Arc<dyn crate::cache::CachePeers>) {
+        self.peers.set(peers);
+    }
+
+    /// Forgets a cached account (a peer revoked it).
+    pub fn forget_account(&self, user_id: &str) {
+        self.accounts.invalidate(&user_id.to_string());
+    }
+
+    /// Forgets every cached account.
+    pub fn forget_accounts(&self) {
+        self.accounts.clear();
     }
 
     /// The signing keys (the gateway verifies tokens with them).
@@ -299,6 +317,7 @@ impl UserService {
     /// After a committed revocation: forget the cached account, close the live session.
     async fn revoked(&self, user_id: &str, reason: CloseReason) {
         self.accounts.invalidate(&user_id.to_string());
+        self.peers.tell(crate::cache::CacheName::Accounts, user_id);
         self.outbound.close(user_id, reason).await;
     }
 
