@@ -9,7 +9,10 @@
 //! - [`pipeline`]: `ws2ms_chat` and `ms2ps_chat` between gateway and services processes over
 //!   gRPC (an internal port).
 //! - [`publisher`]: a gateway's routes published to the directory, kept fresh and repaired.
+//! - [`bus`]: a broadcast between processes over Redis pub/sub (the services' cache
+//!   invalidations).
 
+pub mod bus;
 pub mod pipeline;
 pub mod publisher;
 pub mod routes;

@@ -128,6 +128,7 @@ pub async fn run_services(
     let hub = Arc::new(DeliveryHub::default());
     let outbound = Arc::new(Outbound::new(Arc::new(directory), hub.clone()));
     let services = build_services(&cfg, &store, outbound)?;
+    share_invalidations(&cfg, &services).await?;
     let apis = Apis::bind(&cfg).await?;
     let internal_l = tokio::net::TcpListener::bind(cfg.internal_listen)
         .await
@@ -194,13 +195,6 @@ pub async fn run_gateway(
             }
         })
         .collect();
-    if endpoints.len() > 1 {
-        tracing::warn!(
-            services = endpoints.len(),
-            "several services processes: their caches (accounts, friendships, group members) are not \
-             invalidated across processes yet, so a revocation or an ended friendship may be seen late"
-        );
-    }
     let pipeline = GrpcPipeline::new(&endpoints, &key, runtime.clone()).map_err(ServerError::Config)?;
     let (sink, events) = publisher::channel();
     let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
@@ -239,6 +233,51 @@ pub async fn run_gateway(
     Ok(())
 }
 
+/// The services' cache invalidations told to the other services processes over Redis
+/// (`<prefix>cache`: `origin\ncache\nkey`), and theirs applied here; a (re)started
+/// subscription forgets everything, since it may have missed some.
+async fn share_invalidations(cfg: &Config, services: &Arc<Services>) -> Result<(), ServerError> {
+    struct RedisPeers {
+        bus: sai_cluster::bus::Bus,
+        origin: u64,
+    }
+    impl sai_services::cache::CachePeers for RedisPeers {
+        fn invalidated(&self, cache: sai_services::cache::CacheName, key: &str) {
+            self.bus.publish(format!("{}\n{}\n{key}", self.origin, cache.as_str()));
+        }
+    }
+    let url = redis_url(cfg)?;
+    let channel = format!("{}cache", cfg.redis_prefix);
+    let origin = getrandom::u64().map_err(|e| ServerError::Config(format!("random origin: {e}")))?;
+    let bus = sai_cluster::bus::Bus::connect(url, &channel).await?;
+    services.set_cache_peers(Arc::new(RedisPeers { bus, origin }));
+    let (on_message, on_subscribed) = (services.clone(), services.clone());
+    sai_cluster::bus::subscribe(
+        url,
+        &channel,
+        move |payload| {
+            let mut parts = payload.splitn(3, '\n');
+            let (Some(from), Some(cache), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+                return;
+            };
+            if from == origin.to_string() {
+                return;
+            }
+            if let Some(cache) = sai_services::cache::CacheName::parse(cache) {
+                on_message.forget(cache, key);
+            }
+        },
+        move || on_subscribed.forget_all(),
+    )?;
+    Ok(())
+}
+
+fn redis_url(cfg: &Config) -> Result<&str, ServerError> {
+    cfg.redis_url
+        .as_deref()
+        .ok_or_else(|| ServerError::Config("a cluster process needs --redis-url".into()))
+}
+
 fn cluster_key(cfg: &Config) -> Result<ClusterKey, ServerError> {
     let key = cfg.cluster_key.as_deref().ok_or_else(|| {
         ServerError::Config("a cluster process needs --cluster-key (the secret its processes share)".into())
@@ -247,11 +286,7 @@ fn cluster_key(cfg: &Config) -> Result<ClusterKey, ServerError> {
 }
 
 async fn connect_directory(cfg: &Config) -> Result<RouteDirectory, ServerError> {
-    let url = cfg
-        .redis_url
-        .as_deref()
-        .ok_or_else(|| ServerError::Config("a cluster process needs --redis-url".into()))?;
-    Ok(RouteDirectory::connect(url, &cfg.redis_prefix, Ttls::default()).await?)
+    Ok(RouteDirectory::connect(redis_url(cfg)?, &cfg.redis_prefix, Ttls::default()).await?)
 }
 
 async fn open_storage(cfg: &Config) -> Result<Storage, ServerError> {

@@ -12,6 +12,9 @@ use std::time::Duration;
 /// The secret of the test clusters' internal port.
 const KEY: &str = "test-cluster-key-0123";
 
+/// The token secret every services process of a test cluster shares.
+const JWT_SECRET: &str = "test-cluster-jwt-secret-0123";
+
 struct Cluster {
     services: Server,
     gateways: Vec<Server>,
@@ -48,6 +51,8 @@ impl Cluster {
                 internal,
                 "--require-friendship",
                 "false",
+                "--jwt-secret",
+                JWT_SECRET,
             ],
         );
         let internal = services.field("internal").expect("internal address");
@@ -358,4 +363,64 @@ fn when_redis_loses_everything_routes_heal_within_a_sweep() {
     a.chat(&bob.0, "healed", "found you again");
     a.recv();
     assert_eq!(b.recv()["data"]["msg"]["content"], "found you again");
+}
+
+/// A second services process on the same database: a logout through the first closes the
+/// account's tokens on the second too (its cached account is forgotten over Redis), and so
+/// does an ended friendship.
+#[test]
+fn a_second_services_process_hears_every_invalidation() {
+    let c = Cluster::start(1);
+    let db = format!("{}/{}?pool=4", c.database.0, c.database.1);
+    let other = Server::start_as(
+        Some("services"),
+        &[
+            "--cluster-key",
+            KEY,
+            "--redis-url",
+            &c.redis,
+            "--redis-prefix",
+            &c.prefix,
+            "--database-url",
+            &db,
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            JWT_SECRET,
+        ],
+    );
+    let (alice, ta) = c.services.user("alice");
+    let (bob, tb) = c.services.user("bob");
+    // The second process caches both facts: alice's account, and that they are friends.
+    c.services.befriend(&ta, &bob, &tb);
+    assert_eq!(other.get("/v1/users/me", Some(&ta)).0, 200);
+    let (st, v) = other.get(&format!("/v1/presence?userIds={bob}"), Some(&ta));
+    assert_eq!(st, 200, "friends on the second process: {v}");
+    // Changed through the first process.
+    let (st, v) = c.services.post("/v1/users/logout", &json!({}), Some(&ta));
+    assert!(st == 204 || st == 200, "{st} {v}");
+    let (st, _) = c.services.delete(&format!("/v1/friends/{alice}"), Some(&tb));
+    assert_eq!(st, 204);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while other.get("/v1/users/me", Some(&ta)).0 != 401 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second process still takes the revoked token"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, v) = other.post(
+        "/v1/users/login",
+        &json!({"username": "alice", "password": "correct horse"}),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    let ta2 = v["token"].as_str().unwrap().to_string();
+    while other.get(&format!("/v1/presence?userIds={bob}"), Some(&ta2)).0 != 403 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second process still sees the friendship"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -231,6 +231,18 @@ impl Server {
         )
     }
 
+    pub fn delete(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = Self::agent().delete(format!("{}{path}", self.http));
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.call().expect("http");
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_json().unwrap_or(Value::Null),
+        )
+    }
+
     /// Registers and logs in; returns (userId, token).
     pub fn user(&self, name: &str) -> (String, String) {
         let (st, v) = self.post(
