@@ -27,7 +27,7 @@
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
-use sai_pipeline::flow::{BoxFuture, Route, RouteLookup};
+use sai_pipeline::flow::{BorrowedFuture, Route, RouteLookup};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -382,11 +382,10 @@ impl RouteDirectory {
 
 /// The pipeline's lookups (`Outbound`) in a services process.
 impl RouteLookup for RouteDirectory {
-    fn lookup_many(&self, users: Vec<String>) -> BoxFuture<Vec<Option<Route>>> {
-        let directory = self.clone();
+    fn lookup_many<'a>(&'a self, users: &'a [String]) -> BorrowedFuture<'a, Vec<Option<Route>>> {
         Box::pin(async move {
             let names: Vec<&str> = users.iter().map(String::as_str).collect();
-            match directory.lookup(&names).await {
+            match self.lookup(&names).await {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::warn!(error = %e, users = users.len(), "route lookup failed: the users will sync");

@@ -276,9 +276,9 @@ async fn the_pipeline_looks_routes_up_and_treats_a_dead_redis_as_offline() {
     d.register("a", placed(1, 1, 3)).await.unwrap();
     let lookup: std::sync::Arc<dyn RouteLookup> = std::sync::Arc::new(d);
     assert_eq!(
-        lookup.lookup_many(vec!["a".into(), "b".into()]).await,
+        lookup.lookup_many(&["a".into(), "b".into()]).await,
         vec![Some(placed(1, 1, 3).route), None]
     );
     drop(server);
-    assert_eq!(lookup.lookup_many(vec!["a".into()]).await, vec![None]);
+    assert_eq!(lookup.lookup_many(&["a".into()]).await, vec![None]);
 }

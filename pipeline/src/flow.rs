@@ -23,6 +23,9 @@ use std::sync::Arc;
 /// A future any executor can poll and any thread can own.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// A future that borrows what it was called with.
+pub type BorrowedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// Where one connection lives: gateway node, shard (thread) on it, connection id on the shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Route {
@@ -58,17 +61,17 @@ pub trait RouteSink: Send + Sync + 'static {
 
 /// How the pipeline finds where users are before each delivery. In one process the gateway's
 /// index answers at once; in a cluster the route directory in Redis does, over the network, so
-/// the answer is a future.
+/// the answer is a future (borrowing the user ids: a group push does not copy its members).
 pub trait RouteLookup: Send + Sync + 'static {
     /// The live route of each user (`None`: offline), in order. A directory that cannot be
     /// reached answers `None` for everyone (and says so in its log): nothing is lost, the
     /// messages wait in storage for the clients' sync.
-    fn lookup_many(&self, users: Vec<String>) -> BoxFuture<Vec<Option<Route>>>;
+    fn lookup_many<'a>(&'a self, users: &'a [String]) -> BorrowedFuture<'a, Vec<Option<Route>>>;
 }
 
 /// Every [`Routes`] (an index in memory) answers lookups at once.
 impl<R: Routes> RouteLookup for R {
-    fn lookup_many(&self, users: Vec<String>) -> BoxFuture<Vec<Option<Route>>> {
+    fn lookup_many<'a>(&'a self, users: &'a [String]) -> BorrowedFuture<'a, Vec<Option<Route>>> {
         let found = users.iter().map(|u| self.lookup(u)).collect();
         Box::pin(std::future::ready(found))
     }

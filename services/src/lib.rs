@@ -112,7 +112,7 @@ impl Outbound {
     /// The route of one user.
     async fn route(&self, user: &str) -> Option<sai_pipeline::flow::Route> {
         self.routes
-            .lookup_many(vec![user.to_string()])
+            .lookup_many(&[user.to_string()])
             .await
             .into_iter()
             .next()
@@ -123,7 +123,7 @@ impl Outbound {
     pub async fn push(&self, recipients: &[String], push: &Push) {
         let to: Vec<_> = self
             .routes
-            .lookup_many(recipients.to_vec())
+            .lookup_many(recipients)
             .await
             .into_iter()
             .flatten()
@@ -137,7 +137,7 @@ impl Outbound {
     /// Whether each of `users` has a live connection (a route), in order.
     pub async fn online(&self, users: &[String]) -> Vec<bool> {
         self.routes
-            .lookup_many(users.to_vec())
+            .lookup_many(users)
             .await
             .into_iter()
             .map(|r| r.is_some())
