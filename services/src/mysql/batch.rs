@@ -114,7 +114,7 @@ async fn one_by_one(pool: &MySqlPool, jobs: Vec<Job>) {
 }
 
 /// The messages already stored under any of `keys`.
-async fn stored_before(pool: &MySqlPool, keys: &[Key]) -> StoreResult<HashMap<Key, StoredMessage>> {
+pub(super) async fn stored_before(pool: &MySqlPool, keys: &[Key]) -> StoreResult<HashMap<Key, StoredMessage>> {
     let mut out = HashMap::new();
     for chunk in keys.chunks(ROWS) {
         let tuples = vec!["(?, ?)"; chunk.len()].join(", ");

@@ -242,26 +242,6 @@ impl MySqlStore {
         })
         .await
     }
-
-    async fn find_duplicate(
-        conn: &mut sqlx::MySqlConnection,
-        send_id: &str,
-        client_msg_id: &str,
-    ) -> StoreResult<Option<StoredMessage>> {
-        sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE send_id = ? AND client_msg_id = ?"
-        ))
-        .bind(send_id)
-        .bind(client_msg_id)
-        .fetch_optional(conn)
-        .await
-        .map_err(unavailable)?
-        .as_ref()
-        .map(message_from_row)
-        .transpose()
-    }
 }
 
 /// Runs `attempt` (one transaction, begun and committed by it) again from its start while it
@@ -367,13 +347,12 @@ async fn append_one(pool: &MySqlPool, m: &NewMessage) -> StoreResult<Appended> {
     .await;
     match inserted {
         Ok(Some(seq)) => Ok(Appended::New(m.stored(seq))),
-        Ok(None) => {
-            let mut conn = pool.acquire().await.map_err(unavailable)?;
-            MySqlStore::find_duplicate(&mut conn, &m.send_id, &m.client_msg_id)
-                .await?
-                .map(Appended::Duplicate)
-                .ok_or_else(|| StoreError::Unavailable("a duplicate key vanished; retry".into()))
-        }
+        Ok(None) => batch::stored_before(pool, &[(m.send_id.clone(), m.client_msg_id.clone())])
+            .await?
+            .into_values()
+            .next()
+            .map(Appended::Duplicate)
+            .ok_or_else(|| StoreError::Unavailable("a duplicate key vanished; retry".into())),
         Err(e) => Err(e),
     }
 }
