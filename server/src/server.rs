@@ -95,9 +95,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down");
     // The gateway first (it closes clients with 1001 and joins its threads), then the APIs.
-    tokio::task::spawn_blocking(move || gateway.shutdown())
-        .await
-        .map_err(|e| io("gateway shutdown")(std::io::Error::other(e.to_string())))?;
+    shut_down(gateway).await?;
     apis.stop().await;
     store.close().await;
     Ok(())
@@ -223,9 +221,7 @@ pub async fn run_gateway(
     tracing::info!(ws = %bound.ws, node = bound.node, "gateway ready");
     shutdown.await;
     tracing::info!("shutting down");
-    tokio::task::spawn_blocking(move || gateway.shutdown())
-        .await
-        .map_err(|e| io("gateway shutdown")(std::io::Error::other(e.to_string())))?;
+    shut_down(gateway).await?;
     // Its routes stop counting at once.
     if let Err(e) = node.directory.retire(node.id, incarnation).await {
         tracing::warn!(error = %e, "retiring the node failed: its routes lapse with its TTL");
@@ -283,6 +279,13 @@ fn cluster_key(cfg: &Config) -> Result<ClusterKey, ServerError> {
         ServerError::Config("a cluster process needs --cluster-key (the secret its processes share)".into())
     })?;
     ClusterKey::new(key).map_err(ServerError::Config)
+}
+
+/// Stops a gateway (it closes its clients with 1001 and joins its threads) off the runtime.
+async fn shut_down(gateway: Gateway) -> Result<(), ServerError> {
+    tokio::task::spawn_blocking(move || gateway.shutdown())
+        .await
+        .map_err(|e| io("gateway shutdown")(std::io::Error::other(e.to_string())))
 }
 
 async fn connect_directory(cfg: &Config) -> Result<RouteDirectory, ServerError> {
