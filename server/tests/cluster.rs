@@ -23,6 +23,29 @@ struct Cluster {
     database: (String, String),
 }
 
+/// A services process of a test cluster, its internal port at `internal`.
+fn start_services(redis: &str, prefix: &str, database_url: &str, internal: &str) -> Server {
+    Server::start_as(
+        Some("services"),
+        &[
+            "--cluster-key",
+            KEY,
+            "--redis-url",
+            redis,
+            "--redis-prefix",
+            prefix,
+            "--database-url",
+            database_url,
+            "--internal-listen",
+            internal,
+            "--require-friendship",
+            "false",
+            "--jwt-secret",
+            JWT_SECRET,
+        ],
+    )
+}
+
 impl Cluster {
     fn start(gateways: u32) -> Cluster {
         Self::start_on("127.0.0.1:0", gateways)
@@ -36,25 +59,7 @@ impl Cluster {
         let prefix = format!("sai-e2e:{tag}:");
         let database = (mysql.clone(), format!("sai_cluster_{tag}"));
         let url = format!("{mysql}/{}?pool=8", database.1);
-        let services = Server::start_as(
-            Some("services"),
-            &[
-                "--cluster-key",
-                KEY,
-                "--redis-url",
-                &redis,
-                "--redis-prefix",
-                &prefix,
-                "--database-url",
-                &url,
-                "--internal-listen",
-                internal,
-                "--require-friendship",
-                "false",
-                "--jwt-secret",
-                JWT_SECRET,
-            ],
-        );
+        let services = start_services(&redis, &prefix, &url, internal);
         let internal = services.field("internal").expect("internal address");
         let mut c = Cluster {
             services,
@@ -372,23 +377,7 @@ fn when_redis_loses_everything_routes_heal_within_a_sweep() {
 fn a_second_services_process_hears_every_invalidation() {
     let c = Cluster::start(1);
     let db = format!("{}/{}?pool=4", c.database.0, c.database.1);
-    let other = Server::start_as(
-        Some("services"),
-        &[
-            "--cluster-key",
-            KEY,
-            "--redis-url",
-            &c.redis,
-            "--redis-prefix",
-            &c.prefix,
-            "--database-url",
-            &db,
-            "--internal-listen",
-            "127.0.0.1:0",
-            "--jwt-secret",
-            JWT_SECRET,
-        ],
-    );
+    let other = start_services(&c.redis, &c.prefix, &db, "127.0.0.1:0");
     let (alice, ta) = c.services.user("alice");
     let (bob, tb) = c.services.user("bob");
     // The second process caches both facts: alice's account, and that they are friends.
