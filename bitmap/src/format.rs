@@ -745,6 +745,9 @@ pub fn validate(bytes: &[u8]) -> Result<View<'_>, Error> {
     Ok(v)
 }
 
+/// Most members [`fuzz_bytes`] walks one by one (a few milliseconds instrumented).
+pub const FUZZ_WALK: u64 = 1 << 20;
+
 /// The fuzz target's body (`fuzz/fuzz_targets/bytes.rs`), also run as a property test on
 /// stable: any bytes are refused with an error or read back identically; nothing panics.
 pub fn fuzz_bytes(bytes: &[u8]) {
@@ -752,19 +755,29 @@ pub fn fuzz_bytes(bytes: &[u8]) {
         return;
     };
     let n = view.len();
-    assert_eq!(view.iter().count() as u64, n, "validated cardinality matches");
+    // Runs let a few bytes hold up to 2^32 members; walking them all took AFL's hang limit
+    // (1 s) for a 20-byte input. Above FUZZ_WALK members the walks compare lengths instead.
+    let walk = n <= FUZZ_WALK;
+    if walk {
+        assert_eq!(view.iter().count() as u64, n, "validated cardinality matches");
+    }
     let b = match crate::Bitmap::deserialize(bytes) {
         Ok(b) => b,
         Err(e) => panic!("validated bytes failed to deserialize: {e}"),
     };
     assert_eq!(b.len(), n);
-    assert!(b.iter().eq(view.iter()));
+    if walk {
+        assert!(b.iter().eq(view.iter()));
+    }
     let again = b.serialize();
     let v2 = match validate(&again) {
         Ok(v) => v,
         Err(e) => panic!("our own output does not validate: {e}"),
     };
-    assert!(v2.iter().eq(view.iter()));
+    assert_eq!(v2.len(), n);
+    if walk {
+        assert!(v2.iter().eq(view.iter()));
+    }
     // Adding a member on the bytes equals decode, insert, encode.
     for slot in [
         0,
