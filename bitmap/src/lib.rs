@@ -25,7 +25,7 @@
 //! (O(1): the header carries the cardinality) on the bytes themselves, without allocating.
 //! [`validate`] rejects any malformed input with an error and never allocates; [`Bitmap::
 //! deserialize`] validates first and then allocates in proportion to the cardinality, which the
-//! format caps at 2^24 (at most 64 MiB, whatever the input length).
+//! format caps at 2^20 (at most 4 MiB, whatever the input length).
 //!
 //! Measured against `roaring` in `benches/vs_roaring.rs` (results and the command in
 //! `README.md`).
@@ -283,9 +283,9 @@ impl Bitmap {
     }
 
     /// The members of a view, in the representation [`Bitmap::insert`] would have reached.
-    /// The allocation is bounded by the cardinality, which [`validate`] caps at 2^24: 4 bytes
+    /// The allocation is bounded by the cardinality, which [`validate`] caps at 2^20: 4 bytes
     /// per member for an array, and a bitset only when it holds at least one member in 32
-    /// slots (or is at most 1 KiB), so at most 64 MiB either way.
+    /// slots (or is at most 1 KiB), so at most 4 MiB either way.
     pub(crate) fn from_view(view: &View<'_>) -> Bitmap {
         let Some(max) = view.max() else {
             return Bitmap::new();

@@ -447,8 +447,8 @@ impl Config {
         if self.max_connections_per_address == 0 || self.max_handshakes_per_address == 0 {
             return Err("max_connections_per_address and max_handshakes_per_address must be at least 1".into());
         }
-        if self.group.max_members < 2 {
-            return Err("group.max_members must be at least 2".into());
+        if self.group.max_members < 2 || self.group.max_members > sai_services::MAX_GROUP_MEMBERS {
+            return Err(format!("group.max_members must be 2 to {}", sai_services::MAX_GROUP_MEMBERS));
         }
         if self.token_ttl_secs <= 0 {
             return Err("token_ttl_secs must be positive".into());

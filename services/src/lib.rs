@@ -40,6 +40,10 @@ use sai_pipeline::frame::{data_frame, PushFrame};
 use sai_pipeline::message::Push;
 use serde::Serialize;
 use std::sync::Arc;
+
+/// The largest `max_group_members` a server accepts: each group message's read receipts are a
+/// bitmap of member slots, whose format caps its cardinality.
+pub const MAX_GROUP_MEMBERS: u32 = sai_bitmap::format::MAX_CARDINALITY;
 /// Wall-clock time, injected so tests can control it.
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
