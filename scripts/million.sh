@@ -9,6 +9,10 @@
 #   USERS=200000 HOLD=30 OUT=/tmp/m ./scripts/million.sh  # smaller
 #   CHAT_USERS=10000 CHAT_RATE=5000 ./scripts/million.sh  # with chat among 10,000 of them
 #
+# BIN_DIR=<dir> runs the sai-im and loadgen binaries found there instead of building them (a
+# machine without a Rust toolchain); SHARDS sets the gateway's shard threads (default: one per
+# core), THREADS the holding loadgen's threads, CHAT_PROCS the chat loadgen's processes.
+#
 # EHASH=2097152 runs everything in a network namespace of its own whose TCP established-connection
 # hash has that many buckets (default 0: the host's namespace). This VM's boot-time table has
 # 262,144: with two million loopback sockets the kernel's lookup of each incoming segment took
@@ -29,6 +33,9 @@ RATE=${RATE:-20000}
 THREADS=${THREADS:-1}
 CHAT_USERS=${CHAT_USERS:-0}
 CHAT_RATE=${CHAT_RATE:-5000}
+CHAT_PROCS=${CHAT_PROCS:-1}
+SHARDS=${SHARDS:-0}
+BIN_DIR=${BIN_DIR:-}
 OUT=${OUT:-results/million}
 NOTE=${NOTE:-"2-core / 24 GiB dev VM, loadgen on the same machine"}
 DATA=${DATA:-/tmp/sai-million}
@@ -36,9 +43,12 @@ EHASH=${EHASH:-0}
 NS=sai-million
 mkdir -p "$OUT"
 
-cargo build --release --locked -p sai-im -p loadgen
-BIN=target/release/sai-im
-LG=target/release/loadgen
+if [ -z "$BIN_DIR" ]; then
+    cargo build --release --locked -p sai-im -p loadgen
+    BIN_DIR=target/release
+fi
+BIN=$BIN_DIR/sai-im
+LG=$BIN_DIR/loadgen
 
 # Seeding a million users takes ~12 s; the seeded database is kept for the next run.
 if [ ! -f "$DATA/seeded-$USERS" ]; then
@@ -58,7 +68,7 @@ if [ "$EHASH" != 0 ]; then
     IN=(ip netns exec "$NS")
 fi
 # `ip netns exec` execs the command: $! is the server's pid.
-"${IN[@]}" "$BIN" --data-dir "$DATA" --engine direct --require-friendship false \
+"${IN[@]}" "$BIN" --data-dir "$DATA" --engine direct --shards "$SHARDS" --require-friendship false \
     --ws-listen 127.0.0.1:19080 --http-listen 127.0.0.1:19081 --grpc-listen 127.0.0.1:19082 \
     > "$OUT/server.log" 2>&1 &
 SERVER_PID=$!
@@ -81,10 +91,16 @@ grep -q "engine=direct" "$OUT/server.log" || { echo "the server is not on the di
 HELD=$((USERS - CHAT_USERS))
 CHAT_PID=
 if [ "$CHAT_USERS" -gt 0 ]; then
-    # The chat starts once the held connections are up (the ramp at RATE/s, plus margin).
+    # The chat starts 5 s after every held connection is up (or, should the ramp stall, after
+    # twice its planned time plus a minute).
     (
-        sleep $((HELD / RATE + 20))
+        for _ in $(seq $((2 * HELD / RATE + 60))); do
+            grep -qE "open +$HELD started" "$OUT/hold-progress.txt" 2>/dev/null && break
+            sleep 1
+        done
+        sleep 5
         "${IN[@]}" "$LG" chat --users "$CHAT_USERS" --first-user "$HELD" --rate "$CHAT_RATE" --duration 30 \
+            --procs "$CHAT_PROCS" \
             --connect-rate 5000 --ws 127.0.0.1:19080 --http http://127.0.0.1:19081 --data-dir "$DATA" \
             --prefix m --ack-mode only --server-pid "$SERVER_PID" --note "$NOTE, during a hold of $HELD" \
             --quiet --out "$OUT/chat" \
