@@ -843,4 +843,31 @@ mod tests {
             Err(Error::Invariant(_))
         ));
     }
+
+    /// One run of `len` slots from `start`, as 20 bytes.
+    fn one_run(start: u32, len: u32) -> Vec<u8> {
+        let mut b = vec![VERSION, KIND_RUNS, 4, 0];
+        for v in [len, 1, start, len - 1] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn the_largest_readable_bitmaps_read_back_whole() {
+        // The most members a reader accepts, dense (decoded as a bitset) and far apart from the
+        // slots below them (decoded as a 4 MiB array): what the fuzz target found at 2^24.
+        for start in [3, 0x5d01_2a1c] {
+            let bytes = one_run(start, MAX_CARDINALITY);
+            let b = crate::Bitmap::deserialize(&bytes).unwrap();
+            assert_eq!(b.len(), u64::from(MAX_CARDINALITY));
+            assert_eq!(b.max(), Some(start + MAX_CARDINALITY - 1));
+            assert_eq!(crate::Bitmap::deserialize(&b.serialize()).unwrap(), b);
+            fuzz_bytes(&bytes);
+        }
+        assert_eq!(
+            validate(&one_run(3, MAX_CARDINALITY + 1)).unwrap_err(),
+            Error::Invariant("cardinality above the format's limit")
+        );
+    }
 }

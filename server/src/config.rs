@@ -448,7 +448,10 @@ impl Config {
             return Err("max_connections_per_address and max_handshakes_per_address must be at least 1".into());
         }
         if self.group.max_members < 2 || self.group.max_members > sai_services::MAX_GROUP_MEMBERS {
-            return Err(format!("group.max_members must be 2 to {}", sai_services::MAX_GROUP_MEMBERS));
+            return Err(format!(
+                "group.max_members must be 2 to {}",
+                sai_services::MAX_GROUP_MEMBERS
+            ));
         }
         if self.token_ttl_secs <= 0 {
             return Err("token_ttl_secs must be positive".into());
@@ -507,5 +510,28 @@ impl Config {
             g.shards = self.shards;
         }
         g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_group_limit(n: u32) -> Result<Config, String> {
+        Config::load(
+            None,
+            Overrides {
+                max_group_members: Some(n),
+                ..Overrides::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_group_limit_past_what_read_receipts_can_hold_is_refused() {
+        assert!(with_group_limit(sai_services::MAX_GROUP_MEMBERS).is_ok());
+        let e = with_group_limit(sai_services::MAX_GROUP_MEMBERS + 1).unwrap_err();
+        assert!(e.contains("group.max_members"), "{e}");
+        assert!(with_group_limit(1).is_err());
     }
 }
