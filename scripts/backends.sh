@@ -62,12 +62,44 @@ ensure_redis() {
     return 1
 }
 
+# Kafka: SAI_TEST_KAFKA (default 127.0.0.1:9092) names the broker the tests use; when it is set,
+# nothing is started. Otherwise tansu (a Kafka-protocol broker in Rust) is installed with cargo
+# once per machine (about 10 minutes on 2 cores; cargo skips it when that version is there) and
+# started on 127.0.0.1:9092, its data in SQLite under $SAI_KAFKA_DIR (default
+# /tmp/sai-tansu), so that it keeps topics and offsets across its own restarts. The broker-kill
+# test runs a private tansu of its own, so the binary is installed even when a broker is set.
+TANSU_VERSION=${TANSU_VERSION:-0.6.0}
+tansu_bin() { command -v tansu 2>/dev/null || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu"; }
+ensure_kafka() {
+    if [ ! -x "$(tansu_bin)" ]; then
+        echo "installing tansu $TANSU_VERSION (the Kafka flows' tests; ~10 minutes, once)" >&2
+        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
+    fi
+    if [ -n "${SAI_TEST_KAFKA:-}" ] || listening 9092; then
+        return 0
+    fi
+    local dir=${SAI_KAFKA_DIR:-/tmp/sai-tansu}
+    mkdir -p "$dir"
+    echo "starting tansu on 127.0.0.1:9092 ($dir)" >&2
+    (cd "$dir" && setsid "$(tansu_bin)" broker --listener-url tcp://127.0.0.1:9092 \
+        --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine "sqlite://$dir/tansu.db" \
+        > "$dir/tansu.log" 2>&1 < /dev/null &)
+    for _ in $(seq 1 100); do
+        listening 9092 && return 0
+        sleep 0.1
+    done
+    echo "tansu did not start; its log:" >&2
+    tail -20 "$dir/tansu.log" >&2
+    return 1
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     for b in "$@"; do
         case "$b" in
             mysql) ensure_mysql ;;
             redis) ensure_redis ;;
-            *) echo "unknown backend $b (mysql, redis)" >&2; exit 2 ;;
+            kafka) ensure_kafka ;;
+            *) echo "unknown backend $b (mysql, redis, kafka)" >&2; exit 2 ;;
         esac
     done
 fi

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # A SAI-IM cluster on this machine: one `sai-im services` process and N `sai-im gateway`
-# processes on MySQL (MariaDB) and Redis, started when missing by scripts/backends.sh.
-#   ./scripts/cluster.sh up [--gateways N]   start (default 3 gateways); prints each ready line
+# processes on MySQL (MariaDB), Redis and Kafka (tansu), started when missing by
+# scripts/backends.sh.
+#   ./scripts/cluster.sh up [--gateways N] [--no-kafka]
+#                            start (default 3 gateways); prints each ready line; chat commands
+#                            and deliveries go through Kafka topics, or with --no-kafka through
+#                            the services' internal port
 #   ./scripts/cluster.sh down                stop every process `up` started
 # Settings: SAI_CLUSTER_DIR (state, logs; default /tmp/sai-cluster), SAI_CLUSTER_DATABASE_URL
 # (default mysql://root@127.0.0.1:3306/sai_cluster), SAI_CLUSTER_REDIS_URL (default
-# redis://127.0.0.1:6379), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing),
+# redis://127.0.0.1:6379), SAI_CLUSTER_KAFKA (default 127.0.0.1:9092), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing),
 # SAI_CLUSTER_SERVICES_ARGS / SAI_CLUSTER_GATEWAY_ARGS (more flags for those processes, e.g.
 # "--require-friendship false" for a benchmark).
 set -euo pipefail
@@ -15,6 +19,7 @@ DIR=${SAI_CLUSTER_DIR:-/tmp/sai-cluster}
 DB=${SAI_CLUSTER_DATABASE_URL:-mysql://root@127.0.0.1:3306/sai_cluster}
 REDIS=${SAI_CLUSTER_REDIS_URL:-redis://127.0.0.1:6379}
 BIN=${SAI_CLUSTER_BIN:-target/release/sai-im}
+KAFKA=${SAI_CLUSTER_KAFKA:-127.0.0.1:9092}
 
 # Waits for the ready line of the process logging to $1 (pid $2); prints it.
 await_ready() {
@@ -35,10 +40,11 @@ await_ready() {
 }
 
 up() {
-    local gateways=3
+    local gateways=3 kafka=1
     while [ $# -gt 0 ]; do
         case "$1" in
             --gateways) gateways=$2; shift 2 ;;
+            --no-kafka) kafka=0; shift ;;
             *) echo "unknown option $1" >&2; exit 2 ;;
         esac
     done
@@ -48,6 +54,11 @@ up() {
     fi
     [ -n "${SAI_CLUSTER_DATABASE_URL:-}" ] || ./scripts/backends.sh mysql
     [ -n "${SAI_CLUSTER_REDIS_URL:-}" ] || ./scripts/backends.sh redis
+    local flows=()
+    if [ "$kafka" = 1 ]; then
+        [ -n "${SAI_CLUSTER_KAFKA:-}" ] || ./scripts/backends.sh kafka
+        flows=(--kafka "$KAFKA" --kafka-prefix sai-cluster.)
+    fi
     [ -x "$BIN" ] || cargo build --release --locked --bin sai-im
     mkdir -p "$DIR"
     : > "$DIR/pids"
@@ -57,7 +68,7 @@ up() {
     export SAI_CLUSTER_KEY=$key
     "$BIN" services --data-dir "$DIR/services" --database-url "$DB" --redis-url "$REDIS" \
         --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
-        --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 ${SAI_CLUSTER_SERVICES_ARGS:-} \
+        --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 "${flows[@]}" ${SAI_CLUSTER_SERVICES_ARGS:-} \
         > "$DIR/services.out" 2> "$DIR/services.err" &
     echo $! >> "$DIR/pids"
     local ready internal
@@ -67,7 +78,7 @@ up() {
     for node in $(seq 1 "$gateways"); do
         "$BIN" gateway --node "$node" --services "$internal" --redis-url "$REDIS" \
             --redis-prefix sai-cluster: --ws-listen 127.0.0.1:0 --data-dir "$DIR/gateway-$node" \
-            ${SAI_CLUSTER_GATEWAY_ARGS:-} \
+            "${flows[@]}" ${SAI_CLUSTER_GATEWAY_ARGS:-} \
             > "$DIR/gateway-$node.out" 2> "$DIR/gateway-$node.err" &
         echo $! >> "$DIR/pids"
         await_ready "$DIR/gateway-$node.out" $!

@@ -5,14 +5,16 @@
 //! - [`routes`]: the route directory in Redis (user -> gateway node, shard, connection; which
 //!   nodes are alive; presence), with stale routes of dead or restarted gateways detected and
 //!   cleaned, and everything rebuilt by the gateways after Redis loses it.
-
 //! - [`pipeline`]: `ws2ms_chat` and `ms2ps_chat` between gateway and services processes over
 //!   gRPC (an internal port).
+//! - [`kafka`]: the same two chat flows over Kafka topics, with offsets committed after the
+//!   commands are stored.
 //! - [`publisher`]: a gateway's routes published to the directory, kept fresh and repaired.
 //! - [`bus`]: a broadcast between processes over Redis pub/sub (the services' cache
 //!   invalidations).
 
 pub mod bus;
+pub mod kafka;
 pub mod pipeline;
 pub mod publisher;
 pub mod routes;

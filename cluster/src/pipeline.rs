@@ -131,21 +131,21 @@ fn intern(code: &str) -> &'static str {
     c
 }
 
-fn refusal_to_pb(r: Refusal) -> pb::Refusal {
+pub(crate) fn refusal_to_pb(r: Refusal) -> pb::Refusal {
     pb::Refusal {
         code: r.code.to_string(),
         message: r.message,
     }
 }
 
-fn refusal_from_pb(r: pb::Refusal) -> Refusal {
+pub(crate) fn refusal_from_pb(r: pb::Refusal) -> Refusal {
     Refusal {
         code: intern(&r.code),
         message: r.message,
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Refusal {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> Refusal {
     Refusal {
         code: "service_unavailable",
         message: format!("the services cannot be reached: {e}"),
@@ -162,6 +162,63 @@ fn call_failed(s: Status) -> Refusal {
         }
     }
     unavailable(s)
+}
+
+/// A chat command as sent.
+pub(crate) fn chat_call(user: &str, chat: ChatRequest) -> pb::ChatCall {
+    pb::ChatCall {
+        user: user.to_string(),
+        chat_type: u32::from(chat.chat_type.as_u8()),
+        recv_id: chat.recv_id,
+        client_msg_id: chat.client_msg_id,
+        msg_json: chat.msg.get().to_string(),
+    }
+}
+
+/// A received chat command: its user and request, or what is wrong with it.
+pub(crate) fn chat_request(c: pb::ChatCall) -> Result<(String, ChatRequest), &'static str> {
+    let chat_type = u8::try_from(c.chat_type)
+        .ok()
+        .and_then(ChatType::from_u8)
+        .ok_or("chat_type")?;
+    let msg = serde_json::value::RawValue::from_string(c.msg_json).map_err(|_| "msg_json is not JSON")?;
+    let req = ChatRequest {
+        chat_type,
+        recv_id: c.recv_id,
+        client_msg_id: c.client_msg_id,
+        msg,
+    };
+    Ok((c.user, req))
+}
+
+/// The answer to a chat command, as sent.
+pub(crate) fn chat_reply(r: Result<ChatAck, Refusal>) -> pb::ChatReply {
+    use pb::chat_reply::Result as R;
+    let result = match r {
+        Ok(a) => R::Ack(pb::ChatAck {
+            conversation_id: a.conversation_id,
+            seq: a.seq,
+            msg_id: a.msg_id,
+            send_time: a.send_time,
+        }),
+        Err(e) => R::Refusal(refusal_to_pb(e)),
+    };
+    pb::ChatReply { result: Some(result) }
+}
+
+/// A received answer to a chat command.
+pub(crate) fn chat_result(r: pb::ChatReply) -> Result<ChatAck, Refusal> {
+    use pb::chat_reply::Result as R;
+    match r.result {
+        Some(R::Ack(a)) => Ok(ChatAck {
+            conversation_id: a.conversation_id,
+            seq: a.seq,
+            msg_id: a.msg_id,
+            send_time: a.send_time,
+        }),
+        Some(R::Refusal(r)) => Err(refusal_from_pb(r)),
+        None => Err(unavailable("empty answer")),
+    }
 }
 
 fn route_to_pb(r: Route) -> pb::RouteMsg {
@@ -189,7 +246,7 @@ fn reason_to_pb(r: CloseReason) -> pb::CloseReason {
 }
 
 /// A delivery for the connections of one node (`to` filtered to it), as sent.
-fn delivery_to_pb(d: &Delivery, node: u32) -> Option<pb::DeliveryMsg> {
+pub(crate) fn delivery_to_pb(d: &Delivery, node: u32) -> Option<pb::DeliveryMsg> {
     use pb::delivery_msg::Kind;
     let kind = match d {
         Delivery::Push { to, push } => {
@@ -218,7 +275,7 @@ fn delivery_to_pb(d: &Delivery, node: u32) -> Option<pb::DeliveryMsg> {
 }
 
 /// The nodes a delivery goes to.
-fn nodes_of(d: &Delivery) -> Vec<u32> {
+pub(crate) fn nodes_of(d: &Delivery) -> Vec<u32> {
     let mut nodes: Vec<u32> = match d {
         Delivery::Push { to, .. } => to.iter().map(|r| r.node).collect(),
         Delivery::Notify { to, .. } | Delivery::Close { to, .. } => vec![to.node],
@@ -229,7 +286,7 @@ fn nodes_of(d: &Delivery) -> Vec<u32> {
 }
 
 /// A received delivery, or `None` when it is malformed (logged and dropped).
-fn delivery_from_pb(m: pb::DeliveryMsg) -> Option<Delivery> {
+pub(crate) fn delivery_from_pb(m: pb::DeliveryMsg) -> Option<Delivery> {
     use pb::delivery_msg::Kind;
     match m.kind? {
         Kind::Push(p) => Some(Delivery::Push {
@@ -325,30 +382,8 @@ impl Pipeline for PipelineService {
     }
 
     async fn chat(&self, r: Request<pb::ChatCall>) -> Result<Response<pb::ChatReply>, Status> {
-        use pb::chat_reply::Result as R;
-        let c = r.into_inner();
-        let chat_type = u8::try_from(c.chat_type)
-            .ok()
-            .and_then(ChatType::from_u8)
-            .ok_or_else(|| Status::invalid_argument("chat_type"))?;
-        let msg = serde_json::value::RawValue::from_string(c.msg_json)
-            .map_err(|_| Status::invalid_argument("msg_json is not JSON"))?;
-        let req = ChatRequest {
-            chat_type,
-            recv_id: c.recv_id,
-            client_msg_id: c.client_msg_id,
-            msg,
-        };
-        let result = match self.ws2ms.chat(&c.user, req).await {
-            Ok(a) => R::Ack(pb::ChatAck {
-                conversation_id: a.conversation_id,
-                seq: a.seq,
-                msg_id: a.msg_id,
-                send_time: a.send_time,
-            }),
-            Err(e) => R::Refusal(refusal_to_pb(e)),
-        };
-        Ok(Response::new(pb::ChatReply { result: Some(result) }))
+        let (user, req) = chat_request(r.into_inner()).map_err(Status::invalid_argument)?;
+        Ok(Response::new(chat_reply(self.ws2ms.chat(&user, req).await)))
     }
 
     async fn sync(&self, r: Request<pb::SyncCall>) -> Result<Response<pb::SyncReply>, Status> {
@@ -461,16 +496,27 @@ impl GrpcPipeline {
         let task = self.runtime.spawn(call);
         Box::pin(async move { task.await.map_err(unavailable)? })
     }
+}
 
-    /// Hands `delivery` to the services, which pass it to the node it names.
-    pub async fn forward(&self, delivery: &Delivery) -> Result<(), Status> {
+/// Hands a delivery to the gateway node it names, from another gateway (closing a login that
+/// another node now holds).
+pub trait Forward: Send + Sync + 'static {
+    /// Sends `delivery` on; an error says why it could not be.
+    fn forward(&self, delivery: Delivery) -> BoxFuture<Result<(), String>>;
+}
+
+/// Through a services process, which passes it to the node's stream.
+impl Forward for GrpcPipeline {
+    fn forward(&self, delivery: Delivery) -> BoxFuture<Result<(), String>> {
         let mut client = self.client("");
-        for node in nodes_of(delivery) {
-            if let Some(msg) = delivery_to_pb(delivery, node) {
-                client.deliver(msg).await?;
+        Box::pin(async move {
+            for node in nodes_of(&delivery) {
+                if let Some(msg) = delivery_to_pb(&delivery, node) {
+                    client.deliver(msg).await.map_err(|e| e.to_string())?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -496,26 +542,8 @@ impl Ws2Ms for GrpcPipeline {
 
     fn chat(&self, user: &str, chat: ChatRequest) -> BoxFuture<Result<ChatAck, Refusal>> {
         let mut c = self.client(user);
-        let call = pb::ChatCall {
-            user: user.to_string(),
-            chat_type: u32::from(chat.chat_type.as_u8()),
-            recv_id: chat.recv_id,
-            client_msg_id: chat.client_msg_id,
-            msg_json: chat.msg.get().to_string(),
-        };
-        self.run(async move {
-            use pb::chat_reply::Result as R;
-            match c.chat(call).await.map_err(call_failed)?.into_inner().result {
-                Some(R::Ack(a)) => Ok(ChatAck {
-                    conversation_id: a.conversation_id,
-                    seq: a.seq,
-                    msg_id: a.msg_id,
-                    send_time: a.send_time,
-                }),
-                Some(R::Refusal(r)) => Err(refusal_from_pb(r)),
-                None => Err(unavailable("empty answer")),
-            }
-        })
+        let call = chat_call(user, chat);
+        self.run(async move { chat_result(c.chat(call).await.map_err(call_failed)?.into_inner()) })
     }
 
     fn sync(&self, user: &str, known: BTreeMap<String, u64>, limit: u32) -> BoxFuture<Result<SyncPage, Refusal>> {

@@ -10,7 +10,7 @@
 //! connection that ended expires with its TTL or is dropped by the first lookup after its
 //! connection's gateway is gone.
 
-use crate::pipeline::GrpcPipeline;
+use crate::pipeline::Forward;
 use crate::routes::{Announced, Placed, Refreshed, RouteDirectory, RouteError};
 use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, Route, RouteSink, Routes};
 use std::sync::Arc;
@@ -81,7 +81,7 @@ impl Node {
 
 /// Publishes `events` in order on `runtime`; a login that replaced a connection on another
 /// node has it closed through `services`.
-pub fn publish(mut events: RouteEvents, node: Node, services: GrpcPipeline, runtime: &tokio::runtime::Handle) {
+pub fn publish(mut events: RouteEvents, node: Node, services: Arc<dyn Forward>, runtime: &tokio::runtime::Handle) {
     runtime.spawn(async move {
         while let Some(e) = events.rx.recv().await {
             match e {
@@ -91,7 +91,7 @@ pub fn publish(mut events: RouteEvents, node: Node, services: GrpcPipeline, runt
                             to: old,
                             reason: CloseReason::Replaced,
                         };
-                        if let Err(e) = services.forward(&close).await {
+                        if let Err(e) = services.forward(close).await {
                             tracing::warn!(error = %e, node = old.node, "closing a replaced login failed");
                         }
                     }

@@ -106,6 +106,22 @@ pub struct Overrides {
     /// keep it off any network clients reach).
     #[arg(long, env = "SAI_INTERNAL_LISTEN", global = true)]
     pub internal_listen: Option<SocketAddr>,
+    /// Cluster: chat commands and deliveries through these Kafka brokers (host:port,...)
+    /// instead of the internal port; every process of the cluster must say the same.
+    #[arg(long, env = "SAI_KAFKA", global = true)]
+    pub kafka: Option<String>,
+    /// Cluster: the prefix of the Kafka topics and consumer groups (default `sai.`).
+    #[arg(long, env = "SAI_KAFKA_PREFIX", global = true)]
+    pub kafka_prefix: Option<String>,
+    /// Cluster: partitions of each Kafka topic this process creates (default 16).
+    #[arg(long, env = "SAI_KAFKA_PARTITIONS", global = true)]
+    pub kafka_partitions: Option<i32>,
+    /// Cluster: how long a Kafka producer waits to fill a batch, ms (default 1).
+    #[arg(long, env = "SAI_KAFKA_LINGER_MS", global = true)]
+    pub kafka_linger_ms: Option<u32>,
+    /// Cluster: the largest Kafka batch per partition, bytes (default 1,000,000).
+    #[arg(long, env = "SAI_KAFKA_BATCH_BYTES", global = true)]
+    pub kafka_batch_bytes: Option<u32>,
     /// none | only | rigor.
     #[arg(long, env = "SAI_ACK_MODE", global = true)]
     pub ack_mode: Option<AckMode>,
@@ -188,6 +204,16 @@ pub struct Config {
     pub internal_listen: SocketAddr,
     /// Cluster: the key of the internal port.
     pub cluster_key: Option<String>,
+    /// Cluster: Kafka brokers of the chat flows (`None`: the internal port carries them).
+    pub kafka: Option<String>,
+    /// Cluster: prefix of the Kafka topics and groups.
+    pub kafka_prefix: String,
+    /// Cluster: partitions of each Kafka topic created.
+    pub kafka_partitions: i32,
+    /// Cluster: Kafka producer linger, ms.
+    pub kafka_linger_ms: u32,
+    /// Cluster: Kafka batch size per partition, bytes.
+    pub kafka_batch_bytes: u32,
     /// Ack mode name.
     #[serde(deserialize_with = "de_ack_mode")]
     pub ack_mode: AckMode,
@@ -340,6 +366,11 @@ impl Default for Config {
             services: Vec::new(),
             internal_listen: (ip, 8083).into(),
             cluster_key: None,
+            kafka: None,
+            kafka_prefix: "sai.".into(),
+            kafka_partitions: 16,
+            kafka_linger_ms: 1,
+            kafka_batch_bytes: 1_000_000,
             ack_mode: AckMode::Only,
             engine: Engine::Direct,
             idle_timeout_secs: 60,
@@ -386,6 +417,10 @@ impl Config {
             node,
             services,
             internal_listen,
+            kafka_prefix,
+            kafka_partitions,
+            kafka_linger_ms,
+            kafka_batch_bytes,
             ack_mode,
             engine,
             idle_timeout_secs,
@@ -424,6 +459,9 @@ impl Config {
         if o.cluster_key.is_some() {
             c.cluster_key = o.cluster_key;
         }
+        if o.kafka.is_some() {
+            c.kafka = o.kafka;
+        }
         if o.admin_token.is_some() {
             c.admin_token = o.admin_token;
         }
@@ -453,6 +491,9 @@ impl Config {
                 sai_services::MAX_GROUP_MEMBERS
             ));
         }
+        if !(1..=1024).contains(&self.kafka_partitions) {
+            return Err("kafka_partitions must be 1 to 1024".into());
+        }
         if self.token_ttl_secs <= 0 {
             return Err("token_ttl_secs must be positive".into());
         }
@@ -475,6 +516,17 @@ impl Config {
             return Err("jwt_previous_public_key needs jwt_private_key and jwt_public_key".into());
         }
         Ok(())
+    }
+
+    /// The Kafka settings of the chat flows, when configured.
+    pub fn kafka(&self) -> Option<sai_cluster::kafka::KafkaSettings> {
+        Some(sai_cluster::kafka::KafkaSettings {
+            brokers: self.kafka.clone()?,
+            prefix: self.kafka_prefix.clone(),
+            partitions: self.kafka_partitions,
+            linger_ms: self.kafka_linger_ms,
+            batch_bytes: self.kafka_batch_bytes,
+        })
     }
 
     /// The user service's part.

@@ -4,10 +4,12 @@
 //! reaching the services over the internal port and the route directory in Redis).
 
 use crate::config::Config;
-use sai_cluster::pipeline::{ClusterKey, DeliveryHub, GrpcPipeline, PipelineService};
+use sai_cluster::kafka::{KafkaChat, KafkaDeliveries};
+use sai_cluster::pipeline::{ClusterKey, DeliveryHub, Forward, GrpcPipeline, PipelineService};
 use sai_cluster::publisher::{self, Node};
 use sai_cluster::routes::{RouteDirectory, RouteError, Ttls};
 use sai_gateway::Gateway;
+use sai_pipeline::flow::{Ms2Ps, Ws2Ms};
 use sai_services::auth::{load_or_create_keys, JwtKeys};
 use sai_services::bridge::InProcessPipeline;
 use sai_services::messages::{ChatPolicy, MessageService};
@@ -124,9 +126,27 @@ pub async fn run_services(
     let directory = connect_directory(&cfg).await?;
     let store = open_storage(&cfg).await?;
     let hub = Arc::new(DeliveryHub::default());
-    let outbound = Arc::new(Outbound::new(Arc::new(directory), hub.clone()));
+    // With Kafka, deliveries go to ms2ps_chat; else to the gateways' streams from the hub.
+    let kafka = match cfg.kafka() {
+        Some(k) => Some((
+            Arc::new(KafkaDeliveries::connect(&k).await.map_err(ServerError::Config)?),
+            k,
+        )),
+        None => None,
+    };
+    let ms2ps: Arc<dyn Ms2Ps> = match &kafka {
+        Some((out, _)) => out.clone(),
+        None => hub.clone(),
+    };
+    let outbound = Arc::new(Outbound::new(Arc::new(directory), ms2ps));
     let services = build_services(&cfg, &store, outbound)?;
     share_invalidations(&cfg, &services).await?;
+    if let Some((out, k)) = &kafka {
+        let ws2ms: Arc<dyn Ws2Ms> = Arc::new(InProcessPipeline::new(services.clone()));
+        sai_cluster::kafka::consume_chats(k, ws2ms, out.clone(), &tokio::runtime::Handle::current())
+            .map_err(ServerError::Config)?;
+        tracing::info!(brokers = %k.brokers, topic = %k.ws2ms(), "consuming chat commands from Kafka");
+    }
     let apis = Apis::bind(&cfg).await?;
     let internal_l = tokio::net::TcpListener::bind(cfg.internal_listen)
         .await
@@ -202,15 +222,36 @@ pub async fn run_gateway(
         ..cfg.gateway()
     });
     let local = gateway.outbound();
-    for client in pipeline.clients() {
-        sai_cluster::pipeline::subscribe(client, cfg.node, local.clone(), &runtime);
-    }
-    publisher::publish(events, node.clone(), pipeline.clone(), &runtime);
+    // With Kafka, chat commands and deliveries take its topics; else the internal port's calls
+    // and streams.
+    let (ws2ms, forward): (Arc<dyn Ws2Ms>, Arc<dyn Forward>) = match cfg.kafka() {
+        Some(k) => {
+            let chat = KafkaChat::start(
+                &k,
+                pipeline.clone(),
+                cfg.node,
+                incarnation,
+                local.clone(),
+                runtime.clone(),
+            )
+            .await
+            .map_err(ServerError::Config)?;
+            tracing::info!(brokers = %k.brokers, topic = %k.ms2ps(), "chat through Kafka");
+            (Arc::new(chat.clone()), Arc::new(chat))
+        }
+        None => {
+            for client in pipeline.clients() {
+                sai_cluster::pipeline::subscribe(client, cfg.node, local.clone(), &runtime);
+            }
+            (Arc::new(pipeline.clone()), Arc::new(pipeline))
+        }
+    };
+    publisher::publish(events, node.clone(), forward, &runtime);
     let every = Ttls::default().node / 3;
     // Routes are renewed every 6th sweep (30 s), a quarter of their TTL.
     publisher::sweep(node.clone(), gateway.routes(), local, every, 6, &runtime);
     let gateway = gateway
-        .start(cfg.ws_listen, Arc::new(pipeline))
+        .start(cfg.ws_listen, ws2ms)
         .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
     let bound = GatewayBound {
         ws: gateway.local_addr(),

@@ -21,45 +21,77 @@ struct Cluster {
     redis: String,
     prefix: String,
     database: (String, String),
+    /// `--kafka` and `--kafka-prefix` when chat goes through Kafka.
+    kafka: Vec<String>,
+}
+
+/// The Kafka-protocol broker of the tests (`scripts/backends.sh kafka` starts one).
+fn kafka_brokers() -> String {
+    std::env::var("SAI_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
 /// A services process of a test cluster, its internal port at `internal`.
-fn start_services(redis: &str, prefix: &str, database_url: &str, internal: &str) -> Server {
-    Server::start_as(
-        Some("services"),
-        &[
-            "--cluster-key",
-            KEY,
-            "--redis-url",
-            redis,
-            "--redis-prefix",
-            prefix,
-            "--database-url",
-            database_url,
-            "--internal-listen",
-            internal,
-            "--require-friendship",
-            "false",
-            "--jwt-secret",
-            JWT_SECRET,
-        ],
-    )
+fn start_services(redis: &str, prefix: &str, database_url: &str, internal: &str, extra: &[String]) -> Server {
+    let mut args = vec![
+        "--cluster-key",
+        KEY,
+        "--redis-url",
+        redis,
+        "--redis-prefix",
+        prefix,
+        "--database-url",
+        database_url,
+        "--internal-listen",
+        internal,
+        "--require-friendship",
+        "false",
+        "--jwt-secret",
+        JWT_SECRET,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    Server::start_as(Some("services"), &args)
+}
+
+/// How the chat flows run: over the internal port, or through the Kafka topics of a broker.
+#[derive(Clone, Debug, PartialEq)]
+enum Flows {
+    Grpc,
+    Kafka(String),
+}
+
+impl Flows {
+    /// Through the tests' broker.
+    fn kafka() -> Flows {
+        Flows::Kafka(kafka_brokers())
+    }
 }
 
 impl Cluster {
     fn start(gateways: u32) -> Cluster {
-        Self::start_on("127.0.0.1:0", gateways)
+        Self::start_on("127.0.0.1:0", gateways, Flows::Grpc)
     }
 
     /// With the services' internal port at `internal` (a fixed port survives a restart).
-    fn start_on(internal: &str, gateways: u32) -> Cluster {
+    fn start_on(internal: &str, gateways: u32, flows: Flows) -> Cluster {
         let redis = std::env::var("SAI_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let mysql = std::env::var("SAI_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
         let tag = format!("{}_{}", std::process::id(), rand_tag());
         let prefix = format!("sai-e2e:{tag}:");
         let database = (mysql.clone(), format!("sai_cluster_{tag}"));
         let url = format!("{mysql}/{}?pool=8", database.1);
-        let services = start_services(&redis, &prefix, &url, internal);
+        // Topics and groups of the test's own.
+        let kafka = match flows {
+            Flows::Grpc => Vec::new(),
+            Flows::Kafka(brokers) => vec![
+                "--kafka".into(),
+                brokers,
+                "--kafka-prefix".into(),
+                format!("sai-e2e.{tag}."),
+                "--kafka-partitions".into(),
+                "4".into(),
+            ],
+        };
+        let services = start_services(&redis, &prefix, &url, internal, &kafka);
         let internal = services.field("internal").expect("internal address");
         let mut c = Cluster {
             services,
@@ -67,6 +99,7 @@ impl Cluster {
             redis,
             prefix,
             database,
+            kafka,
         };
         for node in 1..=gateways {
             c.gateways.push(c.gateway(node, &internal));
@@ -75,21 +108,21 @@ impl Cluster {
     }
 
     fn gateway(&self, node: u32, internal: &str) -> Server {
-        let g = Server::start_as(
-            Some("gateway"),
-            &[
-                "--cluster-key",
-                KEY,
-                "--redis-url",
-                &self.redis,
-                "--redis-prefix",
-                &self.prefix,
-                "--services",
-                internal,
-                "--node",
-                &node.to_string(),
-            ],
-        );
+        let node_s = node.to_string();
+        let mut args = vec![
+            "--cluster-key",
+            KEY,
+            "--redis-url",
+            &self.redis,
+            "--redis-prefix",
+            &self.prefix,
+            "--services",
+            internal,
+            "--node",
+            &node_s,
+        ];
+        args.extend(self.kafka.iter().map(String::as_str));
+        let g = Server::start_as(Some("gateway"), &args);
         assert_eq!(g.field("node").as_deref(), Some(node.to_string().as_str()));
         g
     }
@@ -132,7 +165,16 @@ fn rand_tag() -> u64 {
 
 #[test]
 fn private_and_group_chat_cross_gateways_in_order_exactly_once() {
-    let c = Cluster::start(3);
+    chat_across_gateways(Flows::Grpc);
+}
+
+#[test]
+fn through_kafka_private_and_group_chat_cross_gateways_in_order_exactly_once() {
+    chat_across_gateways(Flows::kafka());
+}
+
+fn chat_across_gateways(flows: Flows) {
+    let c = Cluster::start_on("127.0.0.1:0", 3, flows);
     let s = &c.services;
     let alice = s.user("alice");
     let (bob, carol) = (s.user("bob"), s.user("carol"));
@@ -180,7 +222,16 @@ fn private_and_group_chat_cross_gateways_in_order_exactly_once() {
 
 #[test]
 fn a_login_on_another_gateway_closes_the_first_with_4001() {
-    let c = Cluster::start(2);
+    login_elsewhere(Flows::Grpc);
+}
+
+#[test]
+fn through_kafka_a_login_on_another_gateway_closes_the_first_with_4001() {
+    login_elsewhere(Flows::kafka());
+}
+
+fn login_elsewhere(flows: Flows) {
+    let c = Cluster::start_on("127.0.0.1:0", 2, flows);
     let s = &c.services;
     let alice = s.user("alice");
     let bob = s.user("bob");
@@ -249,12 +300,21 @@ fn send_until_acked(a: &mut common::Client, to: &str, key: &str) -> Value {
 
 #[test]
 fn killing_the_services_process_loses_no_acked_message() {
+    services_killed(Flows::Grpc);
+}
+
+#[test]
+fn through_kafka_killing_the_services_process_loses_no_acked_message() {
+    services_killed(Flows::kafka());
+}
+
+fn services_killed(flows: Flows) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut c = Cluster::start_on(&format!("127.0.0.1:{port}"), 2);
+    let mut c = Cluster::start_on(&format!("127.0.0.1:{port}"), 2, flows);
     let alice = c.services.user("alice");
     let bob = c.services.user("bob");
     let mut a = c.connect(0, &alice);
@@ -377,7 +437,7 @@ fn when_redis_loses_everything_routes_heal_within_a_sweep() {
 fn a_second_services_process_hears_every_invalidation() {
     let c = Cluster::start(1);
     let db = format!("{}/{}?pool=4", c.database.0, c.database.1);
-    let other = start_services(&c.redis, &c.prefix, &db, "127.0.0.1:0");
+    let other = start_services(&c.redis, &c.prefix, &db, "127.0.0.1:0", &c.kafka);
     let (alice, ta) = c.services.user("alice");
     let (bob, tb) = c.services.user("bob");
     // The second process caches both facts: alice's account, and that they are friends.
@@ -412,4 +472,111 @@ fn a_second_services_process_hears_every_invalidation() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A tansu broker of the test's own (port, SQLite storage in a directory of its own), killed
+/// with SIGKILL and started again on the same port and storage.
+struct Broker {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Broker {
+    fn binary() -> std::path::PathBuf {
+        if let Ok(b) = std::env::var("SAI_TEST_TANSU") {
+            return b.into();
+        }
+        let home = std::env::var("CARGO_HOME")
+            .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+        let installed = std::path::PathBuf::from(home).join("bin/tansu");
+        if installed.exists() {
+            installed
+        } else {
+            "tansu".into()
+        }
+    }
+
+    fn start() -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("sai-tansu-{}-{}", std::process::id(), rand_tag()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Self::spawn(port, &dir);
+        Broker { child, port, dir }
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
+        let child = std::process::Command::new(Self::binary())
+            .current_dir(dir)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", &format!("sqlite://{}/tansu.db", dir.display())])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting tansu ({}): {e}", Self::binary().display()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "tansu did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(self.port, &self.dir);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn through_kafka_killing_the_broker_loses_no_acked_message() {
+    let mut broker = Broker::start();
+    let c = Cluster::start_on("127.0.0.1:0", 2, Flows::Kafka(broker.brokers()));
+    let alice = c.services.user("alice");
+    let bob = c.services.user("bob");
+    let mut a = c.connect(0, &alice);
+    let mut b = c.connect(1, &bob);
+    let mut acked = Vec::new();
+    for i in 1..=30 {
+        if i == 11 {
+            // In flight when the broker dies.
+            a.chat(&bob.0, "m11", "m11");
+            broker.kill_and_restart();
+        }
+        let ack = send_until_acked(&mut a, &bob.0, &format!("m{i}"));
+        acked.push(ack["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        acked,
+        (1..=30).collect::<Vec<u64>>(),
+        "every ack in order, no gap, no duplicate"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(p) = b.try_recv(Duration::from_millis(500)) {
+        if p["method"] == "push" {
+            assert!(seen.insert(p["data"]["seq"].as_u64().unwrap()), "pushed twice: {p}");
+        }
+    }
+    let (pushes, _) = b.sync(json!({}));
+    seen.extend(pushes.iter().map(|p| p["data"]["seq"].as_u64().unwrap()));
+    assert_eq!(seen, (1..=30).collect(), "all 30 reach bob, pushed or synced");
 }

@@ -1,0 +1,529 @@
+//! The pipeline's chat flows over Kafka topics, the seed's `ws2ms_chat` and `ms2ps_chat`
+//! (records: `ChatRecord` and `NodeRecord` in `proto/pipeline.proto`).
+//!
+//! - **Gateway** ([`KafkaChat`], its [`Ws2Ms`]): each chat command is produced to `ws2ms_chat`
+//!   (idempotent producer, `acks=all`, linger and batch size configurable), keyed by its
+//!   conversation so that one conversation's commands stay in one partition, in order. The
+//!   sender's answer comes back on `ms2ps_chat`. The other calls (authenticate, sync, markChat,
+//!   receipts) are questions with an answer and stay on the internal gRPC port.
+//! - **Services** ([`consume_chats`]): one consumer group across the services processes reads
+//!   `ws2ms_chat` in batches. Within a batch one conversation's commands run one after another
+//!   and different conversations at once; the batch's offsets are committed only once every
+//!   command in it is stored (and its answer and pushes queued). After a crash the commands
+//!   past the last commit are read again: the store's `(sender, clientMsgId)` key answers them
+//!   with the original ack and pushes nothing twice.
+//! - **Deliveries** ([`KafkaDeliveries`], the services' [`Ms2Ps`]): each delivery, split by
+//!   node, goes to `ms2ps_chat` on partition `node mod partitions`; each gateway reads only its
+//!   partition, from its end when it starts (a restarted gateway has no connections the older
+//!   deliveries could reach: its clients reconnect and sync), and keeps what names its node.
+//!
+//! # Bounds
+//! A gateway has at most [`MAX_PENDING`] chat commands waiting for their answers (past it:
+//! `service_unavailable`), each for at most [`CALL_TIMEOUT`]. A producer queues at most
+//! [`PRODUCER_QUEUE`] records; a delivery that finds it full is dropped and logged (the message
+//! is stored: the client's sync fetches it), a chat command is refused. A services process
+//! reads at most [`MAX_BATCH`] commands per batch.
+//!
+//! The broker is as private as the internal port: records are not signed with the cluster key.
+
+use crate::pipeline::{
+    chat_call, chat_reply, chat_request, chat_result, delivery_from_pb, delivery_to_pb, nodes_of, pb, unavailable,
+    Forward, GrpcPipeline, CALL_TIMEOUT,
+};
+use prost::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sai_pipeline::conversation::{ChatType, ConversationId};
+use sai_pipeline::flow::{BoxFuture, Delivery, Ms2Ps, Refusal, Ws2Ms};
+use sai_pipeline::message::{ChatAck, ChatRequest, SyncPage};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Chat commands a gateway waits on at once.
+pub const MAX_PENDING: usize = 65_536;
+
+/// Records a producer queues (librdkafka's `queue.buffering.max.messages`).
+pub const PRODUCER_QUEUE: u32 = 100_000;
+
+/// Chat commands a services process reads per batch.
+pub const MAX_BATCH: usize = 1024;
+
+/// Where the topics are and how records are produced.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Put before each topic's and consumer group's name (several clusters on one broker).
+    pub prefix: String,
+    /// Partitions of each topic, when this process creates it.
+    pub partitions: i32,
+    /// How long a producer waits to fill a batch (`linger.ms`).
+    pub linger_ms: u32,
+    /// Largest batch of records per partition, in bytes (`batch.size`).
+    pub batch_bytes: u32,
+}
+
+impl KafkaSettings {
+    /// The topic of chat commands.
+    pub fn ws2ms(&self) -> String {
+        format!("{}ws2ms_chat", self.prefix)
+    }
+
+    /// The topic of deliveries and answers.
+    pub fn ms2ps(&self) -> String {
+        format!("{}ms2ps_chat", self.prefix)
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c
+    }
+
+    fn producer(&self) -> Result<FutureProducer, String> {
+        self.client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", self.linger_ms.to_string())
+            .set("batch.size", self.batch_bytes.to_string())
+            .set("queue.buffering.max.messages", PRODUCER_QUEUE.to_string())
+            .set("message.timeout.ms", CALL_TIMEOUT.as_millis().to_string())
+            .create()
+            .map_err(|e| format!("Kafka producer: {e}"))
+    }
+
+    /// Creates both topics unless they exist.
+    pub async fn ensure_topics(&self) -> Result<(), String> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client().create().map_err(|e| format!("Kafka admin client: {e}"))?;
+        let (ws2ms, ms2ps) = (self.ws2ms(), self.ms2ps());
+        let topics = [
+            NewTopic::new(&ws2ms, self.partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&ms2ps, self.partitions, TopicReplication::Fixed(1)),
+        ];
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&topics, &opts)
+            .await
+            .map_err(|e| format!("creating Kafka topics at {}: {e}", self.brokers))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, e)) => return Err(format!("creating Kafka topic {topic}: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The partitions `topic` has.
+    async fn partitions_of(&self, topic: String) -> Result<i32, String> {
+        let consumer: StreamConsumer = self
+            .client()
+            .set("group.id", format!("{}metadata", self.prefix))
+            .create()
+            .map_err(|e| format!("Kafka consumer: {e}"))?;
+        let n = tokio::task::spawn_blocking(move || {
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| format!("Kafka metadata of {topic}: {e}"))?;
+            let n = md.topics().first().map_or(0, |t| t.partitions().len());
+            if n == 0 {
+                return Err(format!("Kafka topic {topic} has no partitions"));
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        i32::try_from(n).map_err(|e| e.to_string())
+    }
+}
+
+/// The partition of `node` in a topic of `partitions`.
+fn partition_of(node: u32, partitions: i32) -> i32 {
+    (i64::from(node) % i64::from(partitions.max(1))) as i32
+}
+
+// ---- services side ------------------------------------------------------------------------
+
+/// The services' `ms2ps_chat` on Kafka: deliveries and chat answers, each on its node's
+/// partition.
+pub struct KafkaDeliveries {
+    producer: FutureProducer,
+    topic: String,
+    partitions: i32,
+}
+
+impl KafkaDeliveries {
+    /// A producer to `settings`' `ms2ps_chat` (created first if missing).
+    pub async fn connect(settings: &KafkaSettings) -> Result<Self, String> {
+        settings.ensure_topics().await?;
+        let topic = settings.ms2ps();
+        Ok(Self {
+            producer: settings.producer()?,
+            partitions: settings.partitions_of(topic.clone()).await?,
+            topic,
+        })
+    }
+
+    /// Queues `record` for its node; false when the producer's queue is full.
+    fn send(&self, record: &pb::NodeRecord) -> bool {
+        let bytes = record.encode_to_vec();
+        let r = FutureRecord::<(), _>::to(&self.topic)
+            .partition(partition_of(record.node, self.partitions))
+            .payload(&bytes);
+        // The delivery report is not awaited: a record that never arrives is a push the
+        // client's sync fetches, or an answer the gateway stops waiting for.
+        match self.producer.send_result(r) {
+            Ok(_report) => true,
+            Err((e, _)) => {
+                tracing::warn!(node = record.node, error = %e, "ms2ps_chat record dropped (clients sync)");
+                false
+            }
+        }
+    }
+
+    fn answer(&self, node: u32, incarnation: u64, request: u64, reply: pb::ChatReply) {
+        self.send(&pb::NodeRecord {
+            node,
+            kind: Some(pb::node_record::Kind::Answer(pb::ChatAnswer {
+                incarnation,
+                request,
+                reply: Some(reply),
+            })),
+        });
+    }
+}
+
+impl Ms2Ps for KafkaDeliveries {
+    fn deliver(&self, delivery: Delivery) {
+        for node in nodes_of(&delivery) {
+            if let Some(msg) = delivery_to_pb(&delivery, node) {
+                self.send(&pb::NodeRecord {
+                    node,
+                    kind: Some(pb::node_record::Kind::Delivery(msg)),
+                });
+            }
+        }
+    }
+}
+
+/// Consumes `ws2ms_chat` in the services' consumer group for as long as `runtime` runs: each
+/// command goes to `ws2ms` (storage, seq, pushes), its answer to `out`.
+pub fn consume_chats(
+    settings: &KafkaSettings,
+    ws2ms: Arc<dyn Ws2Ms>,
+    out: Arc<KafkaDeliveries>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(), String> {
+    let topic = settings.ws2ms();
+    let consumer: StreamConsumer = settings
+        .client()
+        .set("group.id", format!("{}services", settings.prefix))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create()
+        .map_err(|e| format!("Kafka consumer: {e}"))?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| format!("subscribing to {topic}: {e}"))?;
+    runtime.spawn(async move {
+        loop {
+            let batch = next_batch(&consumer).await;
+            let offsets = run_batch(&batch, &ws2ms, &out).await;
+            let mut tpl = TopicPartitionList::new();
+            for (partition, offset) in offsets {
+                if let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1)) {
+                    tracing::warn!(error = %e, "an offset to commit");
+                }
+            }
+            // Async: a commit lost with a crash only means those commands are read again.
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::warn!(error = %e, "committing ws2ms_chat offsets failed: the commands will be read again");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The next commands: waits for one, then takes what else is already there (up to
+/// [`MAX_BATCH`]).
+async fn next_batch(consumer: &StreamConsumer) -> Vec<OwnedMessage> {
+    let mut batch = Vec::new();
+    loop {
+        match consumer.recv().await {
+            Ok(m) => {
+                batch.push(m.detach());
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading ws2ms_chat");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    while batch.len() < MAX_BATCH {
+        match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(m.detach()),
+            _ => break,
+        }
+    }
+    batch
+}
+
+/// Runs a batch: one conversation's commands in order, conversations at once. Returns the
+/// highest offset per partition, every command up to it being done.
+async fn run_batch(batch: &[OwnedMessage], ws2ms: &Arc<dyn Ws2Ms>, out: &Arc<KafkaDeliveries>) -> BTreeMap<i32, i64> {
+    let mut offsets = BTreeMap::new();
+    let mut by_key: HashMap<&[u8], Vec<&OwnedMessage>> = HashMap::new();
+    for m in batch {
+        let top = offsets.entry(m.partition()).or_insert(m.offset());
+        *top = (*top).max(m.offset());
+        by_key.entry(m.key().unwrap_or_default()).or_default().push(m);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for msgs in by_key.into_values() {
+        let records: Vec<Option<pb::ChatRecord>> = msgs
+            .iter()
+            .map(|m| pb::ChatRecord::decode(m.payload().unwrap_or_default()).ok())
+            .collect();
+        let (ws2ms, out) = (ws2ms.clone(), out.clone());
+        set.spawn(async move {
+            for r in records {
+                match r.and_then(|r| Some((r.node, r.incarnation, r.request, chat_request(r.call?).ok()?))) {
+                    Some((node, incarnation, request, (user, req))) => {
+                        let result = ws2ms.chat(&user, req).await;
+                        out.answer(node, incarnation, request, chat_reply(result));
+                    }
+                    None => tracing::warn!("malformed ws2ms_chat record skipped"),
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    offsets
+}
+
+// ---- gateway side -------------------------------------------------------------------------
+
+type Answers = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ChatAck, Refusal>>>>>;
+
+/// A gateway's [`Ws2Ms`] whose chat commands go through Kafka (the rest through `grpc`).
+#[derive(Clone)]
+pub struct KafkaChat {
+    grpc: GrpcPipeline,
+    producer: FutureProducer,
+    ws2ms: Arc<str>,
+    ms2ps: Arc<str>,
+    ms2ps_partitions: i32,
+    node: u32,
+    incarnation: u64,
+    next: Arc<AtomicU64>,
+    pending: Answers,
+    runtime: tokio::runtime::Handle,
+}
+
+impl KafkaChat {
+    /// Creates the topics if missing and starts reading this node's partition of `ms2ps_chat`
+    /// (from its end), handing deliveries to `local` (the gateway's shards).
+    pub async fn start(
+        settings: &KafkaSettings,
+        grpc: GrpcPipeline,
+        node: u32,
+        incarnation: u64,
+        local: Arc<dyn Ms2Ps>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, String> {
+        settings.ensure_topics().await?;
+        let ms2ps = settings.ms2ps();
+        let partitions = settings.partitions_of(ms2ps.clone()).await?;
+        let consumer: StreamConsumer = settings
+            .client()
+            .set("group.id", format!("{}gateway-{node}", settings.prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()
+            .map_err(|e| format!("Kafka consumer: {e}"))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&ms2ps, partition_of(node, partitions), Offset::End)
+            .map_err(|e| e.to_string())?;
+        consumer.assign(&tpl).map_err(|e| format!("reading {ms2ps}: {e}"))?;
+        let chat = Self {
+            grpc,
+            producer: settings.producer()?,
+            ws2ms: settings.ws2ms().into(),
+            ms2ps: ms2ps.into(),
+            ms2ps_partitions: partitions,
+            node,
+            incarnation,
+            next: Arc::new(AtomicU64::new(0)),
+            pending: Arc::default(),
+            runtime: runtime.clone(),
+        };
+        let pending = chat.pending.clone();
+        runtime.spawn(async move {
+            loop {
+                match consumer.recv().await {
+                    Ok(m) => take(m.payload().unwrap_or_default(), node, incarnation, &*local, &pending),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading ms2ps_chat");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Ok(chat)
+    }
+
+    /// Chat commands waiting for their answers.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// One `ms2ps_chat` record read by gateway `node`.
+fn take(payload: &[u8], node: u32, incarnation: u64, local: &dyn Ms2Ps, pending: &Answers) {
+    use pb::node_record::Kind;
+    let Ok(r) = pb::NodeRecord::decode(payload) else {
+        tracing::warn!("malformed ms2ps_chat record skipped");
+        return;
+    };
+    if r.node != node {
+        return;
+    }
+    match r.kind {
+        Some(Kind::Delivery(d)) => match delivery_from_pb(d) {
+            Some(d) => local.deliver(d),
+            None => tracing::warn!("malformed delivery dropped"),
+        },
+        Some(Kind::Answer(a)) if a.incarnation == incarnation => {
+            let waiting = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.request);
+            if let (Some(tx), Some(reply)) = (waiting, a.reply) {
+                let _ = tx.send(chat_result(reply));
+            }
+        }
+        // An answer to this node's previous incarnation.
+        Some(Kind::Answer(_)) | None => {}
+    }
+}
+
+/// What keeps one conversation's commands in one partition.
+fn conversation_key(user: &str, chat: &ChatRequest) -> String {
+    match chat.chat_type {
+        ChatType::Private => ConversationId::private(user, &chat.recv_id).to_string(),
+        ChatType::Group => ConversationId::group(&chat.recv_id).to_string(),
+    }
+}
+
+impl Ws2Ms for KafkaChat {
+    fn authenticate(&self, token: &str) -> BoxFuture<Result<String, Refusal>> {
+        self.grpc.authenticate(token)
+    }
+
+    fn chat(&self, user: &str, chat: ChatRequest) -> BoxFuture<Result<ChatAck, Refusal>> {
+        let request = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.len() >= MAX_PENDING {
+                return Box::pin(std::future::ready(Err(unavailable("too many messages in flight"))));
+            }
+            pending.insert(request, tx);
+        }
+        let key = conversation_key(user, &chat);
+        let record = pb::ChatRecord {
+            node: self.node,
+            incarnation: self.incarnation,
+            request,
+            call: Some(chat_call(user, chat)),
+        }
+        .encode_to_vec();
+        let (producer, topic, pending) = (self.producer.clone(), self.ws2ms.clone(), self.pending.clone());
+        let forget = move |why: String| {
+            pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
+            Err(unavailable(why))
+        };
+        let task = self.runtime.spawn(async move {
+            let r = FutureRecord::to(&topic).key(&key).payload(&record);
+            if let Err((e, _)) = producer.send(r, CALL_TIMEOUT).await {
+                return forget(format!("ws2ms_chat: {e}"));
+            }
+            match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => forget("the answer was lost".into()),
+                Err(_) => forget(format!("no answer within {} s", CALL_TIMEOUT.as_secs())),
+            }
+        });
+        Box::pin(async move { task.await.map_err(unavailable)? })
+    }
+
+    fn sync(&self, user: &str, known: BTreeMap<String, u64>, limit: u32) -> BoxFuture<Result<SyncPage, Refusal>> {
+        self.grpc.sync(user, known, limit)
+    }
+
+    fn mark_read(&self, user: &str, conversation_id: String, read_seq: u64) -> BoxFuture<Result<u64, Refusal>> {
+        self.grpc.mark_read(user, conversation_id, read_seq)
+    }
+
+    fn mark_received(&self, user: &str, acked: Vec<(String, u64)>) -> BoxFuture<()> {
+        self.grpc.mark_received(user, acked)
+    }
+}
+
+/// Straight onto the named node's partition of `ms2ps_chat`.
+impl Forward for KafkaChat {
+    fn forward(&self, delivery: Delivery) -> BoxFuture<Result<(), String>> {
+        let (producer, topic, partitions) = (self.producer.clone(), self.ms2ps.clone(), self.ms2ps_partitions);
+        Box::pin(async move {
+            for node in nodes_of(&delivery) {
+                let Some(msg) = delivery_to_pb(&delivery, node) else {
+                    continue;
+                };
+                let bytes = pb::NodeRecord {
+                    node,
+                    kind: Some(pb::node_record::Kind::Delivery(msg)),
+                }
+                .encode_to_vec();
+                let r = FutureRecord::<(), _>::to(&topic)
+                    .partition(partition_of(node, partitions))
+                    .payload(&bytes);
+                producer.send(r, CALL_TIMEOUT).await.map_err(|(e, _)| e.to_string())?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_conversation_is_one_key_from_either_end() {
+        let req = |t, recv: &str| ChatRequest {
+            chat_type: t,
+            recv_id: recv.into(),
+            client_msg_id: "c1".into(),
+            msg: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        };
+        assert_eq!(
+            conversation_key("alice", &req(ChatType::Private, "bob")),
+            conversation_key("bob", &req(ChatType::Private, "alice"))
+        );
+        assert_eq!(
+            conversation_key("alice", &req(ChatType::Group, "g1")),
+            conversation_key("bob", &req(ChatType::Group, "g1"))
+        );
+        assert_eq!(partition_of(5, 4), 1);
+        assert_eq!(partition_of(u32::MAX, 0), 0);
+    }
+}
