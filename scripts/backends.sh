@@ -82,7 +82,7 @@ ensure_kafka() {
     mkdir -p "$dir"
     echo "starting tansu on 127.0.0.1:9092 ($dir)" >&2
     (cd "$dir" && setsid "$(tansu_bin)" broker --listener-url tcp://127.0.0.1:9092 \
-        --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine "sqlite://$dir/tansu.db" \
+        --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine sqlite://tansu.db \
         > "$dir/tansu.log" 2>&1 < /dev/null &)
     for _ in $(seq 1 100); do
         listening 9092 && return 0

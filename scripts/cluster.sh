@@ -2,10 +2,10 @@
 # A SAI-IM cluster on this machine: one `sai-im services` process and N `sai-im gateway`
 # processes on MySQL (MariaDB), Redis and Kafka (tansu), started when missing by
 # scripts/backends.sh.
-#   ./scripts/cluster.sh up [--gateways N] [--no-kafka]
-#                            start (default 3 gateways); prints each ready line; chat commands
-#                            and deliveries go through Kafka topics, or with --no-kafka through
-#                            the services' internal port
+#   ./scripts/cluster.sh up [--gateways N] [--services M] [--no-kafka]
+#                            start (default 3 gateways, 1 services process); prints each ready
+#                            line; chat commands and deliveries go through Kafka topics, or
+#                            with --no-kafka through the services' internal ports
 #   ./scripts/cluster.sh down                stop every process `up` started
 # Settings: SAI_CLUSTER_DIR (state, logs; default /tmp/sai-cluster), SAI_CLUSTER_DATABASE_URL
 # (default mysql://root@127.0.0.1:3306/sai_cluster), SAI_CLUSTER_REDIS_URL (default
@@ -40,10 +40,11 @@ await_ready() {
 }
 
 up() {
-    local gateways=3 kafka=1
+    local gateways=3 services=1 kafka=1
     while [ $# -gt 0 ]; do
         case "$1" in
             --gateways) gateways=$2; shift 2 ;;
+            --services) services=$2; shift 2 ;;
             --no-kafka) kafka=0; shift ;;
             *) echo "unknown option $1" >&2; exit 2 ;;
         esac
@@ -62,19 +63,27 @@ up() {
     [ -x "$BIN" ] || cargo build --release --locked --bin sai-im
     mkdir -p "$DIR"
     : > "$DIR/pids"
-    # The secret of the internal port, shared by this cluster's processes only.
+    # The secret of the internal port, shared by this cluster's processes only, and the token
+    # secret every services process signs with (also in $DIR/jwt.secret, where loadgen's
+    # --data-dir finds it), unless SAI_JWT_SECRET gives one.
     local key
     key=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
     export SAI_CLUSTER_KEY=$key
-    "$BIN" services --data-dir "$DIR/services" --database-url "$DB" --redis-url "$REDIS" \
-        --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
-        --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 "${flows[@]}" ${SAI_CLUSTER_SERVICES_ARGS:-} \
-        > "$DIR/services.out" 2> "$DIR/services.err" &
-    echo $! >> "$DIR/pids"
-    local ready internal
-    ready=$(await_ready "$DIR/services.out" $!)
-    echo "$ready"
-    internal=$(echo "$ready" | tr ' ' '\n' | sed -n 's/^internal=//p')
+    export SAI_JWT_SECRET=${SAI_JWT_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+    (umask 077 && echo "$SAI_JWT_SECRET" > "$DIR/jwt.secret")
+    local ready internals=()
+    for i in $(seq 1 "$services"); do
+        "$BIN" services --data-dir "$DIR/services-$i" --database-url "$DB" --redis-url "$REDIS" \
+            --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
+            --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 "${flows[@]}" ${SAI_CLUSTER_SERVICES_ARGS:-} \
+            > "$DIR/services-$i.out" 2> "$DIR/services-$i.err" &
+        echo $! >> "$DIR/pids"
+        ready=$(await_ready "$DIR/services-$i.out" $!)
+        echo "$ready"
+        internals+=("$(echo "$ready" | tr ' ' '\n' | sed -n 's/^internal=//p')")
+    done
+    local internal
+    internal=$(IFS=,; echo "${internals[*]}")
     for node in $(seq 1 "$gateways"); do
         "$BIN" gateway --node "$node" --services "$internal" --redis-url "$REDIS" \
             --redis-prefix sai-cluster: --ws-listen 127.0.0.1:0 --data-dir "$DIR/gateway-$node" \

@@ -56,6 +56,30 @@ pub const PRODUCER_QUEUE: u32 = 100_000;
 /// Chat commands a services process reads per batch.
 pub const MAX_BATCH: usize = 1024;
 
+/// While the broker is unreachable, a consumer logs its read errors at most this often.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A consumer's read errors: the first is logged at once, then one line per
+/// [`ERROR_LOG_EVERY`] says how many there were.
+#[derive(Default)]
+struct ReadErrors {
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl ReadErrors {
+    fn record(&mut self, topic: &str, e: &rdkafka::error::KafkaError) {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < ERROR_LOG_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(topic, error = %e, more = self.unlogged, "reading from Kafka failed; retrying");
+        self.last = Some(now);
+        self.unlogged = 0;
+    }
+}
+
 /// Where the topics are and how records are produced.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
@@ -259,6 +283,7 @@ pub fn consume_chats(
 /// [`MAX_BATCH`]).
 async fn next_batch(consumer: &StreamConsumer) -> Vec<OwnedMessage> {
     let mut batch = Vec::new();
+    let mut errors = ReadErrors::default();
     loop {
         match consumer.recv().await {
             Ok(m) => {
@@ -266,7 +291,7 @@ async fn next_batch(consumer: &StreamConsumer) -> Vec<OwnedMessage> {
                 break;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "reading ws2ms_chat");
+                errors.record("ws2ms_chat", &e);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -371,11 +396,12 @@ impl KafkaChat {
         };
         let pending = chat.pending.clone();
         runtime.spawn(async move {
+            let mut errors = ReadErrors::default();
             loop {
                 match consumer.recv().await {
                     Ok(m) => take(m.payload().unwrap_or_default(), node, incarnation, &*local, &pending),
                     Err(e) => {
-                        tracing::warn!(error = %e, "reading ms2ps_chat");
+                        errors.record("ms2ps_chat", &e);
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }

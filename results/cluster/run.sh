@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Same-day capacity of one build in three wirings: the embedded default (SQLite), the embedded
-# default on MySQL (--database-url), and a cluster (one services process + two gateway processes,
-# MySQL + Redis). loadgen capacity: 2,000 users, private chat, ack mode only, steps of 1,000
-# msg/s for 5 s, limit p99 e2e 50 ms. CPU seconds of every process involved (sai-im processes,
-# mariadbd, redis-server) are read from /proc before and after each run: cpu.txt.
-#   results/cluster/run.sh [embedded-sqlite|embedded-mysql|cluster ...]
+# Same-day capacity of one build in several wirings: the embedded default (SQLite), the embedded
+# default on MySQL (--database-url), and clusters of two gateway processes on MySQL + Redis:
+# `cluster` (one services process, chat over its internal gRPC port), `cluster-kafka` (one
+# services process, chat through Kafka topics on tansu) and `cluster-kafka-2` (two services
+# processes sharing the Kafka consumer group). loadgen capacity: 2,000 users, private chat, ack
+# mode only, steps of 1,000 msg/s for 5 s, limit p99 e2e 50 ms. CPU seconds of every process
+# involved (sai-im processes, mariadbd, redis-server, tansu) are read from /proc before and
+# after each run: cpu.txt.
+#   results/cluster/run.sh [embedded-sqlite|embedded-mysql|cluster|cluster-kafka|cluster-kafka-2 ...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/sai-im
@@ -23,7 +26,7 @@ cpu() { # pids -> total CPU seconds
     echo "$t"
 }
 drop_db() { mysql -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $1"; }
-backend_pids() { echo "$(pgrep -x mariadbd || true) $(pgrep -x redis-server | head -1 || true)"; }
+backend_pids() { echo "$(pgrep -x mariadbd || true) $(pgrep -x redis-server | head -1 || true) $(pgrep -x tansu | head -1 || true)"; }
 wait_ready() { for _ in $(seq 300); do grep -q " ready " "$1" && return 0; sleep 0.1; done; return 1; }
 
 run_embedded() { # name, extra server flags
@@ -44,33 +47,35 @@ run_embedded() { # name, extra server flags
     kill -TERM "$pid"; wait "$pid" || true
 }
 
-run_cluster() {
-    local dir=/tmp/bench-cluster
-    ./scripts/cluster.sh down >/dev/null 2>&1 || true
+run_cluster() { # name, cluster.sh up flags
+    local name=$1; shift
+    local dir=/tmp/bench-$name
     SAI_CLUSTER_DIR=$dir ./scripts/cluster.sh down >/dev/null 2>&1 || true
     rm -rf "$dir"
     drop_db sai_bench_cluster
     SAI_CLUSTER_DIR=$dir SAI_CLUSTER_BIN=$BIN SAI_CLUSTER_DATABASE_URL=$MYSQL/sai_bench_cluster \
-        SAI_CLUSTER_SERVICES_ARGS="--require-friendship false" ./scripts/cluster.sh up --gateways 2 | tee "$dir.ready"
-    "$BIN" --data-dir "$dir/services" --database-url "$MYSQL/sai_bench_cluster" admin seed-users --count 2000 --prefix load >/dev/null
+        SAI_CLUSTER_SERVICES_ARGS="--require-friendship false" ./scripts/cluster.sh up --gateways 2 "$@" | tee "$dir.ready"
+    "$BIN" --data-dir "$dir/services-1" --database-url "$MYSQL/sai_bench_cluster" admin seed-users --count 2000 --prefix load >/dev/null
     local ws http
     ws=$(grep "^gateway ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^ws=//p' | paste -sd,)
-    http=$(grep "^services ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^http=//p')
+    http=$(grep -m1 "^services ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^http=//p')
     local pids; pids="$(cat "$dir/pids" | tr '\n' ' ') $(backend_pids)"
     local c0; c0=$(cpu $pids)
-    "$LG" capacity --ws "$ws" --http "http://$http" --data-dir "$dir/services" "${RATES[@]}" \
-        --server-pid "$(head -1 "$dir/pids")" --quiet --out "$OUT/capacity-cluster" > "$OUT/capacity-cluster.txt"
+    "$LG" capacity --ws "$ws" --http "http://$http" --data-dir "$dir" "${RATES[@]}" \
+        --server-pid "$(head -1 "$dir/pids")" --quiet --out "$OUT/capacity-$name" > "$OUT/capacity-$name.txt"
     local c1; c1=$(cpu $pids)
-    echo "cluster cpu_seconds=$(echo "$c1 - $c0" | bc) processes=services,2 gateways,mariadbd,redis-server" >> "$OUT/cpu.txt"
+    echo "$name cpu_seconds=$(echo "$c1 - $c0" | bc) processes=$(wc -l < "$dir/pids") sai-im,mariadbd,redis-server,tansu" >> "$OUT/cpu.txt"
     SAI_CLUSTER_DIR=$dir ./scripts/cluster.sh down
 }
 
-for what in "${@:-embedded-sqlite embedded-mysql cluster}"; do
+for what in "${@:-embedded-sqlite embedded-mysql cluster cluster-kafka cluster-kafka-2}"; do
     for w in $what; do
         case "$w" in
             embedded-sqlite) run_embedded embedded-sqlite ;;
             embedded-mysql) drop_db sai_bench_embedded; run_embedded embedded-mysql --database-url "$MYSQL/sai_bench_embedded" ;;
-            cluster) run_cluster ;;
+            cluster) run_cluster cluster --no-kafka ;;
+            cluster-kafka) run_cluster cluster-kafka ;;
+            cluster-kafka-2) run_cluster cluster-kafka-2 --services 2 ;;
         esac
     done
 done

@@ -515,7 +515,8 @@ impl Broker {
         let child = std::process::Command::new(Self::binary())
             .current_dir(dir)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", &format!("sqlite://{}/tansu.db", dir.display())])
+            // Relative to the working directory (tansu reads `sqlite:///abs` as relative too).
+            .args(["--storage-engine", "sqlite://tansu.db"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
