@@ -58,7 +58,7 @@ up() {
     local flows=()
     if [ "$kafka" = 1 ]; then
         [ -n "${SAI_CLUSTER_KAFKA:-}" ] || ./scripts/backends.sh kafka
-        flows=(--kafka "$KAFKA" --kafka-prefix sai-cluster.)
+        flows=(--kafka "$KAFKA" --kafka-prefix "${SAI_CLUSTER_KAFKA_PREFIX:-sai-cluster.}")
     fi
     [ -x "$BIN" ] || cargo build --release --locked --bin sai-im
     mkdir -p "$DIR"

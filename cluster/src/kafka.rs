@@ -7,11 +7,13 @@
 //!   sender's answer comes back on `ms2ps_chat`. The other calls (authenticate, sync, markChat,
 //!   receipts) are questions with an answer and stay on the internal gRPC port.
 //! - **Services** ([`consume_chats`]): one consumer group across the services processes reads
-//!   `ws2ms_chat` in batches. Within a batch one conversation's commands run one after another
-//!   and different conversations at once; the batch's offsets are committed only once every
-//!   command in it is stored (and its answer and pushes queued). After a crash the commands
-//!   past the last commit are read again: the store's `(sender, clientMsgId)` key answers them
-//!   with the original ack and pushes nothing twice.
+//!   `ws2ms_chat`. One conversation's commands run one after another, different conversations
+//!   at once; a partition's offset is committed (every 100 ms) only up to the last command
+//!   that, with every one before it, is stored (and its answer and pushes queued). After a
+//!   crash the commands past the last commit are read again: the store's `(sender,
+//!   clientMsgId)` key answers them with the original ack and pushes nothing twice. (While
+//!   partitions move between processes, two commands of one conversation may briefly run in
+//!   two processes at once; each is stored once, their seqs in either order.)
 //! - **Deliveries** ([`KafkaDeliveries`], the services' [`Ms2Ps`]): each delivery, split by
 //!   node, goes to `ms2ps_chat` on partition `node mod partitions`; each gateway reads only its
 //!   partition, from its end when it starts (a restarted gateway has no connections the older
@@ -22,7 +24,7 @@
 //! `service_unavailable`), each for at most [`CALL_TIMEOUT`]. A producer queues at most
 //! [`PRODUCER_QUEUE`] records; a delivery that finds it full is dropped and logged (the message
 //! is stored: the client's sync fetches it), a chat command is refused. A services process
-//! reads at most [`MAX_BATCH`] commands per batch.
+//! runs at most [`MAX_IN_FLIGHT`] commands at once, then reads no more until the oldest is done.
 //!
 //! The broker is as private as the internal port: records are not signed with the cluster key.
 
@@ -41,7 +43,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sai_pipeline::conversation::{ChatType, ConversationId};
 use sai_pipeline::flow::{BoxFuture, Delivery, Ms2Ps, Refusal, Ws2Ms};
 use sai_pipeline::message::{ChatAck, ChatRequest, SyncPage};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,8 +55,14 @@ pub const MAX_PENDING: usize = 65_536;
 /// Records a producer queues (librdkafka's `queue.buffering.max.messages`).
 pub const PRODUCER_QUEUE: u32 = 100_000;
 
-/// Chat commands a services process reads per batch.
-pub const MAX_BATCH: usize = 1024;
+/// Chat commands a services process runs at once (past it, it waits for the oldest).
+pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// How often a services process commits the offsets of the commands done.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+
+/// The longest a broker holds a fetch that finds nothing new, ms.
+const FETCH_WAIT_MS: u32 = 5;
 
 /// While the broker is unreachable, a consumer logs its read errors at most this often.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -109,6 +117,17 @@ impl KafkaSettings {
     fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        c
+    }
+
+    /// A consumer's settings: a fetch is answered within `FETCH_WAIT_MS` when the partition has
+    /// nothing new (librdkafka's default, 500 ms, is what tansu then waits before answering:
+    /// it put half a second into every chat message's path).
+    fn consumer(&self, group: String) -> ClientConfig {
+        let mut c = self.client();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS.to_string());
         c
     }
 
@@ -249,9 +268,7 @@ pub fn consume_chats(
 ) -> Result<(), String> {
     let topic = settings.ws2ms();
     let consumer: StreamConsumer = settings
-        .client()
-        .set("group.id", format!("{}services", settings.prefix))
-        .set("enable.auto.commit", "false")
+        .consumer(format!("{}services", settings.prefix))
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
@@ -261,81 +278,120 @@ pub fn consume_chats(
         .subscribe(&[&topic])
         .map_err(|e| format!("subscribing to {topic}: {e}"))?;
     runtime.spawn(async move {
+        let mut inflight = InFlight::default();
+        let mut tick = tokio::time::interval(COMMIT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut errors = ReadErrors::default();
         loop {
-            let batch = next_batch(&consumer).await;
-            let offsets = run_batch(&batch, &ws2ms, &out).await;
-            let mut tpl = TopicPartitionList::new();
-            for (partition, offset) in offsets {
-                if let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1)) {
-                    tracing::warn!(error = %e, "an offset to commit");
-                }
+            if inflight.count >= MAX_IN_FLIGHT {
+                inflight.wait_oldest().await;
             }
-            // Async: a commit lost with a crash only means those commands are read again.
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                tracing::warn!(error = %e, "committing ws2ms_chat offsets failed: the commands will be read again");
+            tokio::select! {
+                m = consumer.recv() => match m {
+                    Ok(m) => inflight.start(m.detach(), &ws2ms, &out),
+                    Err(e) => {
+                        errors.record("ws2ms_chat", &e);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                },
+                _ = tick.tick() => {
+                    inflight.collect();
+                    commit(&consumer, &topic, std::mem::take(&mut inflight.done));
+                }
             }
         }
     });
     Ok(())
 }
 
-/// The next commands: waits for one, then takes what else is already there (up to
-/// [`MAX_BATCH`]).
-async fn next_batch(consumer: &StreamConsumer) -> Vec<OwnedMessage> {
-    let mut batch = Vec::new();
-    let mut errors = ReadErrors::default();
-    loop {
-        match consumer.recv().await {
-            Ok(m) => {
-                batch.push(m.detach());
-                break;
-            }
-            Err(e) => {
-                errors.record("ws2ms_chat", &e);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+/// Commits `done` (partition -> highest offset whose command and every earlier one is done).
+/// Async: a commit lost with a crash only means those commands are read again.
+fn commit(consumer: &StreamConsumer, topic: &str, done: BTreeMap<i32, i64>) {
+    if done.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in done {
+        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1)) {
+            tracing::warn!(error = %e, "an offset to commit");
         }
     }
-    while batch.len() < MAX_BATCH {
-        match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(m.detach()),
-            _ => break,
-        }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::warn!(error = %e, "committing ws2ms_chat offsets failed: the commands will be read again");
     }
-    batch
 }
 
-/// Runs a batch: one conversation's commands in order, conversations at once. Returns the
-/// highest offset per partition, every command up to it being done.
-async fn run_batch(batch: &[OwnedMessage], ws2ms: &Arc<dyn Ws2Ms>, out: &Arc<KafkaDeliveries>) -> BTreeMap<i32, i64> {
-    let mut offsets = BTreeMap::new();
-    let mut by_key: HashMap<&[u8], Vec<&OwnedMessage>> = HashMap::new();
-    for m in batch {
-        let top = offsets.entry(m.partition()).or_insert(m.offset());
-        *top = (*top).max(m.offset());
-        by_key.entry(m.key().unwrap_or_default()).or_default().push(m);
-    }
-    let mut set = tokio::task::JoinSet::new();
-    for msgs in by_key.into_values() {
-        let records: Vec<Option<pb::ChatRecord>> = msgs
-            .iter()
-            .map(|m| pb::ChatRecord::decode(m.payload().unwrap_or_default()).ok())
-            .collect();
+/// The commands a services process is running. Each runs as its own task once the one before
+/// it in its conversation is done (one conversation in order, conversations at once); a
+/// partition's offset is committed once its command and every earlier one are done.
+#[derive(Default)]
+struct InFlight {
+    /// Per partition, in offset order.
+    partitions: BTreeMap<i32, VecDeque<(i64, tokio::task::JoinHandle<()>)>>,
+    /// Per conversation key, what ends when its latest command is done.
+    last_of: HashMap<Vec<u8>, oneshot::Receiver<()>>,
+    /// Commands in `partitions`.
+    count: usize,
+    /// Offsets done and not yet committed.
+    done: BTreeMap<i32, i64>,
+}
+
+impl InFlight {
+    fn start(&mut self, m: OwnedMessage, ws2ms: &Arc<dyn Ws2Ms>, out: &Arc<KafkaDeliveries>) {
+        let key = m.key().unwrap_or_default().to_vec();
+        let (tx, rx) = oneshot::channel::<()>();
+        let before = self.last_of.insert(key, rx);
+        if self.last_of.len() > MAX_IN_FLIGHT {
+            // Forget conversations whose latest command is done.
+            self.last_of
+                .retain(|_, rx| !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
+        }
+        let record = pb::ChatRecord::decode(m.payload().unwrap_or_default()).ok();
         let (ws2ms, out) = (ws2ms.clone(), out.clone());
-        set.spawn(async move {
-            for r in records {
-                match r.and_then(|r| Some((r.node, r.incarnation, r.request, chat_request(r.call?).ok()?))) {
-                    Some((node, incarnation, request, (user, req))) => {
-                        let result = ws2ms.chat(&user, req).await;
-                        out.answer(node, incarnation, request, chat_reply(result));
-                    }
-                    None => tracing::warn!("malformed ws2ms_chat record skipped"),
+        let task = tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            run_command(record, &*ws2ms, &out).await;
+            drop(tx);
+        });
+        self.partitions
+            .entry(m.partition())
+            .or_default()
+            .push_back((m.offset(), task));
+        self.count += 1;
+    }
+
+    /// Moves the finished heads of each partition into `done`.
+    fn collect(&mut self) {
+        for (partition, queue) in &mut self.partitions {
+            while queue.front().is_some_and(|(_, t)| t.is_finished()) {
+                if let Some((offset, _)) = queue.pop_front() {
+                    self.done.insert(*partition, offset);
+                    self.count -= 1;
                 }
             }
-        });
+        }
     }
-    while set.join_next().await.is_some() {}
-    offsets
+
+    /// Waits for the oldest command of some partition.
+    async fn wait_oldest(&mut self) {
+        if let Some((_, task)) = self.partitions.values_mut().find_map(|q| q.front_mut()) {
+            let _ = task.await;
+        }
+        self.collect();
+    }
+}
+
+/// One chat command: stored through `ws2ms`, its answer to the sender's node.
+async fn run_command(record: Option<pb::ChatRecord>, ws2ms: &dyn Ws2Ms, out: &KafkaDeliveries) {
+    match record.and_then(|r| Some((r.node, r.incarnation, r.request, chat_request(r.call?).ok()?))) {
+        Some((node, incarnation, request, (user, req))) => {
+            let result = ws2ms.chat(&user, req).await;
+            out.answer(node, incarnation, request, chat_reply(result));
+        }
+        None => tracing::warn!("malformed ws2ms_chat record skipped"),
+    }
 }
 
 // ---- gateway side -------------------------------------------------------------------------
@@ -372,9 +428,7 @@ impl KafkaChat {
         let ms2ps = settings.ms2ps();
         let partitions = settings.partitions_of(ms2ps.clone()).await?;
         let consumer: StreamConsumer = settings
-            .client()
-            .set("group.id", format!("{}gateway-{node}", settings.prefix))
-            .set("enable.auto.commit", "false")
+            .consumer(format!("{}gateway-{node}", settings.prefix))
             .set("enable.auto.offset.store", "false")
             .create()
             .map_err(|e| format!("Kafka consumer: {e}"))?;

@@ -7,7 +7,7 @@
 # mode only, steps of 1,000 msg/s for 5 s, limit p99 e2e 50 ms. CPU seconds of every process
 # involved (sai-im processes, mariadbd, redis-server, tansu) are read from /proc before and
 # after each run: cpu.txt.
-#   results/cluster/run.sh [embedded-sqlite|embedded-mysql|cluster|cluster-kafka|cluster-kafka-2 ...]
+#   results/cluster/run.sh [embedded-sqlite|embedded-mysql|cluster|cluster-kafka|cluster-kafka-2|cluster-kafka-memory ...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/sai-im
@@ -15,6 +15,8 @@ LG=target/release/loadgen
 OUT=results/cluster
 MYSQL=mysql://root@127.0.0.1:3306
 RATES=(--users 2000 --start-rate 2000 --step-rate 1000 --max-rate 16000 --step-secs 5)
+# The Kafka clusters start lower: tansu on SQLite holds about 2,000 msg/s here.
+KAFKA_RATES=(--users 2000 --start-rate 500 --step-rate 250 --max-rate 16000 --step-secs 5)
 
 cpu() { # pids -> total CPU seconds
     local t=0
@@ -26,7 +28,7 @@ cpu() { # pids -> total CPU seconds
     echo "$t"
 }
 drop_db() { mysql -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $1"; }
-backend_pids() { echo "$(pgrep -x mariadbd || true) $(pgrep -x redis-server | head -1 || true) $(pgrep -x tansu | head -1 || true)"; }
+backend_pids() { echo "$(pgrep -x mariadbd || true) $(pgrep -x redis-server | head -1 || true) $(pgrep -f "tansu broker --listener-url tcp://${SAI_CLUSTER_KAFKA:-127.0.0.1:9092}" | head -1 || true)"; }
 wait_ready() { for _ in $(seq 300); do grep -q " ready " "$1" && return 0; sleep 0.1; done; return 1; }
 
 run_embedded() { # name, extra server flags
@@ -47,35 +49,47 @@ run_embedded() { # name, extra server flags
     kill -TERM "$pid"; wait "$pid" || true
 }
 
-run_cluster() { # name, cluster.sh up flags
-    local name=$1; shift
+run_cluster() { # name, rates (array name), cluster.sh up flags
+    local name=$1; local -n rates=$2; shift 2
     local dir=/tmp/bench-$name
     SAI_CLUSTER_DIR=$dir ./scripts/cluster.sh down >/dev/null 2>&1 || true
     rm -rf "$dir"
     drop_db sai_bench_cluster
     SAI_CLUSTER_DIR=$dir SAI_CLUSTER_BIN=$BIN SAI_CLUSTER_DATABASE_URL=$MYSQL/sai_bench_cluster \
-        SAI_CLUSTER_SERVICES_ARGS="--require-friendship false" ./scripts/cluster.sh up --gateways 2 "$@" | tee "$dir.ready"
+        SAI_CLUSTER_SERVICES_ARGS="--require-friendship false ${SERVICES_ARGS:-}" SAI_CLUSTER_GATEWAY_ARGS="${GATEWAY_ARGS:-}" ./scripts/cluster.sh up --gateways 2 "$@" | tee "$dir.ready"
     "$BIN" --data-dir "$dir/services-1" --database-url "$MYSQL/sai_bench_cluster" admin seed-users --count 2000 --prefix load >/dev/null
     local ws http
     ws=$(grep "^gateway ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^ws=//p' | paste -sd,)
     http=$(grep -m1 "^services ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^http=//p')
+    # A Kafka consumer group takes a few seconds to form.
+    if [ "$name" != cluster ]; then sleep 5; fi
     local pids; pids="$(cat "$dir/pids" | tr '\n' ' ') $(backend_pids)"
     local c0; c0=$(cpu $pids)
-    "$LG" capacity --ws "$ws" --http "http://$http" --data-dir "$dir" "${RATES[@]}" \
+    "$LG" capacity --ws "$ws" --http "http://$http" --data-dir "$dir" "${rates[@]}" \
         --server-pid "$(head -1 "$dir/pids")" --quiet --out "$OUT/capacity-$name" > "$OUT/capacity-$name.txt"
     local c1; c1=$(cpu $pids)
     echo "$name cpu_seconds=$(echo "$c1 - $c0" | bc) processes=$(wc -l < "$dir/pids") sai-im,mariadbd,redis-server,tansu" >> "$OUT/cpu.txt"
     SAI_CLUSTER_DIR=$dir ./scripts/cluster.sh down
 }
 
-for what in "${@:-embedded-sqlite embedded-mysql cluster cluster-kafka cluster-kafka-2}"; do
+for what in "${@:-embedded-sqlite embedded-mysql cluster cluster-kafka cluster-kafka-2 cluster-kafka-memory}"; do
     for w in $what; do
         case "$w" in
             embedded-sqlite) run_embedded embedded-sqlite ;;
             embedded-mysql) drop_db sai_bench_embedded; run_embedded embedded-mysql --database-url "$MYSQL/sai_bench_embedded" ;;
-            cluster) run_cluster cluster --no-kafka ;;
-            cluster-kafka) run_cluster cluster-kafka ;;
-            cluster-kafka-2) run_cluster cluster-kafka-2 --services 2 ;;
+            cluster) run_cluster cluster RATES --no-kafka ;;
+            cluster-kafka) run_cluster cluster-kafka KAFKA_RATES ;;
+            cluster-kafka-2) run_cluster cluster-kafka-2 KAFKA_RATES --services 2 ;;
+            cluster-kafka-memory)
+                # The same, on a tansu that keeps its topics in memory (what the broker's
+                # storage costs).
+                local_tansu=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
+                "$local_tansu" broker --listener-url tcp://127.0.0.1:19092 --advertised-listener-url \
+                    tcp://127.0.0.1:19092 --storage-engine memory://tansu/ > /tmp/bench-tansu-memory.log 2>&1 &
+                tpid=$!
+                sleep 1
+                SAI_CLUSTER_KAFKA=127.0.0.1:19092 run_cluster cluster-kafka-memory KAFKA_RATES
+                kill "$tpid"; wait "$tpid" || true ;;
         esac
     done
 done
