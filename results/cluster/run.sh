@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/sai-im
 LG=target/release/loadgen
-OUT=results/cluster
+OUT=${OUT:-results/cluster}
 MYSQL=mysql://root@127.0.0.1:3306
 RATES=(--users 2000 --start-rate 2000 --step-rate 1000 --max-rate 16000 --step-secs 5)
 # The Kafka clusters start lower: tansu on SQLite holds about 2,000 msg/s here.
