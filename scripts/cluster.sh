@@ -73,9 +73,12 @@ up() {
     (umask 077 && echo "$SAI_JWT_SECRET" > "$DIR/jwt.secret")
     local ready internals=()
     for i in $(seq 1 "$services"); do
+        local share=()
+        [ "$kafka" = 1 ] && share=(--kafka-share "$((i - 1))/$services")
         "$BIN" services --data-dir "$DIR/services-$i" --database-url "$DB" --redis-url "$REDIS" \
             --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
-            --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 "${flows[@]}" ${SAI_CLUSTER_SERVICES_ARGS:-} \
+            --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 "${flows[@]}" "${share[@]}" \
+            ${SAI_CLUSTER_SERVICES_ARGS:-} \
             > "$DIR/services-$i.out" 2> "$DIR/services-$i.err" &
         echo $! >> "$DIR/pids"
         ready=$(await_ready "$DIR/services-$i.out" $!)

@@ -6,14 +6,16 @@
 //!   conversation so that one conversation's commands stay in one partition, in order. The
 //!   sender's answer comes back on `ms2ps_chat`. The other calls (authenticate, sync, markChat,
 //!   receipts) are questions with an answer and stay on the internal gRPC port.
-//! - **Services** ([`consume_chats`]): one consumer group across the services processes reads
-//!   `ws2ms_chat`. One conversation's commands run one after another, different conversations
-//!   at once; a partition's offset is committed (every 100 ms) only up to the last command
+//! - **Services** ([`consume_chats`]): each services process reads its share of `ws2ms_chat`'s
+//!   partitions (`--kafka-share i/M`: partition p goes to process p mod M), assigned, not
+//!   balanced by a consumer group: tansu 0.6, the broker tested here, handed a member that
+//!   rejoined after a `kill -9` no partitions at all, so that nothing was read until a timeout
+//!   much later. A process that dies leaves its share waiting until it is back (its
+//!   supervisor restarts it); it resumes from the offsets committed before. One conversation's
+//!   commands run one after another, different conversations at once; a partition's offset is committed (every 100 ms) only up to the last command
 //!   that, with every one before it, is stored (and its answer and pushes queued). After a
 //!   crash the commands past the last commit are read again: the store's `(sender,
-//!   clientMsgId)` key answers them with the original ack and pushes nothing twice. (While
-//!   partitions move between processes, two commands of one conversation may briefly run in
-//!   two processes at once; each is stored once, their seqs in either order.)
+//!   clientMsgId)` key answers them with the original ack and pushes nothing twice.
 //! - **Deliveries** ([`KafkaDeliveries`], the services' [`Ms2Ps`]): each delivery, split by
 //!   node, goes to `ms2ps_chat` on partition `node mod partitions`; each gateway reads only its
 //!   partition, from its end when it starts (a restarted gateway has no connections the older
@@ -34,8 +36,10 @@ use crate::pipeline::{
 };
 use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -101,6 +105,9 @@ pub struct KafkaSettings {
     pub linger_ms: u32,
     /// Largest batch of records per partition, in bytes (`batch.size`).
     pub batch_bytes: u32,
+    /// This services process's share of `ws2ms_chat`: (index, count), partition p being read
+    /// by the process whose index is p mod count.
+    pub share: (u32, u32),
 }
 
 impl KafkaSettings {
@@ -189,6 +196,24 @@ impl KafkaSettings {
     }
 }
 
+/// The services' consumer: passes librdkafka's own log (and its `debug` contexts, named in
+/// `SAI_KAFKA_DEBUG`) to ours.
+struct GroupLog;
+
+impl ClientContext for GroupLog {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(fac, "librdkafka: {message}");
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(fac, "librdkafka: {message}"),
+            _ => tracing::debug!(fac, "librdkafka: {message}"),
+        }
+    }
+}
+
+impl ConsumerContext for GroupLog {}
+
 /// The partition of `node` in a topic of `partitions`.
 fn partition_of(node: u32, partitions: i32) -> i32 {
     (i64::from(node) % i64::from(partitions.max(1))) as i32
@@ -258,25 +283,38 @@ impl Ms2Ps for KafkaDeliveries {
     }
 }
 
-/// Consumes `ws2ms_chat` in the services' consumer group for as long as `runtime` runs: each
-/// command goes to `ws2ms` (storage, seq, pushes), its answer to `out`.
-pub fn consume_chats(
+/// Consumes this process's share of `ws2ms_chat` (`settings.share`) for as long as `runtime`
+/// runs, from the offsets committed before: each command goes to `ws2ms` (storage, seq,
+/// pushes), its answer to `out`.
+pub async fn consume_chats(
     settings: &KafkaSettings,
     ws2ms: Arc<dyn Ws2Ms>,
     out: Arc<KafkaDeliveries>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<(), String> {
     let topic = settings.ws2ms();
-    let consumer: StreamConsumer = settings
-        .consumer(format!("{}services", settings.prefix))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .create()
+    let (index, count) = settings.share;
+    if count == 0 || index >= count {
+        return Err(format!(
+            "the Kafka share {index}/{count}: the index must be below the count"
+        ));
+    }
+    let partitions = settings.partitions_of(topic.clone()).await?;
+    let mut config = settings.consumer(format!("{}services", settings.prefix));
+    config.set("auto.offset.reset", "earliest");
+    if let Ok(debug) = std::env::var("SAI_KAFKA_DEBUG") {
+        config.set("debug", debug);
+    }
+    let consumer: StreamConsumer<GroupLog> = config
+        .create_with_context(GroupLog)
         .map_err(|e| format!("Kafka consumer: {e}"))?;
-    consumer
-        .subscribe(&[&topic])
-        .map_err(|e| format!("subscribing to {topic}: {e}"))?;
+    let mut mine = TopicPartitionList::new();
+    for p in (0..partitions).filter(|p| (*p as u32) % count == index) {
+        mine.add_partition_offset(&topic, p, Offset::Stored)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&mine).map_err(|e| format!("reading {topic}: {e}"))?;
+    tracing::info!(share = %format!("{index}/{count}"), partitions = mine.count(), of = partitions, "reading ws2ms_chat");
     runtime.spawn(async move {
         let mut inflight = InFlight::default();
         let mut tick = tokio::time::interval(COMMIT_EVERY);
@@ -306,7 +344,7 @@ pub fn consume_chats(
 
 /// Commits `done` (partition -> highest offset whose command and every earlier one is done).
 /// Async: a commit lost with a crash only means those commands are read again.
-fn commit(consumer: &StreamConsumer, topic: &str, done: BTreeMap<i32, i64>) {
+fn commit(consumer: &StreamConsumer<GroupLog>, topic: &str, done: BTreeMap<i32, i64>) {
     if done.is_empty() {
         return;
     }

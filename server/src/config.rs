@@ -122,6 +122,10 @@ pub struct Overrides {
     /// Cluster: the largest Kafka batch per partition, bytes (default 1,000,000).
     #[arg(long, env = "SAI_KAFKA_BATCH_BYTES", global = true)]
     pub kafka_batch_bytes: Option<u32>,
+    /// Cluster: this services process's share of the chat commands, `i/M` (default 0/1): it
+    /// reads partition p of ws2ms_chat when p mod M = i; give each of M processes its own i.
+    #[arg(long, env = "SAI_KAFKA_SHARE", global = true, value_parser = parse_share)]
+    pub kafka_share: Option<(u32, u32)>,
     /// none | only | rigor.
     #[arg(long, env = "SAI_ACK_MODE", global = true)]
     pub ack_mode: Option<AckMode>,
@@ -214,6 +218,9 @@ pub struct Config {
     pub kafka_linger_ms: u32,
     /// Cluster: Kafka batch size per partition, bytes.
     pub kafka_batch_bytes: u32,
+    /// Cluster: this services process's share of ws2ms_chat, (i, M); a flag only.
+    #[serde(skip, default = "whole_share")]
+    pub kafka_share: (u32, u32),
     /// Ack mode name.
     #[serde(deserialize_with = "de_ack_mode")]
     pub ack_mode: AckMode,
@@ -340,6 +347,23 @@ impl Default for GroupConfig {
     }
 }
 
+fn whole_share() -> (u32, u32) {
+    (0, 1)
+}
+
+/// `i/M`, i below M.
+fn parse_share(s: &str) -> Result<(u32, u32), String> {
+    let (i, m) = s.split_once('/').ok_or("expected i/M, e.g. 0/2")?;
+    let (i, m): (u32, u32) = (
+        i.trim().parse().map_err(|e| format!("{i}: {e}"))?,
+        m.trim().parse().map_err(|e| format!("{m}: {e}"))?,
+    );
+    if m == 0 || i >= m {
+        return Err("i must be below M, and M at least 1".into());
+    }
+    Ok((i, m))
+}
+
 fn de_engine<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Engine, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
@@ -371,6 +395,7 @@ impl Default for Config {
             kafka_partitions: 16,
             kafka_linger_ms: 1,
             kafka_batch_bytes: 1_000_000,
+            kafka_share: whole_share(),
             ack_mode: AckMode::Only,
             engine: Engine::Direct,
             idle_timeout_secs: 60,
@@ -421,6 +446,7 @@ impl Config {
             kafka_partitions,
             kafka_linger_ms,
             kafka_batch_bytes,
+            kafka_share,
             ack_mode,
             engine,
             idle_timeout_secs,
@@ -526,6 +552,7 @@ impl Config {
             partitions: self.kafka_partitions,
             linger_ms: self.kafka_linger_ms,
             batch_bytes: self.kafka_batch_bytes,
+            share: self.kafka_share,
         })
     }
 

@@ -144,6 +144,7 @@ pub async fn run_services(
     if let Some((out, k)) = &kafka {
         let ws2ms: Arc<dyn Ws2Ms> = Arc::new(InProcessPipeline::new(services.clone()));
         sai_cluster::kafka::consume_chats(k, ws2ms, out.clone(), &tokio::runtime::Handle::current())
+            .await
             .map_err(ServerError::Config)?;
         tracing::info!(brokers = %k.brokers, topic = %k.ws2ms(), "consuming chat commands from Kafka");
     }

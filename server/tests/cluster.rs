@@ -156,6 +156,21 @@ impl Drop for Cluster {
     }
 }
 
+/// A test over the internal port, and the same test through Kafka.
+macro_rules! over_both {
+    ($grpc:ident, $kafka:ident, $body:ident) => {
+        #[test]
+        fn $grpc() {
+            $body(Flows::Grpc);
+        }
+
+        #[test]
+        fn $kafka() {
+            $body(Flows::kafka());
+        }
+    };
+}
+
 fn rand_tag() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -163,15 +178,11 @@ fn rand_tag() -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn private_and_group_chat_cross_gateways_in_order_exactly_once() {
-    chat_across_gateways(Flows::Grpc);
-}
-
-#[test]
-fn through_kafka_private_and_group_chat_cross_gateways_in_order_exactly_once() {
-    chat_across_gateways(Flows::kafka());
-}
+over_both!(
+    private_and_group_chat_cross_gateways_in_order_exactly_once,
+    through_kafka_private_and_group_chat_cross_gateways_in_order_exactly_once,
+    chat_across_gateways
+);
 
 fn chat_across_gateways(flows: Flows) {
     let c = Cluster::start_on("127.0.0.1:0", 3, flows);
@@ -220,15 +231,11 @@ fn chat_across_gateways(flows: Flows) {
     }
 }
 
-#[test]
-fn a_login_on_another_gateway_closes_the_first_with_4001() {
-    login_elsewhere(Flows::Grpc);
-}
-
-#[test]
-fn through_kafka_a_login_on_another_gateway_closes_the_first_with_4001() {
-    login_elsewhere(Flows::kafka());
-}
+over_both!(
+    a_login_on_another_gateway_closes_the_first_with_4001,
+    through_kafka_a_login_on_another_gateway_closes_the_first_with_4001,
+    login_elsewhere
+);
 
 fn login_elsewhere(flows: Flows) {
     let c = Cluster::start_on("127.0.0.1:0", 2, flows);
@@ -298,15 +305,11 @@ fn send_until_acked(a: &mut common::Client, to: &str, key: &str) -> Value {
     panic!("{key} never acked");
 }
 
-#[test]
-fn killing_the_services_process_loses_no_acked_message() {
-    services_killed(Flows::Grpc);
-}
-
-#[test]
-fn through_kafka_killing_the_services_process_loses_no_acked_message() {
-    services_killed(Flows::kafka());
-}
+over_both!(
+    killing_the_services_process_loses_no_acked_message,
+    through_kafka_killing_the_services_process_loses_no_acked_message,
+    services_killed
+);
 
 fn services_killed(flows: Flows) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -355,6 +358,11 @@ fn services_killed(flows: Flows) {
     let want: Vec<(u64, String)> = (1..=40).map(|i| (i, format!("m{i}"))).collect();
     assert_eq!(stored, want, "each message stored once, in order");
     // Bob got what was pushed while the services ran and syncs the rest: all 40, once each.
+    each_once_by_push_or_sync(&mut b, 40);
+}
+
+/// Every seq 1..=n reaches `b` exactly once: pushed (each push once) or, for the rest, synced.
+fn each_once_by_push_or_sync(b: &mut common::Client, n: u64) {
     let mut seen = std::collections::BTreeSet::new();
     while let Some(p) = b.try_recv(Duration::from_millis(500)) {
         if p["method"] == "push" {
@@ -363,7 +371,7 @@ fn services_killed(flows: Flows) {
     }
     let (pushes, _) = b.sync(json!({}));
     seen.extend(pushes.iter().map(|p| p["data"]["seq"].as_u64().unwrap()));
-    assert_eq!(seen, (1..=40).collect());
+    assert_eq!(seen, (1..=n).collect(), "all {n} reach the recipient, pushed or synced");
 }
 
 #[test]
@@ -571,13 +579,5 @@ fn through_kafka_killing_the_broker_loses_no_acked_message() {
         (1..=30).collect::<Vec<u64>>(),
         "every ack in order, no gap, no duplicate"
     );
-    let mut seen = std::collections::BTreeSet::new();
-    while let Some(p) = b.try_recv(Duration::from_millis(500)) {
-        if p["method"] == "push" {
-            assert!(seen.insert(p["data"]["seq"].as_u64().unwrap()), "pushed twice: {p}");
-        }
-    }
-    let (pushes, _) = b.sync(json!({}));
-    seen.extend(pushes.iter().map(|p| p["data"]["seq"].as_u64().unwrap()));
-    assert_eq!(seen, (1..=30).collect(), "all 30 reach bob, pushed or synced");
+    each_once_by_push_or_sync(&mut b, 30);
 }
