@@ -18,8 +18,9 @@
 //!   clientMsgId)` key answers them with the original ack and pushes nothing twice.
 //! - **Deliveries** ([`KafkaDeliveries`], the services' [`Ms2Ps`]): each delivery, split by
 //!   node, goes to `ms2ps_chat` on partition `node mod partitions`; each gateway reads only its
-//!   partition, from its end when it starts (a restarted gateway has no connections the older
-//!   deliveries could reach: its clients reconnect and sync), and keeps what names its node.
+//!   partition, from where it ended when the gateway started (a restarted gateway has no
+//!   connection the older deliveries could reach: its clients reconnect and sync), and keeps
+//!   what names its node.
 //!
 //! # Bounds
 //! A gateway has at most [`MAX_PENDING`] chat commands waiting for their answers (past it:
@@ -470,8 +471,24 @@ impl KafkaChat {
             .set("enable.auto.offset.store", "false")
             .create()
             .map_err(|e| format!("Kafka consumer: {e}"))?;
+        // The end as of now, read before the gateway takes connections: `Offset::End` would be
+        // resolved whenever the fetcher starts, which under load came after the first
+        // deliveries to this gateway's new connections had been written, and skipped them.
+        let partition = partition_of(node, partitions);
+        let (consumer, end) = {
+            let topic = ms2ps.clone();
+            tokio::task::spawn_blocking(move || {
+                let end = consumer
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                    .map(|(_, high)| high);
+                (consumer, end)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        };
+        let end = end.map_err(|e| format!("the end of {ms2ps}[{partition}]: {e}"))?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&ms2ps, partition_of(node, partitions), Offset::End)
+        tpl.add_partition_offset(&ms2ps, partition, Offset::Offset(end))
             .map_err(|e| e.to_string())?;
         consumer.assign(&tpl).map_err(|e| format!("reading {ms2ps}: {e}"))?;
         let chat = Self {
