@@ -12,8 +12,9 @@
 //!   rejoined after a `kill -9` no partitions at all, so that nothing was read until a timeout
 //!   much later. A process that dies leaves its share waiting until it is back (its
 //!   supervisor restarts it); it resumes from the offsets committed before. One conversation's
-//!   commands run one after another, different conversations at once; a partition's offset is committed (every 100 ms) only up to the last command
-//!   that, with every one before it, is stored (and its answer and pushes queued). After a
+//!   commands run one after another, different conversations at once; a partition's offset is
+//!   committed (every 100 ms) only up to the last command that, with every one before it, is
+//!   stored (and its answer and pushes queued). After a
 //!   crash the commands past the last commit are read again: the store's `(sender,
 //!   clientMsgId)` key answers them with the original ack and pushes nothing twice.
 //! - **Deliveries** ([`KafkaDeliveries`], the services' [`Ms2Ps`]): each delivery, split by
@@ -197,11 +198,11 @@ impl KafkaSettings {
     }
 }
 
-/// The services' consumer: passes librdkafka's own log (and its `debug` contexts, named in
+/// The services' consumer's context: passes librdkafka's own log (and its `debug` contexts, named in
 /// `SAI_KAFKA_DEBUG`) to ours.
-struct GroupLog;
+struct LibrdkafkaLog;
 
-impl ClientContext for GroupLog {
+impl ClientContext for LibrdkafkaLog {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
@@ -213,7 +214,7 @@ impl ClientContext for GroupLog {
     }
 }
 
-impl ConsumerContext for GroupLog {}
+impl ConsumerContext for LibrdkafkaLog {}
 
 /// The partition of `node` in a topic of `partitions`.
 fn partition_of(node: u32, partitions: i32) -> i32 {
@@ -242,20 +243,20 @@ impl KafkaDeliveries {
         })
     }
 
-    /// Queues `record` for its node; false when the producer's queue is full.
-    fn send(&self, record: &pb::NodeRecord) -> bool {
+    /// `bytes`, an encoded record for `node`, addressed to that node's partition.
+    fn to_node<'a>(&'a self, node: u32, bytes: &'a [u8]) -> FutureRecord<'a, (), [u8]> {
+        FutureRecord::to(&self.topic)
+            .partition(partition_of(node, self.partitions))
+            .payload(bytes)
+    }
+
+    /// Queues `record` for its node; a full queue drops it (logged).
+    fn send(&self, record: &pb::NodeRecord) {
         let bytes = record.encode_to_vec();
-        let r = FutureRecord::<(), _>::to(&self.topic)
-            .partition(partition_of(record.node, self.partitions))
-            .payload(&bytes);
         // The delivery report is not awaited: a record that never arrives is a push the
         // client's sync fetches, or an answer the gateway stops waiting for.
-        match self.producer.send_result(r) {
-            Ok(_report) => true,
-            Err((e, _)) => {
-                tracing::warn!(node = record.node, error = %e, "ms2ps_chat record dropped (clients sync)");
-                false
-            }
+        if let Err((e, _)) = self.producer.send_result(self.to_node(record.node, &bytes)) {
+            tracing::warn!(node = record.node, error = %e, "ms2ps_chat record dropped (clients sync)");
         }
     }
 
@@ -271,15 +272,20 @@ impl KafkaDeliveries {
     }
 }
 
+/// The records of `delivery`, one for each node it names.
+fn node_records(delivery: &Delivery) -> impl Iterator<Item = pb::NodeRecord> + '_ {
+    nodes_of(delivery).into_iter().filter_map(move |node| {
+        Some(pb::NodeRecord {
+            node,
+            kind: Some(pb::node_record::Kind::Delivery(delivery_to_pb(delivery, node)?)),
+        })
+    })
+}
+
 impl Ms2Ps for KafkaDeliveries {
     fn deliver(&self, delivery: Delivery) {
-        for node in nodes_of(&delivery) {
-            if let Some(msg) = delivery_to_pb(&delivery, node) {
-                self.send(&pb::NodeRecord {
-                    node,
-                    kind: Some(pb::node_record::Kind::Delivery(msg)),
-                });
-            }
+        for record in node_records(&delivery) {
+            self.send(&record);
         }
     }
 }
@@ -306,8 +312,8 @@ pub async fn consume_chats(
     if let Ok(debug) = std::env::var("SAI_KAFKA_DEBUG") {
         config.set("debug", debug);
     }
-    let consumer: StreamConsumer<GroupLog> = config
-        .create_with_context(GroupLog)
+    let consumer: StreamConsumer<LibrdkafkaLog> = config
+        .create_with_context(LibrdkafkaLog)
         .map_err(|e| format!("Kafka consumer: {e}"))?;
     let mut mine = TopicPartitionList::new();
     for p in (0..partitions).filter(|p| (*p as u32) % count == index) {
@@ -345,7 +351,7 @@ pub async fn consume_chats(
 
 /// Commits `done` (partition -> highest offset whose command and every earlier one is done).
 /// Async: a commit lost with a crash only means those commands are read again.
-fn commit(consumer: &StreamConsumer<GroupLog>, topic: &str, done: BTreeMap<i32, i64>) {
+fn commit(consumer: &StreamConsumer<LibrdkafkaLog>, topic: &str, done: BTreeMap<i32, i64>) {
     if done.is_empty() {
         return;
     }
@@ -441,10 +447,9 @@ type Answers = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ChatAck, Refusal>>>
 #[derive(Clone)]
 pub struct KafkaChat {
     grpc: GrpcPipeline,
-    producer: FutureProducer,
+    /// Its producer also writes the chat commands.
+    out: Arc<KafkaDeliveries>,
     ws2ms: Arc<str>,
-    ms2ps: Arc<str>,
-    ms2ps_partitions: i32,
     node: u32,
     incarnation: u64,
     next: Arc<AtomicU64>,
@@ -454,7 +459,7 @@ pub struct KafkaChat {
 
 impl KafkaChat {
     /// Creates the topics if missing and starts reading this node's partition of `ms2ps_chat`
-    /// (from its end), handing deliveries to `local` (the gateway's shards).
+    /// (from where it ends now), handing deliveries to `local` (the gateway's shards).
     pub async fn start(
         settings: &KafkaSettings,
         grpc: GrpcPipeline,
@@ -463,9 +468,8 @@ impl KafkaChat {
         local: Arc<dyn Ms2Ps>,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, String> {
-        settings.ensure_topics().await?;
-        let ms2ps = settings.ms2ps();
-        let partitions = settings.partitions_of(ms2ps.clone()).await?;
+        let out = Arc::new(KafkaDeliveries::connect(settings).await?);
+        let ms2ps = out.topic.clone();
         let consumer: StreamConsumer = settings
             .consumer(format!("{}gateway-{node}", settings.prefix))
             .set("enable.auto.offset.store", "false")
@@ -474,7 +478,7 @@ impl KafkaChat {
         // The end as of now, read before the gateway takes connections: `Offset::End` would be
         // resolved whenever the fetcher starts, which under load came after the first
         // deliveries to this gateway's new connections had been written, and skipped them.
-        let partition = partition_of(node, partitions);
+        let partition = partition_of(node, out.partitions);
         let (consumer, end) = {
             let topic = ms2ps.clone();
             tokio::task::spawn_blocking(move || {
@@ -493,10 +497,8 @@ impl KafkaChat {
         consumer.assign(&tpl).map_err(|e| format!("reading {ms2ps}: {e}"))?;
         let chat = Self {
             grpc,
-            producer: settings.producer()?,
+            out,
             ws2ms: settings.ws2ms().into(),
-            ms2ps: ms2ps.into(),
-            ms2ps_partitions: partitions,
             node,
             incarnation,
             next: Arc::new(AtomicU64::new(0)),
@@ -517,11 +519,6 @@ impl KafkaChat {
             }
         });
         Ok(chat)
-    }
-
-    /// Chat commands waiting for their answers.
-    pub fn pending(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -582,14 +579,14 @@ impl Ws2Ms for KafkaChat {
             call: Some(chat_call(user, chat)),
         }
         .encode_to_vec();
-        let (producer, topic, pending) = (self.producer.clone(), self.ws2ms.clone(), self.pending.clone());
+        let (out, topic, pending) = (self.out.clone(), self.ws2ms.clone(), self.pending.clone());
         let forget = move |why: String| {
             pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
             Err(unavailable(why))
         };
         let task = self.runtime.spawn(async move {
             let r = FutureRecord::to(&topic).key(&key).payload(&record);
-            if let Err((e, _)) = producer.send(r, CALL_TIMEOUT).await {
+            if let Err((e, _)) = out.producer.send(r, CALL_TIMEOUT).await {
                 return forget(format!("ws2ms_chat: {e}"));
             }
             match tokio::time::timeout(CALL_TIMEOUT, rx).await {
@@ -617,21 +614,14 @@ impl Ws2Ms for KafkaChat {
 /// Straight onto the named node's partition of `ms2ps_chat`.
 impl Forward for KafkaChat {
     fn forward(&self, delivery: Delivery) -> BoxFuture<Result<(), String>> {
-        let (producer, topic, partitions) = (self.producer.clone(), self.ms2ps.clone(), self.ms2ps_partitions);
+        let out = self.out.clone();
         Box::pin(async move {
-            for node in nodes_of(&delivery) {
-                let Some(msg) = delivery_to_pb(&delivery, node) else {
-                    continue;
-                };
-                let bytes = pb::NodeRecord {
-                    node,
-                    kind: Some(pb::node_record::Kind::Delivery(msg)),
-                }
-                .encode_to_vec();
-                let r = FutureRecord::<(), _>::to(&topic)
-                    .partition(partition_of(node, partitions))
-                    .payload(&bytes);
-                producer.send(r, CALL_TIMEOUT).await.map_err(|(e, _)| e.to_string())?;
+            for record in node_records(&delivery) {
+                let bytes = record.encode_to_vec();
+                out.producer
+                    .send(out.to_node(record.node, &bytes), CALL_TIMEOUT)
+                    .await
+                    .map_err(|(e, _)| e.to_string())?;
             }
             Ok(())
         })
