@@ -141,9 +141,10 @@ pub async fn run_services(
     let outbound = Arc::new(Outbound::new(Arc::new(directory), ms2ps));
     let services = build_services(&cfg, &store, outbound)?;
     share_invalidations(&cfg, &services).await?;
+    // The services' side of the pipeline, for Kafka's chat commands and the internal port alike.
+    let ws2ms: Arc<dyn Ws2Ms> = Arc::new(InProcessPipeline::new(services.clone()));
     if let Some((out, k)) = &kafka {
-        let ws2ms: Arc<dyn Ws2Ms> = Arc::new(InProcessPipeline::new(services.clone()));
-        sai_cluster::kafka::consume_chats(k, ws2ms, out.clone(), &tokio::runtime::Handle::current())
+        sai_cluster::kafka::consume_chats(k, ws2ms.clone(), out.clone(), &tokio::runtime::Handle::current())
             .await
             .map_err(ServerError::Config)?;
         tracing::info!(brokers = %k.brokers, topic = %k.ws2ms(), "consuming chat commands from Kafka");
@@ -157,7 +158,7 @@ pub async fn run_services(
         grpc: apis.grpc,
         internal: internal_l.local_addr().map_err(io("internal address"))?,
     };
-    let pipeline = PipelineService::new(Arc::new(InProcessPipeline::new(services.clone())), hub.clone(), key);
+    let pipeline = PipelineService::new(ws2ms, hub.clone(), key);
     let apis = apis.serve(services, Some((internal_l, pipeline)));
     on_ready(bound);
     tracing::info!(http = %bound.http, grpc = %bound.grpc, internal = %bound.internal, "services ready");
