@@ -195,6 +195,15 @@ macro_rules! over_both {
     };
 }
 
+/// A loopback port nothing listens on now (for a process that must come back on the same one).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn rand_tag() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -339,11 +348,7 @@ over_both!(
 );
 
 fn services_killed(flows: Flows) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut c = Cluster::start_on(&format!("127.0.0.1:{port}"), 2, flows);
     let alice = c.services.user("alice");
     let bob = c.services.user("bob");
@@ -533,11 +538,7 @@ impl Broker {
     }
 
     fn start() -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!("sai-tansu-{}-{}", std::process::id(), rand_tag()));
         std::fs::create_dir_all(&dir).unwrap();
         let child = Self::spawn(port, &dir);

@@ -220,19 +220,15 @@ impl Server {
     }
 
     pub fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = Self::agent().get(format!("{}{path}", self.http));
-        if let Some(t) = token {
-            req = req.header("Authorization", format!("Bearer {t}"));
-        }
-        let mut resp = req.call().expect("http");
-        (
-            resp.status().as_u16(),
-            resp.body_mut().read_json().unwrap_or(Value::Null),
-        )
+        Self::call(Self::agent().get(format!("{}{path}", self.http)), token)
     }
 
     pub fn delete(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = Self::agent().delete(format!("{}{path}", self.http));
+        Self::call(Self::agent().delete(format!("{}{path}", self.http)), token)
+    }
+
+    /// A request without a body, with the token if any: its status and JSON body.
+    fn call(mut req: ureq::RequestBuilder<ureq::typestate::WithoutBody>, token: Option<&str>) -> (u16, Value) {
         if let Some(t) = token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
