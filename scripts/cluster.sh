@@ -9,7 +9,8 @@
 #   ./scripts/cluster.sh down                stop every process `up` started
 # Settings: SAI_CLUSTER_DIR (state, logs; default /tmp/sai-cluster), SAI_CLUSTER_DATABASE_URL
 # (default mysql://root@127.0.0.1:3306/sai_cluster), SAI_CLUSTER_REDIS_URL (default
-# redis://127.0.0.1:6379), SAI_CLUSTER_KAFKA (default 127.0.0.1:9092), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing),
+# redis://127.0.0.1:6379), SAI_CLUSTER_KAFKA (default 127.0.0.1:9092), SAI_CLUSTER_KAFKA_PREFIX
+# (default sai-cluster.), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing),
 # SAI_CLUSTER_SERVICES_ARGS / SAI_CLUSTER_GATEWAY_ARGS (more flags for those processes, e.g.
 # "--require-friendship false" for a benchmark).
 set -euo pipefail

@@ -2,8 +2,9 @@
 # Same-day capacity of one build in several wirings: the embedded default (SQLite), the embedded
 # default on MySQL (--database-url), and clusters of two gateway processes on MySQL + Redis:
 # `cluster` (one services process, chat over its internal gRPC port), `cluster-kafka` (one
-# services process, chat through Kafka topics on tansu) and `cluster-kafka-2` (two services
-# processes sharing the Kafka consumer group). loadgen capacity: 2,000 users, private chat, ack
+# services process, chat through Kafka topics on tansu), `cluster-kafka-2` (two services
+# processes, each reading half the partitions) and `cluster-kafka-memory` (tansu keeping its
+# topics in memory). loadgen capacity: 2,000 users, private chat, ack
 # mode only, steps of 1,000 msg/s for 5 s, limit p99 e2e 50 ms. CPU seconds of every process
 # involved (sai-im processes, mariadbd, redis-server, tansu) are read from /proc before and
 # after each run: cpu.txt.
@@ -17,6 +18,9 @@ MYSQL=mysql://root@127.0.0.1:3306
 RATES=(--users 2000 --start-rate 2000 --step-rate 1000 --max-rate 16000 --step-secs 5)
 # The Kafka clusters start lower: tansu on SQLite holds about 2,000 msg/s here.
 KAFKA_RATES=(--users 2000 --start-rate 500 --step-rate 250 --max-rate 16000 --step-secs 5)
+
+# tansu_bin: the broker binary scripts/backends.sh installs.
+source scripts/backends.sh
 
 cpu() { # pids -> total CPU seconds
     local t=0
@@ -61,8 +65,6 @@ run_cluster() { # name, rates (array name), cluster.sh up flags
     local ws http
     ws=$(grep "^gateway ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^ws=//p' | paste -sd,)
     http=$(grep -m1 "^services ready" "$dir.ready" | tr ' ' '\n' | sed -n 's/^http=//p')
-    # A Kafka consumer group takes a few seconds to form.
-    if [ "$name" != cluster ]; then sleep 5; fi
     local pids; pids="$(cat "$dir/pids" | tr '\n' ' ') $(backend_pids)"
     local c0; c0=$(cpu $pids)
     "$LG" capacity --ws "$ws" --http "http://$http" --data-dir "$dir" "${rates[@]}" \
@@ -83,8 +85,7 @@ for what in "${@:-embedded-sqlite embedded-mysql cluster cluster-kafka cluster-k
             cluster-kafka-memory)
                 # The same, on a tansu that keeps its topics in memory (what the broker's
                 # storage costs).
-                local_tansu=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
-                "$local_tansu" broker --listener-url tcp://127.0.0.1:19092 --advertised-listener-url \
+                "$(tansu_bin)" broker --listener-url tcp://127.0.0.1:19092 --advertised-listener-url \
                     tcp://127.0.0.1:19092 --storage-engine memory://tansu/ > /tmp/bench-tansu-memory.log 2>&1 &
                 tpid=$!
                 sleep 1
