@@ -5,7 +5,7 @@
 //! something (the services forget every cached fact).
 
 use crate::routes::RouteError;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::StreamExt;
@@ -20,13 +20,8 @@ pub struct Bus {
 impl Bus {
     /// Publishes on `channel` of the Redis at `url`.
     pub async fn connect(url: &str, channel: &str) -> Result<Self, RouteError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(crate::routes::RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(crate::routes::CONNECT_TIMEOUT))
-            .set_number_of_retries(2);
         Ok(Self {
-            conn: ConnectionManager::new_with_config(client, config).await?,
+            conn: crate::routes::connection(url).await?,
             channel: Arc::from(channel),
         })
     }

@@ -185,18 +185,23 @@ impl Placed {
     }
 }
 
+/// A connection to the Redis at `url` that reconnects by itself, with the timeouts every
+/// cluster call has (the directory's and the bus's alike).
+pub(crate) async fn connection(url: &str) -> Result<ConnectionManager, RouteError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
 impl RouteDirectory {
     /// Connects to Redis at `url` (`redis://host:port/db`); every key gets `prefix`.
     pub async fn connect(url: &str, prefix: &str, ttls: Ttls) -> Result<Self, RouteError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(Self {
-            conn,
+            conn: connection(url).await?,
             prefix: prefix.to_string(),
             ttls,
             scripts: Arc::new(Scripts {
