@@ -27,6 +27,7 @@
 
 pub mod client;
 pub mod conversation;
+pub mod edge;
 pub mod flow;
 pub mod frame;
 pub mod message;

@@ -82,7 +82,21 @@ pub struct JwtKeys {
     kid: String,
     alg: Algorithm,
     signing: EncodingKey,
-    verifying: Vec<VerifyKey>,
+    verifier: Verifier,
+}
+
+/// Keys that only verify: what a gateway holds when tokens are EdDSA (the public keys, current
+/// and previous), so that it refuses forged and expired tokens without holding a secret.
+#[derive(Clone, Default)]
+pub struct Verifier {
+    keys: Vec<VerifyKey>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<&str> = self.keys.iter().map(|k| k.kid.as_str()).collect();
+        write!(f, "Verifier({kids:?})")
+    }
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -104,11 +118,13 @@ impl JwtKeys {
         let secret = secret.into();
         let kid = key_id("hs256", &secret);
         Self {
-            verifying: vec![VerifyKey {
-                kid: kid.clone(),
-                alg: Algorithm::HS256,
-                key: DecodingKey::from_secret(&secret),
-            }],
+            verifier: Verifier {
+                keys: vec![VerifyKey {
+                    kid: kid.clone(),
+                    alg: Algorithm::HS256,
+                    key: DecodingKey::from_secret(&secret),
+                }],
+            },
             kid,
             alg: Algorithm::HS256,
             signing: EncodingKey::from_secret(&secret),
@@ -119,12 +135,12 @@ impl JwtKeys {
     /// `public_pem` (its pair: checked by signing a probe).
     pub fn ed25519(private_pem: &[u8], public_pem: &[u8]) -> Result<Self, String> {
         let signing = EncodingKey::from_ed_pem(private_pem).map_err(|e| format!("Ed25519 private key: {e}"))?;
-        let verifying = Self::ed25519_public(public_pem)?;
+        let verifying = ed25519_public(public_pem)?;
         let keys = Self {
             kid: verifying.kid.clone(),
             alg: Algorithm::EdDSA,
             signing,
-            verifying: vec![verifying],
+            verifier: Verifier { keys: vec![verifying] },
         };
         let probe = Claims {
             sub: "probe".into(),
@@ -137,36 +153,24 @@ impl JwtKeys {
         Ok(keys)
     }
 
-    fn ed25519_public(public_pem: &[u8]) -> Result<VerifyKey, String> {
-        let key = DecodingKey::from_ed_pem(public_pem).map_err(|e| format!("Ed25519 public key: {e}"))?;
-        let text = String::from_utf8_lossy(public_pem);
-        // The id hashes the key, not its PEM layout (line breaks, trailing newline).
-        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-        Ok(VerifyKey {
-            kid: key_id("ed25519", body.trim().as_bytes()),
-            alg: Algorithm::EdDSA,
-            key,
-        })
-    }
-
     /// Also accepts tokens signed by `previous` (a rotation: sign with the new key, keep the old
     /// one's tokens good until they expire).
     pub fn with_previous(mut self, previous: &JwtKeys) -> Self {
-        for k in &previous.verifying {
-            if !self.verifying.iter().any(|v| v.kid == k.kid) {
-                self.verifying.push(k.clone());
-            }
+        for k in &previous.verifier.keys {
+            self.verifier.add(k.clone());
         }
         self
     }
 
     /// Also accepts tokens of the Ed25519 public key `public_pem`.
     pub fn with_previous_ed25519(mut self, public_pem: &[u8]) -> Result<Self, String> {
-        let k = Self::ed25519_public(public_pem)?;
-        if !self.verifying.iter().any(|v| v.kid == k.kid) {
-            self.verifying.push(k);
-        }
+        self.verifier.add(ed25519_public(public_pem)?);
         Ok(self)
+    }
+
+    /// What verifies this key set's tokens (and its previous keys').
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
     }
 
     /// The id of the key tokens are signed with.
@@ -185,6 +189,32 @@ impl JwtKeys {
 
     /// Verifies a token at `now` (seconds since the epoch) and returns its claims.
     pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        self.verifier.verify(token, now)
+    }
+}
+
+impl Verifier {
+    /// The Ed25519 public key `public_pem` (SPKI PEM).
+    pub fn ed25519(public_pem: &[u8]) -> Result<Self, String> {
+        Ok(Self {
+            keys: vec![ed25519_public(public_pem)?],
+        })
+    }
+
+    /// Also accepts tokens of the Ed25519 public key `public_pem` (a rotation's previous key).
+    pub fn with_previous_ed25519(mut self, public_pem: &[u8]) -> Result<Self, String> {
+        self.add(ed25519_public(public_pem)?);
+        Ok(self)
+    }
+
+    fn add(&mut self, k: VerifyKey) {
+        if !self.keys.iter().any(|v| v.kid == k.kid) {
+            self.keys.push(k);
+        }
+    }
+
+    /// Verifies a token at `now` (seconds since the epoch) and returns its claims.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
@@ -193,7 +223,7 @@ impl JwtKeys {
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         let candidates = self
-            .verifying
+            .keys
             .iter()
             .filter(|k| k.alg == header.alg && header.kid.as_ref().is_none_or(|kid| *kid == k.kid));
         let mut refusal = TokenError::BadSignature;
@@ -218,6 +248,18 @@ impl JwtKeys {
         }
         Err(refusal)
     }
+}
+
+fn ed25519_public(public_pem: &[u8]) -> Result<VerifyKey, String> {
+    let key = DecodingKey::from_ed_pem(public_pem).map_err(|e| format!("Ed25519 public key: {e}"))?;
+    let text = String::from_utf8_lossy(public_pem);
+    // The id hashes the key, not its PEM layout (line breaks, trailing newline).
+    let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    Ok(VerifyKey {
+        kid: key_id("ed25519", body.trim().as_bytes()),
+        alg: Algorithm::EdDSA,
+        key,
+    })
 }
 
 #[cfg(test)]
@@ -284,6 +326,29 @@ mod tests {
         let confused = JwtKeys::new(ED1_PUB.as_bytes().to_vec()).sign(&claims(200));
         assert!(k.verify(&confused, 150).is_err());
         assert!(k.key_id().starts_with("ed25519-"));
+    }
+
+    #[test]
+    fn a_public_key_alone_verifies_what_its_private_key_signed() {
+        let signer = JwtKeys::ed25519(ED1.as_bytes(), ED1_PUB.as_bytes()).unwrap();
+        let t = signer.sign(&claims(200));
+        let gate = Verifier::ed25519(ED1_PUB.as_bytes()).unwrap();
+        assert_eq!(gate.verify(&t, 150), Ok(claims(200)));
+        assert_eq!(gate.verify(&t, 200), Err(TokenError::Expired));
+        let other = JwtKeys::ed25519(ED2.as_bytes(), ED2_PUB.as_bytes()).unwrap();
+        let t2 = other.sign(&claims(200));
+        assert_eq!(gate.verify(&t2, 150), Err(TokenError::BadSignature));
+        // No HS256 token passes a public-key verifier, whatever its secret.
+        let confused = JwtKeys::new(ED1_PUB.as_bytes().to_vec()).sign(&claims(200));
+        assert!(gate.verify(&confused, 150).is_err());
+        // A rotation: the previous public key's tokens stay good.
+        let rotated = Verifier::ed25519(ED1_PUB.as_bytes())
+            .unwrap()
+            .with_previous_ed25519(ED2_PUB.as_bytes())
+            .unwrap();
+        assert_eq!(rotated.verify(&t2, 150), Ok(claims(200)));
+        assert_eq!(rotated.verify(&t, 150), Ok(claims(200)));
+        assert!(Verifier::ed25519(b"not a key").is_err());
     }
 
     #[test]
