@@ -93,13 +93,46 @@ ensure_kafka() {
     return 1
 }
 
+# MongoDB: SAI_TEST_MONGO_URL (default mongodb://127.0.0.1:27017) names the server of the chat
+# log's tests; when it is set, nothing is installed or started. Otherwise SecantusDB (a
+# MongoDB-protocol server over WiredTiger, from PyPI: a test server, never shipped) is installed
+# into a virtualenv once per machine (about 10 s) and started on 127.0.0.1:27017, its data under
+# $SAI_MONGO_DIR (default /tmp/sai-mongo).
+SECANTUS_VERSION=${SECANTUS_VERSION:-0.7.0b3}
+mongo_venv() { echo "${SAI_MONGO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sai-im/venv-mongo-$SECANTUS_VERSION}"; }
+ensure_mongo() {
+    if [ -n "${SAI_TEST_MONGO_URL:-}" ] || listening 27017; then
+        return 0
+    fi
+    local venv
+    venv=$(mongo_venv)
+    if [ ! -x "$venv/bin/secantusd-py" ]; then
+        echo "installing SecantusDB $SECANTUS_VERSION into $venv (the MongoDB chat log's tests)" >&2
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "SecantusDB==$SECANTUS_VERSION" >&2
+    fi
+    local dir=${SAI_MONGO_DIR:-/tmp/sai-mongo}
+    mkdir -p "$dir/data"
+    echo "starting SecantusDB on 127.0.0.1:27017 ($dir)" >&2
+    (setsid "$venv/bin/secantusd-py" --host 127.0.0.1 --port 27017 --storage-path "$dir/data" \
+        > "$dir/secantus.log" 2>&1 < /dev/null &)
+    for _ in $(seq 1 100); do
+        listening 27017 && return 0
+        sleep 0.1
+    done
+    echo "SecantusDB did not start; its log:" >&2
+    tail -20 "$dir/secantus.log" >&2
+    return 1
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     for b in "$@"; do
         case "$b" in
             mysql) ensure_mysql ;;
             redis) ensure_redis ;;
             kafka) ensure_kafka ;;
-            *) echo "unknown backend $b (mysql, redis, kafka)" >&2; exit 2 ;;
+            mongo) ensure_mongo ;;
+            *) echo "unknown backend $b (mysql, redis, kafka, mongo)" >&2; exit 2 ;;
         esac
     done
 fi

@@ -86,6 +86,10 @@ pub struct Overrides {
     /// (`?pool=N` sets the pool size).
     #[arg(long, env = "SAI_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+    /// With a MySQL database: the messages and their read bitmaps in MongoDB instead of its
+    /// tables (mongodb://host:port/database).
+    #[arg(long, env = "SAI_CHAT_LOG", global = true, hide_env_values = true)]
+    pub chat_log: Option<String>,
     /// Cluster: the Redis of the route directory (redis://host:port/db).
     #[arg(long, env = "SAI_REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -196,6 +200,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Storage URL; `None`: SQLite in the data directory.
     pub database_url: Option<String>,
+    /// The chat log's MongoDB URL; `None`: the database's own tables.
+    pub chat_log: Option<String>,
     /// Cluster: Redis of the route directory.
     pub redis_url: Option<String>,
     /// Cluster: prefix of every Redis key.
@@ -384,6 +390,7 @@ impl Default for Config {
             grpc_listen: (ip, 8082).into(),
             data_dir: PathBuf::from("./data"),
             database_url: None,
+            chat_log: None,
             redis_url: None,
             redis_prefix: "sai:".into(),
             node: 0,
@@ -478,6 +485,9 @@ impl Config {
         }
         if o.database_url.is_some() {
             c.database_url = o.database_url;
+        }
+        if o.chat_log.is_some() {
+            c.chat_log = o.chat_log;
         }
         if o.redis_url.is_some() {
             c.redis_url = o.redis_url;

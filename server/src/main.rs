@@ -66,7 +66,11 @@ fn admin(cfg: Config, command: AdminCommand) -> ExitCode {
         }
     };
     let result = match command {
-        AdminCommand::Migrate => rt.block_on(sai_services::admin::migrate(&cfg.data_dir, cfg.database_url.as_deref())),
+        AdminCommand::Migrate => rt.block_on(sai_services::admin::migrate(
+            &cfg.data_dir,
+            cfg.database_url.as_deref(),
+            cfg.chat_log.as_deref(),
+        )),
         AdminCommand::SeedUsers {
             count,
             prefix,
@@ -74,6 +78,7 @@ fn admin(cfg: Config, command: AdminCommand) -> ExitCode {
         } => rt.block_on(sai_services::admin::seed_users(
             &cfg.data_dir,
             cfg.database_url.as_deref(),
+            cfg.chat_log.as_deref(),
             cfg.bcrypt_cost,
             count,
             &prefix,

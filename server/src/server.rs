@@ -337,7 +337,7 @@ async fn connect_directory(cfg: &Config) -> Result<RouteDirectory, ServerError> 
 
 async fn open_storage(cfg: &Config) -> Result<Storage, ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!("creating {}", cfg.data_dir.display())))?;
-    let store = Storage::open(&cfg.data_dir, cfg.database_url.as_deref()).await?;
+    let store = Storage::open(&cfg.data_dir, cfg.database_url.as_deref(), cfg.chat_log.as_deref()).await?;
     tracing::info!(storage = store.kind(), "storage open");
     Ok(store)
 }

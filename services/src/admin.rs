@@ -9,11 +9,13 @@ use std::time::Instant;
 const BATCH: u64 = 10_000;
 
 /// Opens the storage (which applies its migrations) and closes it again.
-pub async fn migrate(data_dir: &Path, database_url: Option<&str>) -> Result<String, String> {
+pub async fn migrate(data_dir: &Path, database_url: Option<&str>, chat_log: Option<&str>) -> Result<String, String> {
     if database_url.is_none() {
         std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
     }
-    let store = Storage::open(data_dir, database_url).await.map_err(|e| e.to_string())?;
+    let store = Storage::open(data_dir, database_url, chat_log)
+        .await
+        .map_err(|e| e.to_string())?;
     let kind = store.kind();
     store.close().await;
     Ok(format!("{kind} schema is up to date"))
@@ -26,6 +28,7 @@ pub async fn migrate(data_dir: &Path, database_url: Option<&str>) -> Result<Stri
 pub async fn seed_users(
     data_dir: &Path,
     database_url: Option<&str>,
+    chat_log: Option<&str>,
     bcrypt_cost: u32,
     count: u64,
     prefix: &str,
@@ -46,7 +49,9 @@ pub async fn seed_users(
     if database_url.is_none() {
         std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
     }
-    let storage = Storage::open(data_dir, database_url).await.map_err(|e| e.to_string())?;
+    let storage = Storage::open(data_dir, database_url, chat_log)
+        .await
+        .map_err(|e| e.to_string())?;
     let store = storage.users();
     let t0 = Instant::now();
     let hash = bcrypt::hash(password, bcrypt_cost).map_err(|e| e.to_string())?;
@@ -89,7 +94,7 @@ mod tests {
     async fn prefixes_that_would_make_ambiguous_conversation_ids_are_refused() {
         let dir = std::env::temp_dir().join(format!("sai-admin-{}", std::process::id()));
         for bad in ["load_", "a_b", "", "x y"] {
-            let e = seed_users(&dir, None, 4, 2, bad, "password1").await.unwrap_err();
+            let e = seed_users(&dir, None, None, 4, 2, bad, "password1").await.unwrap_err();
             assert!(e.contains("no '_'"), "{bad:?}: {e}");
         }
         assert!(!dir.join("sai-im.db").exists(), "nothing was created");

@@ -13,9 +13,13 @@
 //! 3. if another process stored one of the keys since step 1 (the unique key refuses the
 //!    insert), rolls back and appends the batch's messages one by one instead.
 //!
+//! With the chat log in MongoDB ([`super::mongo`]) step 2 writes the batch's documents there
+//! instead, before the commit, and a key refused by MongoDB's unique index makes the batch go
+//! one append at a time as in step 3.
+//!
 //! The queue holds [`QUEUE`] appends; a caller waits for room when it is full (backpressure).
 
-use super::{message_from_row, retrying, unavailable, MySqlPool};
+use super::{message_from_row, retrying, unavailable, Key, Log, MySqlPool};
 use sai_storage::{Appended, NewMessage, StoreError, StoreResult, StoredMessage};
 use std::collections::{BTreeMap, HashMap};
 use tokio::sync::{mpsc, oneshot};
@@ -36,31 +40,29 @@ pub(super) struct Job {
 }
 
 /// Starts the writer on the current runtime; it ends when every sender is gone.
-pub(super) fn start(pool: MySqlPool) -> mpsc::Sender<Job> {
+pub(super) fn start(pool: MySqlPool, log: Log) -> mpsc::Sender<Job> {
     let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
     tokio::spawn(async move {
         let mut jobs = Vec::with_capacity(BATCH);
         while rx.recv_many(&mut jobs, BATCH).await > 0 {
-            write(&pool, std::mem::take(&mut jobs)).await;
+            write(&pool, &log, std::mem::take(&mut jobs)).await;
         }
     });
     tx
 }
 
-type Key = (String, String);
-
 fn key(m: &NewMessage) -> Key {
     (m.send_id.clone(), m.client_msg_id.clone())
 }
 
-async fn write(pool: &MySqlPool, jobs: Vec<Job>) {
+async fn write(pool: &MySqlPool, log: &Log, jobs: Vec<Job>) {
     // The first job of each key; the others answer with its message.
     let mut first: HashMap<Key, usize> = HashMap::new();
     for (i, j) in jobs.iter().enumerate() {
         first.entry(key(&j.msg)).or_insert(i);
     }
     let keys: Vec<Key> = first.keys().cloned().collect();
-    let existing = match stored_before(pool, &keys).await {
+    let existing = match stored_before(pool, log, &keys).await {
         Ok(e) => e,
         Err(e) => return fail(jobs, &e),
     };
@@ -75,9 +77,9 @@ async fn write(pool: &MySqlPool, jobs: Vec<Job>) {
                 .push(i);
         }
     }
-    let seqs = match insert(pool, &jobs, &by_conversation).await {
+    let seqs = match insert(pool, log, &jobs, &by_conversation).await {
         Ok(Some(seqs)) => seqs,
-        Ok(None) => return one_by_one(pool, jobs).await,
+        Ok(None) => return one_by_one(pool, log, jobs).await,
         Err(e) => return fail(jobs, &e),
     };
     let mut answers: HashMap<Key, StoredMessage> = existing;
@@ -107,14 +109,51 @@ fn fail(jobs: Vec<Job>, e: &StoreError) {
     }
 }
 
-async fn one_by_one(pool: &MySqlPool, jobs: Vec<Job>) {
+async fn one_by_one(pool: &MySqlPool, log: &Log, jobs: Vec<Job>) {
     for j in jobs {
-        let _ = j.reply.send(super::append_one(pool, &j.msg).await);
+        let answer = match log {
+            Log::Tables => super::append_one(pool, &j.msg).await,
+            Log::Mongo(_) => append_alone(pool, log, &j.msg).await,
+        };
+        let _ = j.reply.send(answer);
     }
 }
 
-/// The messages already stored under any of `keys`.
-pub(super) async fn stored_before(pool: &MySqlPool, keys: &[Key]) -> StoreResult<HashMap<Key, StoredMessage>> {
+/// One append as a batch of its own, into the MongoDB chat log. A key its unique index still
+/// refuses is held by a document that is not committed (an append of another process in
+/// flight, or an orphan of another conversation): the caller is told to retry.
+async fn append_alone(pool: &MySqlPool, log: &Log, m: &NewMessage) -> StoreResult<Appended> {
+    let k = key(m);
+    if let Some(original) = stored_before(pool, log, std::slice::from_ref(&k)).await?.remove(&k) {
+        return Ok(Appended::Duplicate(original));
+    }
+    let mut by_conversation = BTreeMap::new();
+    by_conversation.insert(m.conversation_id.as_str(), vec![0]);
+    let (reply, _) = oneshot::channel();
+    let job = [Job { msg: m.clone(), reply }];
+    match insert(pool, log, &job, &by_conversation).await? {
+        Some(seqs) => match seqs.first() {
+            Some(&(_, seq)) => Ok(Appended::New(m.stored(seq))),
+            None => Err(StoreError::Unavailable("an append lost its seq; retry".into())),
+        },
+        None => match stored_before(pool, log, std::slice::from_ref(&k)).await?.remove(&k) {
+            Some(original) => Ok(Appended::Duplicate(original)),
+            None => Err(StoreError::Unavailable(
+                "this clientMsgId is held by an unfinished append; retry".into(),
+            )),
+        },
+    }
+}
+
+/// The messages already stored (committed) under any of `keys`.
+pub(super) async fn stored_before(
+    pool: &MySqlPool,
+    log: &Log,
+    keys: &[Key],
+) -> StoreResult<HashMap<Key, StoredMessage>> {
+    if let Log::Mongo(m) = log {
+        return committed(pool, m.stored(keys).await?).await;
+    }
     let mut out = HashMap::new();
     for chunk in keys.chunks(ROWS) {
         let tuples = vec!["(?, ?)"; chunk.len()].join(", ");
@@ -135,10 +174,40 @@ pub(super) async fn stored_before(pool: &MySqlPool, keys: &[Key]) -> StoreResult
     Ok(out)
 }
 
+/// The documents of `found` at or below their conversation's committed seq, by key: the others
+/// are orphans or appends still in flight.
+async fn committed(pool: &MySqlPool, found: Vec<StoredMessage>) -> StoreResult<HashMap<Key, StoredMessage>> {
+    let mut conversations: Vec<&str> = found.iter().map(|m| m.conversation_id.as_str()).collect();
+    conversations.sort_unstable();
+    conversations.dedup();
+    let mut max: HashMap<String, u64> = HashMap::new();
+    for chunk in conversations.chunks(ROWS) {
+        let params = vec!["?"; chunk.len()].join(", ");
+        // Only placeholders are formatted in; the values are bound.
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT conversation_id, max_seq FROM conversations WHERE conversation_id IN ({params})"
+        ));
+        let mut q = sqlx::query(sql);
+        for c in chunk {
+            q = q.bind(*c);
+        }
+        for row in q.fetch_all(pool).await.map_err(unavailable)? {
+            let c: String = sqlx::Row::try_get(&row, "conversation_id").map_err(super::corrupt)?;
+            max.insert(c, super::get_u64(&row, "max_seq")?);
+        }
+    }
+    Ok(found
+        .into_iter()
+        .filter(|m| max.get(&m.conversation_id).is_some_and(|top| m.seq <= *top))
+        .map(|m| ((m.send_id.clone(), m.client_msg_id.clone()), m))
+        .collect())
+}
+
 /// Inserts the new messages in one transaction; their seqs, or `None` when the unique key
 /// refused one (another process stored it meanwhile).
 async fn insert(
     pool: &MySqlPool,
+    log: &Log,
     jobs: &[Job],
     by_conversation: &BTreeMap<&str, Vec<usize>>,
 ) -> StoreResult<Option<Vec<(usize, u64)>>> {
@@ -181,7 +250,22 @@ async fn insert(
                 }
             }
         }
-        for chunk in seqs.chunks(ROWS) {
+        if let Log::Mongo(log) = log {
+            // The rows' locks are held: whatever lies at or above each first seq is an orphan.
+            let firsts: Vec<(&str, u64)> = by_conversation
+                .iter()
+                .filter_map(|(c, idx)| {
+                    let first = idx.first().and_then(|i| seqs.iter().find(|(j, _)| j == i))?;
+                    Some((*c, first.1))
+                })
+                .collect();
+            log.clear_orphans(&firsts).await?;
+            let docs: Vec<StoredMessage> = seqs.iter().map(|(i, seq)| jobs[*i].msg.stored(*seq)).collect();
+            if !log.insert(&docs).await? {
+                return Ok(None);
+            }
+        }
+        for chunk in seqs.chunks(ROWS).filter(|_| matches!(log, Log::Tables)) {
             let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
             // Only placeholders are formatted in; the values are bound.
             let sql = sqlx::AssertSqlSafe(format!(

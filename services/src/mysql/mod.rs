@@ -20,6 +20,10 @@
 //!   them alone. The version lives in the table `sai_schema`.
 //! - **Pool.** [`POOL_SIZE`] connections by default (`?pool=N` in the URL sets it); a call
 //!   waits at most [`ACQUIRE_TIMEOUT`] for one, then fails as unavailable.
+//! - **Chat log.** Messages and their read bitmaps live in the tables `messages` and
+//!   `read_records`, or, with `--chat-log mongodb://...`, in MongoDB ([`mongo`]), while the
+//!   seq high-water mark stays in `conversations`. A database keeps the log it started with: a
+//!   store refuses to open on the other one.
 
 use async_trait::async_trait;
 use sai_storage::{
@@ -32,7 +36,20 @@ use std::str::FromStr;
 use std::time::Duration;
 
 mod batch;
+pub mod mongo;
 mod social;
+
+/// An idempotency key: `(send_id, client_msg_id)`.
+type Key = (String, String);
+
+/// Where the messages and their read bitmaps are.
+#[derive(Clone)]
+enum Log {
+    /// The tables `messages` and `read_records` of the same database.
+    Tables,
+    /// A MongoDB collection.
+    Mongo(std::sync::Arc<mongo::MongoLog>),
+}
 
 /// Connections in the pool unless the URL says otherwise.
 pub const POOL_SIZE: u32 = 16;
@@ -172,12 +189,19 @@ pub struct MySqlStore {
     pool: MySqlPool,
     /// The batch writer's queue (see [`batch`]).
     appender: tokio::sync::mpsc::Sender<batch::Job>,
+    log: Log,
 }
 
 impl MySqlStore {
     /// Connects to `url` (`mysql://user:password@host:port/database`, optionally `?pool=N`) and
     /// brings the schema up to date.
     pub async fn open(url: &str) -> StoreResult<Self> {
+        Self::open_with(url, None).await
+    }
+
+    /// As [`Self::open`], with the messages in the MongoDB database `chat_log` names
+    /// (`mongodb://host:port/database`) when given.
+    pub async fn open_with(url: &str, chat_log: Option<&str>) -> StoreResult<Self> {
         let (url, size) = pool_size(url)?;
         let opts = MySqlConnectOptions::from_str(&url)
             .map_err(|e| StoreError::Unavailable(format!("database URL: {e}")))?
@@ -196,13 +220,32 @@ impl MySqlStore {
             other => other.map_err(unavailable)?,
         };
         migrate(&pool).await?;
-        let appender = batch::start(pool.clone());
-        Ok(Self { pool, appender })
+        let log = match chat_log {
+            None => Log::Tables,
+            Some(u) => Log::Mongo(std::sync::Arc::new(mongo::MongoLog::open(u).await?)),
+        };
+        same_log(&pool, &log).await?;
+        let appender = batch::start(pool.clone(), log.clone());
+        Ok(Self { pool, appender, log })
     }
 
-    /// Closes the pool.
+    /// Closes the pool (and the chat log's connections).
     pub async fn close(&self) {
         self.pool.close().await;
+        if let Log::Mongo(m) = &self.log {
+            m.close().await;
+        }
+    }
+
+    /// The conversation's committed seq high-water mark (0: none yet). Every read of the
+    /// MongoDB log is bounded by it, which hides orphans.
+    async fn max_seq(&self, conversation_id: &str) -> StoreResult<u64> {
+        let row = sqlx::query("SELECT max_seq FROM conversations WHERE conversation_id = ?")
+            .bind(conversation_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map_or(Ok(0), |r| get_u64(r, "max_seq"))
     }
 
     async fn user_where(&self, sql: &'static str, value: &str) -> StoreResult<Option<User>> {
@@ -347,13 +390,37 @@ async fn append_one(pool: &MySqlPool, m: &NewMessage) -> StoreResult<Appended> {
     .await;
     match inserted {
         Ok(Some(seq)) => Ok(Appended::New(m.stored(seq))),
-        Ok(None) => batch::stored_before(pool, &[(m.send_id.clone(), m.client_msg_id.clone())])
+        Ok(None) => batch::stored_before(pool, &Log::Tables, &[(m.send_id.clone(), m.client_msg_id.clone())])
             .await?
             .into_values()
             .next()
             .map(Appended::Duplicate)
             .ok_or_else(|| StoreError::Unavailable("a duplicate key vanished; retry".into())),
         Err(e) => Err(e),
+    }
+}
+
+/// Refuses a database whose messages are in the other log: messages in the table with the
+/// MongoDB log, or seqs without a message in the table without it.
+async fn same_log(pool: &MySqlPool, log: &Log) -> StoreResult<()> {
+    let any = |sql: &'static str| async move {
+        sqlx::query(sql)
+            .fetch_optional(pool)
+            .await
+            .map(|r| r.is_some())
+            .map_err(unavailable)
+    };
+    let in_table = any("SELECT 1 FROM messages LIMIT 1").await?;
+    match log {
+        Log::Mongo(_) if in_table => Err(StoreError::Unavailable(
+            "this database keeps its messages in its own table: start it without --chat-log".into(),
+        )),
+        Log::Tables if !in_table && any("SELECT 1 FROM conversations WHERE max_seq > 0 LIMIT 1").await? => {
+            Err(StoreError::Unavailable(
+                "this database's messages are in a MongoDB chat log: start it with --chat-log".into(),
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -682,6 +749,10 @@ impl MessageStore for MySqlStore {
         after_seq: u64,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
+        if let Log::Mongo(log) = &self.log {
+            let top = self.max_seq(conversation_id).await?;
+            return log.range(conversation_id, after_seq, top, true, limit).await;
+        }
         let rows = sqlx::query(concat!(
             "SELECT ",
             message_columns!(),
@@ -702,6 +773,11 @@ impl MessageStore for MySqlStore {
         before_seq: Option<u64>,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
+        if let Log::Mongo(log) = &self.log {
+            let top = self.max_seq(conversation_id).await?;
+            let top = before_seq.map_or(top, |b| top.min(b.saturating_sub(1)));
+            return log.range(conversation_id, 0, top, false, limit).await;
+        }
         let rows = sqlx::query(concat!(
             "SELECT ",
             message_columns!(),
@@ -748,6 +824,12 @@ impl MessageStore for MySqlStore {
     }
 
     async fn message(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<StoredMessage>> {
+        if let Log::Mongo(log) = &self.log {
+            if seq == 0 || seq > self.max_seq(conversation_id).await? {
+                return Ok(None);
+            }
+            return Ok(log.range(conversation_id, seq - 1, seq, true, 1).await?.pop());
+        }
         sqlx::query(concat!(
             "SELECT ",
             message_columns!(),
@@ -790,19 +872,29 @@ impl MessageStore for MySqlStore {
         offset: u32,
         limit: u32,
     ) -> StoreResult<Vec<ConversationSummary>> {
-        let rows = sqlx::query(
-            "SELECT c.conversation_id, c.chat_type, c.max_seq, c.updated_at, m.read_seq, m.joined_seq,
+        // With the MongoDB log the unread counts are counted there, below.
+        let sql = match self.log {
+            Log::Tables => {
+                "SELECT c.conversation_id, c.chat_type, c.max_seq, c.updated_at, m.read_seq, m.joined_seq,
                 (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = c.conversation_id
                    AND x.seq > GREATEST(m.read_seq, m.joined_seq) AND x.send_id != m.user_id) AS unread
              FROM conversation_members m JOIN conversations c ON c.conversation_id = m.conversation_id
-             WHERE m.user_id = ? ORDER BY c.updated_at DESC, c.conversation_id LIMIT ? OFFSET ?",
-        )
-        .bind(user_id)
-        .bind(i64::from(limit))
-        .bind(i64::from(offset))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+             WHERE m.user_id = ? ORDER BY c.updated_at DESC, c.conversation_id LIMIT ? OFFSET ?"
+            }
+            Log::Mongo(_) => {
+                "SELECT c.conversation_id, c.chat_type, c.max_seq, c.updated_at, m.read_seq, m.joined_seq,
+                0 AS unread
+             FROM conversation_members m JOIN conversations c ON c.conversation_id = m.conversation_id
+             WHERE m.user_id = ? ORDER BY c.updated_at DESC, c.conversation_id LIMIT ? OFFSET ?"
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(user_id)
+            .bind(i64::from(limit))
+            .bind(i64::from(offset))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let conversation_id: String = r.try_get("conversation_id").map_err(corrupt)?;
@@ -813,12 +905,17 @@ impl MessageStore for MySqlStore {
             } else {
                 None
             };
+            let read_seq = get_u64(r, "read_seq")?.max(joined_seq);
+            let unread = match &self.log {
+                Log::Tables => get_u64(r, "unread")?,
+                Log::Mongo(log) => log.count_not_by(&conversation_id, read_seq, max_seq, user_id).await?,
+            };
             out.push(ConversationSummary {
                 conversation_id,
                 chat_type: get_u8(r, "chat_type")?,
                 max_seq,
-                read_seq: get_u64(r, "read_seq")?.max(joined_seq),
-                unread: get_u64(r, "unread")?,
+                read_seq,
+                unread,
                 updated_at: r.try_get("updated_at").map_err(corrupt)?,
                 last_message,
             });
@@ -833,7 +930,7 @@ impl MessageStore for MySqlStore {
         read_seq: u64,
         reader_slot: Option<(u32, &dyn ReadBitmapCodec)>,
     ) -> StoreResult<Option<(u64, u64)>> {
-        let pool = &self.pool;
+        let (pool, log) = (&self.pool, &self.log);
         retrying(move || async move {
             let mut tx = pool.begin().await.map_err(unavailable)?;
             let row = sqlx::query(
@@ -861,7 +958,13 @@ impl MessageStore for MySqlStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-            if let Some((slot, codec)) = reader_slot {
+            if let (Some((slot, codec)), Log::Mongo(log)) = (reader_slot, log) {
+                // The member's row stays locked while the bitmaps are written; a rollback
+                // after them leaves the reader in bitmaps it will be added to again.
+                for seq in log.seqs_not_by(conversation_id, old, new, user_id).await? {
+                    log.add_reader(conversation_id, seq, slot, codec).await?;
+                }
+            } else if let Some((slot, codec)) = reader_slot {
                 let seqs: Vec<i64> = sqlx::query_scalar(
                     "SELECT seq FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? AND send_id != ?",
                 )
@@ -919,6 +1022,9 @@ impl MessageStore for MySqlStore {
     }
 
     async fn read_record(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<ReadRecord>> {
+        if let Log::Mongo(log) = &self.log {
+            return log.read_record(conversation_id, seq).await;
+        }
         sqlx::query("SELECT format, bitmap FROM read_records WHERE conversation_id = ? AND seq = ?")
             .bind(conversation_id)
             .bind(seq_param(seq))
@@ -980,6 +1086,46 @@ pub(crate) mod testing {
         }
     }
 
+    /// A MongoDB database of the chat log no other test or run uses, on the server
+    /// `SAI_TEST_MONGO_URL` names (by default the one `scripts/backends.sh mongo` starts);
+    /// dropped with its handle.
+    pub struct TestChatLog {
+        pub url: String,
+        name: String,
+    }
+
+    fn mongo_server() -> String {
+        std::env::var("SAI_TEST_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into())
+    }
+
+    impl TestChatLog {
+        pub fn create() -> TestChatLog {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let name = format!("sai_t_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+            TestChatLog {
+                url: format!("{}/{name}", mongo_server().trim_end_matches('/')),
+                name,
+            }
+        }
+    }
+
+    impl Drop for TestChatLog {
+        fn drop(&mut self) {
+            let name = std::mem::take(&mut self.name);
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                    return;
+                };
+                rt.block_on(async {
+                    if let Ok(c) = mongodb::Client::with_uri_str(mongo_server()).await {
+                        let _ = c.database(&name).drop().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
     /// Drops the database, also when the test panicked (on a thread of its own: this may run
     /// inside a runtime).
     impl Drop for TestDatabase {
@@ -1003,7 +1149,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::TestDatabase;
+    use super::testing::{TestChatLog, TestDatabase};
     use super::*;
     use sai_storage::conformance;
     use std::sync::Arc;
@@ -1019,14 +1165,94 @@ mod tests {
         s.close().await;
     }
 
+    #[tokio::test]
+    async fn conforms_to_the_storage_contract_with_the_chat_log_in_mongodb() {
+        let db = TestDatabase::create("confm").await;
+        let log = TestChatLog::create();
+        let s = MySqlStore::open_with(&db.url, Some(&log.url)).await.unwrap();
+        conformance::check_users(&s).await;
+        conformance::check_messages(&s).await;
+        conformance::check_social(&s).await;
+        conformance::check_read_state(&s).await;
+        s.close().await;
+    }
+
+    /// Documents of appends that never committed (a crash between MongoDB's ack and MySQL's
+    /// commit) are invisible, do not count as duplicates, and give way to the next append.
+    #[tokio::test]
+    async fn orphans_in_the_mongodb_log_stay_hidden_and_give_way() {
+        use mongodb::bson::{doc, Document};
+        let db = TestDatabase::create("orph").await;
+        let log = TestChatLog::create();
+        let s = MySqlStore::open_with(&db.url, Some(&log.url)).await.unwrap();
+        let first = s.append(conformance::message("c1", "a", "b", "k1")).await.unwrap();
+        assert!(matches!(first, Appended::New(ref m) if m.seq == 1), "{first:?}");
+        let raw = mongodb::Client::with_uri_str(&log.url).await.unwrap();
+        let docs = raw.default_database().unwrap().collection::<Document>("messages");
+        for (seq, key) in [(2_i64, "k2"), (3, "k-lost")] {
+            docs.insert_one(doc! {
+                "conversationId": "c1", "seq": seq, "chatType": 2_i32, "sendId": "a", "recvId": "b",
+                "clientMsgId": key, "msgId": format!("orphan-{seq}"), "sendTime": 1_i64,
+                "content": "{\"orphan\":true}", "readVersion": 0_i64,
+            })
+            .await
+            .unwrap();
+        }
+        let seqs = |v: Vec<StoredMessage>| v.iter().map(|m| m.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(s.messages_after("c1", 0, 10).await.unwrap()), [1]);
+        assert_eq!(seqs(s.messages_before("c1", None, 10).await.unwrap()), [1]);
+        assert_eq!(s.message("c1", 2).await.unwrap(), None);
+        // The orphan's key is not a duplicate: its append is stored, at the orphan's seq.
+        let again = s.append(conformance::message("c1", "a", "b", "k2")).await.unwrap();
+        let Appended::New(m) = again else { panic!("{again:?}") };
+        assert_eq!(m.seq, 2);
+        let stored = s.messages_after("c1", 0, 10).await.unwrap();
+        assert_eq!(seqs(stored.clone()), [1, 2]);
+        assert_eq!(stored[1].msg_id, m.msg_id, "the orphan gave way");
+        assert_eq!(docs.count_documents(doc! { "conversationId": "c1" }).await.unwrap(), 2);
+        s.close().await;
+    }
+
+    /// A database keeps the chat log it started with.
+    #[tokio::test]
+    async fn a_database_refuses_the_other_chat_log() {
+        let log = TestChatLog::create();
+        let db = TestDatabase::create("tbl").await;
+        let s = MySqlStore::open(&db.url).await.unwrap();
+        s.append(conformance::message("c1", "a", "b", "k1")).await.unwrap();
+        s.close().await;
+        let Err(e) = MySqlStore::open_with(&db.url, Some(&log.url)).await else {
+            panic!("opened a table log on MongoDB");
+        };
+        assert!(e.to_string().contains("without --chat-log"), "{e}");
+        let db = TestDatabase::create("mgo").await;
+        let s = MySqlStore::open_with(&db.url, Some(&log.url)).await.unwrap();
+        s.append(conformance::message("c2", "a", "b", "k2")).await.unwrap();
+        s.close().await;
+        let Err(e) = MySqlStore::open(&db.url).await else {
+            panic!("opened a MongoDB log's database without it");
+        };
+        assert!(e.to_string().contains("with --chat-log"), "{e}");
+    }
+
     /// Appends raced from two stores (two "processes") on one conversation get exactly 1..=n;
     /// the same keys raced again are all answered as duplicates of those.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_from_two_processes_get_gapless_seqs_once() {
+        appends_from_two_processes(None).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_from_two_processes_get_gapless_seqs_once_in_the_mongodb_log() {
+        let log = TestChatLog::create();
+        appends_from_two_processes(Some(&log.url)).await;
+    }
+
+    async fn appends_from_two_processes(log: Option<&str>) {
         let db = TestDatabase::create("race").await;
         let stores = [
-            Arc::new(MySqlStore::open(&db.url).await.unwrap()),
-            Arc::new(MySqlStore::open(&db.url).await.unwrap()),
+            Arc::new(MySqlStore::open_with(&db.url, log).await.unwrap()),
+            Arc::new(MySqlStore::open_with(&db.url, log).await.unwrap()),
         ];
         let n = 100u64;
         let race = |stores: &[Arc<MySqlStore>; 2]| {
@@ -1059,8 +1285,18 @@ mod tests {
     /// answer new and the other its duplicate, across many conversations.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_key_twice_in_one_batch_is_stored_once() {
+        a_key_twice_in_one_batch(None).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_twice_in_one_batch_is_stored_once_in_the_mongodb_log() {
+        let log = TestChatLog::create();
+        a_key_twice_in_one_batch(Some(&log.url)).await;
+    }
+
+    async fn a_key_twice_in_one_batch(log: Option<&str>) {
         let db = TestDatabase::create("dup").await;
-        let s = Arc::new(MySqlStore::open(&db.url).await.unwrap());
+        let s = Arc::new(MySqlStore::open_with(&db.url, log).await.unwrap());
         let tasks: Vec<_> = (0..200u64)
             .map(|i| {
                 let s = s.clone();
