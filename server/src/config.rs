@@ -545,11 +545,13 @@ impl Config {
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return Err("jwt_secret must be at least 16 bytes".into());
         }
-        if self.jwt_private_key.is_some() != self.jwt_public_key.is_some() {
-            return Err("jwt_private_key and jwt_public_key go together (EdDSA tokens)".into());
+        // A public key alone is a gateway's: it verifies and never signs (the services
+        // processes, which sign, refuse it at start).
+        if self.jwt_private_key.is_some() && self.jwt_public_key.is_none() {
+            return Err("jwt_private_key needs jwt_public_key (EdDSA tokens)".into());
         }
         if self.jwt_previous_public_key.is_some() && self.jwt_public_key.is_none() {
-            return Err("jwt_previous_public_key needs jwt_private_key and jwt_public_key".into());
+            return Err("jwt_previous_public_key needs jwt_public_key".into());
         }
         Ok(())
     }

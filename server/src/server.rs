@@ -9,7 +9,9 @@ use sai_cluster::pipeline::{ClusterKey, DeliveryHub, Forward, GrpcPipeline, Pipe
 use sai_cluster::publisher::{self, Node};
 use sai_cluster::routes::{RouteDirectory, RouteError, Ttls};
 use sai_gateway::Gateway;
+use sai_pipeline::edge::{EdgeCheck, UnixSeconds};
 use sai_pipeline::flow::{Ms2Ps, Ws2Ms};
+use sai_pipeline::token::Verifier;
 use sai_services::auth::{load_or_create_keys, JwtKeys};
 use sai_services::bridge::InProcessPipeline;
 use sai_services::messages::{ChatPolicy, MessageService};
@@ -248,6 +250,18 @@ pub async fn run_gateway(
             (Arc::new(pipeline.clone()), Arc::new(pipeline))
         }
     };
+    let ws2ms: Arc<dyn Ws2Ms> = match gateway_verifier(&cfg)? {
+        Some(verifier) => {
+            tracing::info!(keys = ?verifier, "tokens verified here first");
+            let now: UnixSeconds = Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            });
+            Arc::new(EdgeCheck::new(verifier, now, ws2ms))
+        }
+        None => ws2ms,
+    };
     publisher::publish(events, node.clone(), forward, &runtime);
     let every = Ttls::default().node / 3;
     // Routes are renewed every 6th sweep (30 s), a quarter of their TTL.
@@ -356,6 +370,12 @@ fn jwt_keys(cfg: &Config) -> Result<JwtKeys, ServerError> {
         tracing::info!(kid = keys.key_id(), "tokens: EdDSA");
         return Ok(keys);
     }
+    if cfg.jwt_public_key.is_some() {
+        return Err(ServerError::Config(
+            "a process that issues tokens needs jwt_private_key beside jwt_public_key (a public key alone is for gateways)"
+                .into(),
+        ));
+    }
     Ok(match &cfg.jwt_secret {
         Some(s) => JwtKeys::new(s.as_bytes().to_vec()),
         None => {
@@ -363,6 +383,25 @@ fn jwt_keys(cfg: &Config) -> Result<JwtKeys, ServerError> {
             load_or_create_keys(&p).map_err(io(format!("JWT secret {}", p.display())))?
         }
     })
+}
+
+/// A gateway's verify-only keys: the EdDSA public key (and a rotation's previous one) when
+/// configured. Without them the gateway leaves the whole token check to the services.
+fn gateway_verifier(cfg: &Config) -> Result<Option<Verifier>, ServerError> {
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(io(format!("reading {}", p.display())));
+    let Some(public) = &cfg.jwt_public_key else {
+        return Ok(None);
+    };
+    let mut verifier = Verifier::ed25519(&read(public)?).map_err(ServerError::Config)?;
+    if let Some(previous) = &cfg.jwt_previous_public_key {
+        verifier = verifier
+            .with_previous_ed25519(&read(previous)?)
+            .map_err(ServerError::Config)?;
+    }
+    if cfg.jwt_private_key.is_some() {
+        tracing::warn!("a gateway needs only jwt_public_key: its jwt_private_key is not used");
+    }
+    Ok(Some(verifier))
 }
 
 /// The services over `store`, sending to clients through `outbound`.
