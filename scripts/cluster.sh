@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # A SAI-IM cluster on this machine: one `sai-im services` process and N `sai-im gateway`
-# processes on MySQL (MariaDB), Redis and Kafka (tansu), started when missing by
-# scripts/backends.sh.
-#   ./scripts/cluster.sh up [--gateways N] [--services M] [--no-kafka]
+# processes on MySQL (MariaDB), MongoDB (SecantusDB, the chat log), Redis and Kafka (tansu),
+# started when missing by scripts/backends.sh.
+#   ./scripts/cluster.sh up [--gateways N] [--services M] [--no-kafka] [--no-mongo]
 #                            start (default 3 gateways, 1 services process); prints each ready
 #                            line; chat commands and deliveries go through Kafka topics, or
-#                            with --no-kafka through the services' internal ports
+#                            with --no-kafka through the services' internal ports; messages
+#                            live in MongoDB, or with --no-mongo in MySQL's tables
 #   ./scripts/cluster.sh down                stop every process `up` started
 # Settings: SAI_CLUSTER_DIR (state, logs; default /tmp/sai-cluster), SAI_CLUSTER_DATABASE_URL
 # (default mysql://root@127.0.0.1:3306/sai_cluster), SAI_CLUSTER_REDIS_URL (default
 # redis://127.0.0.1:6379), SAI_CLUSTER_KAFKA (default 127.0.0.1:9092), SAI_CLUSTER_KAFKA_PREFIX
-# (default sai-cluster.), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing),
+# (default sai-cluster.), SAI_CLUSTER_CHAT_LOG (default mongodb://127.0.0.1:27017/sai_cluster; a
+# MySQL database keeps the chat log it started with), SAI_CLUSTER_BIN (default: target/release/sai-im, built if missing),
 # SAI_CLUSTER_SERVICES_ARGS / SAI_CLUSTER_GATEWAY_ARGS (more flags for those processes, e.g.
 # "--require-friendship false" for a benchmark).
 set -euo pipefail
@@ -21,6 +23,7 @@ DB=${SAI_CLUSTER_DATABASE_URL:-mysql://root@127.0.0.1:3306/sai_cluster}
 REDIS=${SAI_CLUSTER_REDIS_URL:-redis://127.0.0.1:6379}
 BIN=${SAI_CLUSTER_BIN:-target/release/sai-im}
 KAFKA=${SAI_CLUSTER_KAFKA:-127.0.0.1:9092}
+CHAT_LOG=${SAI_CLUSTER_CHAT_LOG:-mongodb://127.0.0.1:27017/sai_cluster}
 
 # Waits for the ready line of the process logging to $1 (pid $2); prints it.
 await_ready() {
@@ -41,12 +44,13 @@ await_ready() {
 }
 
 up() {
-    local gateways=3 services=1 kafka=1
+    local gateways=3 services=1 kafka=1 mongo=1
     while [ $# -gt 0 ]; do
         case "$1" in
             --gateways) gateways=$2; shift 2 ;;
             --services) services=$2; shift 2 ;;
             --no-kafka) kafka=0; shift ;;
+            --no-mongo) mongo=0; shift ;;
             *) echo "unknown option $1" >&2; exit 2 ;;
         esac
     done
@@ -60,6 +64,11 @@ up() {
     if [ "$kafka" = 1 ]; then
         [ -n "${SAI_CLUSTER_KAFKA:-}" ] || ./scripts/backends.sh kafka
         flows=(--kafka "$KAFKA" --kafka-prefix "${SAI_CLUSTER_KAFKA_PREFIX:-sai-cluster.}")
+    fi
+    local log=()
+    if [ "$mongo" = 1 ]; then
+        [ -n "${SAI_CLUSTER_CHAT_LOG:-}" ] || ./scripts/backends.sh mongo
+        log=(--chat-log "$CHAT_LOG")
     fi
     [ -x "$BIN" ] || cargo build --release --locked --bin sai-im
     mkdir -p "$DIR"
@@ -78,7 +87,7 @@ up() {
         [ "$kafka" = 1 ] && share=(--kafka-share "$((i - 1))/$services")
         "$BIN" services --data-dir "$DIR/services-$i" --database-url "$DB" --redis-url "$REDIS" \
             --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
-            --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 "${flows[@]}" "${share[@]}" \
+            --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 "${flows[@]}" "${share[@]}" "${log[@]}" \
             ${SAI_CLUSTER_SERVICES_ARGS:-} \
             > "$DIR/services-$i.out" 2> "$DIR/services-$i.err" &
         echo $! >> "$DIR/pids"

@@ -45,8 +45,9 @@ forbidden sai-cluster 'sai-gateway|sai-services|sai-proto|monoio|sqlx|rusqlite'
 # The MySQL adapter's conformance tests and the end-to-end suites on MySQL need a MySQL server
 # (MariaDB on 127.0.0.1:3306, or SAI_TEST_MYSQL_URL's), the cluster's route directory a Redis
 # (127.0.0.1:6379, or SAI_TEST_REDIS_URL's), the cluster's Kafka flows a Kafka-protocol broker
-# (tansu on 127.0.0.1:9092, or SAI_TEST_KAFKA's): installed and started when missing.
-./scripts/backends.sh mysql redis kafka
+# (tansu on 127.0.0.1:9092, or SAI_TEST_KAFKA's), the MongoDB chat log a MongoDB-protocol server
+# (SecantusDB on 127.0.0.1:27017, or SAI_TEST_MONGO_URL's): installed and started when missing.
+./scripts/backends.sh mysql redis kafka mongo
 
 # Every suite on the default engine, direct (the test harness checks that the server did not
 # fall back to monoio), then the end-to-end suites once more on the monoio engine, and once

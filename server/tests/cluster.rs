@@ -1,6 +1,7 @@
 //! A cluster on this machine: one `sai-im services` process on MySQL and three `sai-im gateway`
 //! processes, sharing the route directory in Redis (a key prefix of the test's own), with real
-//! WebSocket clients spread across the gateways.
+//! WebSocket clients spread across the gateways. Through Kafka, the cluster is the production
+//! wiring whole: its messages live in a MongoDB chat log (a database of the test's own).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -23,6 +24,10 @@ struct Cluster {
     database: (String, String),
     /// `--kafka` and `--kafka-prefix` when chat goes through Kafka.
     kafka: Vec<String>,
+    /// More arguments of every gateway.
+    gateway_args: Vec<String>,
+    /// The MongoDB database of the chat log, if it has one.
+    chat_log: Option<String>,
 }
 
 /// The Kafka-protocol broker of the tests (`scripts/backends.sh kafka` starts one).
@@ -73,6 +78,17 @@ impl Cluster {
 
     /// With the services' internal port at `internal` (a fixed port survives a restart).
     fn start_on(internal: &str, gateways: u32, flows: Flows) -> Cluster {
+        Self::start_with(internal, gateways, flows, &[], &[])
+    }
+
+    /// With more arguments for the services process and for each gateway.
+    fn start_with(
+        internal: &str,
+        gateways: u32,
+        flows: Flows,
+        services_args: &[String],
+        gateway_args: &[String],
+    ) -> Cluster {
         let redis = std::env::var("SAI_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let mysql = std::env::var("SAI_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
         let tag = format!("{}_{}", std::process::id(), rand_tag());
@@ -91,7 +107,14 @@ impl Cluster {
                 "4".into(),
             ],
         };
-        let services = start_services(&redis, &prefix, &url, internal, &kafka);
+        // Through Kafka, the chat log is in MongoDB.
+        let chat_log = (!kafka.is_empty()).then(|| format!("sai_e2e_{tag}"));
+        let log_args = match &chat_log {
+            Some(db) => vec!["--chat-log".to_string(), format!("{}/{db}", common::mongo_server())],
+            None => Vec::new(),
+        };
+        let extra: Vec<String> = kafka.iter().chain(&log_args).chain(services_args).cloned().collect();
+        let services = start_services(&redis, &prefix, &url, internal, &extra);
         let internal = services.field("internal").expect("internal address");
         let mut c = Cluster {
             services,
@@ -100,6 +123,8 @@ impl Cluster {
             prefix,
             database,
             kafka,
+            gateway_args: gateway_args.to_vec(),
+            chat_log,
         };
         for node in 1..=gateways {
             c.gateways.push(c.gateway(node, &internal));
@@ -121,7 +146,7 @@ impl Cluster {
             "--node",
             &node_s,
         ];
-        args.extend(self.kafka.iter().map(String::as_str));
+        args.extend(self.kafka.iter().chain(&self.gateway_args).map(String::as_str));
         let g = Server::start_as(Some("gateway"), &args);
         assert_eq!(g.field("node").as_deref(), Some(node.to_string().as_str()));
         g
@@ -177,6 +202,9 @@ impl Drop for Cluster {
         }
         self.services.stop(false);
         drop_database(&self.database.0, &self.database.1);
+        if let Some(db) = &self.chat_log {
+            common::drop_mongo_database(db);
+        }
     }
 }
 
@@ -440,6 +468,112 @@ fn the_internal_port_refuses_a_gateway_without_the_cluster_key() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-key"));
+}
+
+/// An Ed25519 key pair (PKCS#8 and SPKI PEM) and a second private key, for the EdDSA cluster.
+const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIOvaE+U7szTB5rJkXv/r/7PqhgDN0YC7VHAjDqVx00DE\n-----END PRIVATE KEY-----\n";
+const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAyEcxMahsg9u9g+J29m0uBR7mfaWqvJHOyy95k/9ItRc=\n-----END PUBLIC KEY-----\n";
+const ED_OTHER_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHMMIVyrxGUVLY4pGTIuB3d9ngLvqZAeXDtwAsNHSorF\n-----END PRIVATE KEY-----\n";
+const ED_OTHER_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAvGXuGRPrQsRRmG22iJZEy5DyiisE+dYSU2Du7DvpN58=\n-----END PUBLIC KEY-----\n";
+
+#[test]
+fn gateways_holding_only_the_public_key_refuse_forged_tokens_themselves() {
+    let dir = std::env::temp_dir().join(format!("sai-eddsa-{}-{}", std::process::id(), rand_tag()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, pem: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let (private, public) = (file("ed.key", ED_PRIVATE), file("ed.pub", ED_PUBLIC));
+    let services_args = [
+        "--jwt-private-key".to_string(),
+        private,
+        "--jwt-public-key".into(),
+        public.clone(),
+    ];
+    let gateway_args = ["--jwt-public-key".to_string(), public.clone()];
+    let c = Cluster::start_with("127.0.0.1:0", 2, Flows::Grpc, &services_args, &gateway_args);
+    // EdDSA tokens from the services work on a gateway that holds only the public key.
+    let (alice, bob) = (c.services.user("alice"), c.services.user("bob"));
+    let mut a = c.connect(0, &alice);
+    let mut b = c.connect(1, &bob);
+    a.chat(&bob.0, "eddsa-1", "signed by the services, checked by the gateways");
+    let ack = a.recv();
+    assert_eq!(ack["data"]["seq"], 1, "{ack}");
+    let push = b.recv();
+    assert_eq!(
+        (push["method"].as_str(), push["data"]["seq"].as_i64()),
+        (Some("push"), Some(1)),
+        "{push}"
+    );
+
+    // A token of another key: a gateway whose every services call fails (a wrong cluster key)
+    // still refuses it as a bad token, so the refusal was its own.
+    let internal = c.services.field("internal").unwrap();
+    let cut_off = Server::start_as(
+        Some("gateway"),
+        &[
+            "--cluster-key",
+            "not-the-cluster-key",
+            "--redis-url",
+            &c.redis,
+            "--redis-prefix",
+            &c.prefix,
+            "--services",
+            &internal,
+            "--node",
+            "9",
+            "--jwt-public-key",
+            &public,
+        ],
+    );
+    let forger =
+        sai_pipeline::token::JwtKeys::ed25519(ED_OTHER_PRIVATE.as_bytes(), ED_OTHER_PUBLIC.as_bytes()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let forged = forger.sign(&sai_pipeline::token::Claims {
+        sub: bob.0.clone(),
+        iat: now,
+        exp: now + 3600,
+        gen: 0,
+    });
+    for (token, code, status) in [
+        (forged.as_str(), "invalid_token", 401),
+        ("not.a.token", "malformed_token", 401),
+        // A good token passes the gateway and then meets the cut-off services.
+        (bob.1.as_str(), "service_unavailable", 503),
+    ] {
+        match common::Client::connect(&cut_off.ws, token) {
+            Err(common::ConnectError::Status(st, body)) => {
+                assert_eq!((st, body["code"].as_str()), (status, Some(code)), "{body}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("{code}: a client got in"),
+        }
+    }
+    // A services process, which signs, does not start with the public key alone.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sai-im"))
+        .args([
+            "services",
+            "--cluster-key",
+            KEY,
+            "--redis-url",
+            &c.redis,
+            "--jwt-public-key",
+            &public,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jwt_private_key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

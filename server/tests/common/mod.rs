@@ -460,3 +460,20 @@ pub fn drop_database(server: &str, name: &str) {
         }
     });
 }
+
+/// The MongoDB server of the chat log's tests (`scripts/backends.sh mongo` starts one).
+pub fn mongo_server() -> String {
+    std::env::var("SAI_TEST_MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into())
+}
+
+/// Drops the MongoDB database `name` of `mongo_server()`.
+pub fn drop_mongo_database(name: &str) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return;
+    };
+    rt.block_on(async {
+        if let Ok(c) = mongodb::Client::with_uri_str(mongo_server()).await {
+            let _ = c.database(name).drop().await;
+        }
+    });
+}
