@@ -9,6 +9,17 @@ set -euo pipefail
 # True when something accepts TCP connections on 127.0.0.1:$1.
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Waits up to 10 s for server $2 to listen on port $1; else shows the end of its log $3.
+await_listening() {
+    for _ in $(seq 1 100); do
+        listening "$1" && return 0
+        sleep 0.1
+    done
+    echo "$2 did not start; its log:" >&2
+    tail -20 "$3" >&2
+    return 1
+}
+
 ensure_mysql() {
     if [ -n "${SAI_TEST_MYSQL_URL:-}" ]; then
         return 0
@@ -84,13 +95,7 @@ ensure_kafka() {
     (cd "$dir" && setsid "$(tansu_bin)" broker --listener-url tcp://127.0.0.1:9092 \
         --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine sqlite://tansu.db \
         > "$dir/tansu.log" 2>&1 < /dev/null &)
-    for _ in $(seq 1 100); do
-        listening 9092 && return 0
-        sleep 0.1
-    done
-    echo "tansu did not start; its log:" >&2
-    tail -20 "$dir/tansu.log" >&2
-    return 1
+    await_listening 9092 tansu "$dir/tansu.log"
 }
 
 # MongoDB: SAI_TEST_MONGO_URL (default mongodb://127.0.0.1:27017) names the server of the chat
@@ -116,13 +121,7 @@ ensure_mongo() {
     echo "starting SecantusDB on 127.0.0.1:27017 ($dir)" >&2
     (setsid "$venv/bin/secantusd-py" --host 127.0.0.1 --port 27017 --storage-path "$dir/data" \
         > "$dir/secantus.log" 2>&1 < /dev/null &)
-    for _ in $(seq 1 100); do
-        listening 27017 && return 0
-        sleep 0.1
-    done
-    echo "SecantusDB did not start; its log:" >&2
-    tail -20 "$dir/secantus.log" >&2
-    return 1
+    await_listening 27017 SecantusDB "$dir/secantus.log"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

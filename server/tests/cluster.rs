@@ -172,6 +172,26 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// A gateway (node 9) with a wrong cluster key, and `extra` arguments: every call it makes
+    /// to the services is refused.
+    fn cut_off_gateway(&self, extra: &[&str]) -> Server {
+        let internal = self.services.field("internal").expect("internal address");
+        let mut args = vec![
+            "--cluster-key",
+            "not-the-cluster-key",
+            "--redis-url",
+            &self.redis,
+            "--redis-prefix",
+            &self.prefix,
+            "--services",
+            &internal,
+            "--node",
+            "9",
+        ];
+        args.extend_from_slice(extra);
+        Server::start_as(Some("gateway"), &args)
+    }
+
     /// Waits until the route directory holds `user`'s connection on gateway node `node`.
     fn await_route(&self, user: &str, node: u32) {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -438,21 +458,7 @@ fn each_once_by_push_or_sync(b: &mut common::Client, n: u64) {
 fn the_internal_port_refuses_a_gateway_without_the_cluster_key() {
     let c = Cluster::start(1);
     let internal = c.services.field("internal").unwrap();
-    let stranger = Server::start_as(
-        Some("gateway"),
-        &[
-            "--cluster-key",
-            "not-the-cluster-key",
-            "--redis-url",
-            &c.redis,
-            "--redis-prefix",
-            &c.prefix,
-            "--services",
-            &internal,
-            "--node",
-            "9",
-        ],
-    );
+    let stranger = c.cut_off_gateway(&[]);
     let bob = c.services.user("bob");
     // Its upgrade check is a call the services refuse: the client is told the service is
     // unavailable, and nothing was done for it.
@@ -470,7 +476,7 @@ fn the_internal_port_refuses_a_gateway_without_the_cluster_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-key"));
 }
 
-/// An Ed25519 key pair (PKCS#8 and SPKI PEM) and a second private key, for the EdDSA cluster.
+/// Two Ed25519 key pairs (PKCS#8 and SPKI PEM): the EdDSA cluster's, and a forger's.
 const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIOvaE+U7szTB5rJkXv/r/7PqhgDN0YC7VHAjDqVx00DE\n-----END PRIVATE KEY-----\n";
 const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAyEcxMahsg9u9g+J29m0uBR7mfaWqvJHOyy95k/9ItRc=\n-----END PUBLIC KEY-----\n";
 const ED_OTHER_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHMMIVyrxGUVLY4pGTIuB3d9ngLvqZAeXDtwAsNHSorF\n-----END PRIVATE KEY-----\n";
@@ -510,24 +516,7 @@ fn gateways_holding_only_the_public_key_refuse_forged_tokens_themselves() {
 
     // A token of another key: a gateway whose every services call fails (a wrong cluster key)
     // still refuses it as a bad token, so the refusal was its own.
-    let internal = c.services.field("internal").unwrap();
-    let cut_off = Server::start_as(
-        Some("gateway"),
-        &[
-            "--cluster-key",
-            "not-the-cluster-key",
-            "--redis-url",
-            &c.redis,
-            "--redis-prefix",
-            &c.prefix,
-            "--services",
-            &internal,
-            "--node",
-            "9",
-            "--jwt-public-key",
-            &public,
-        ],
-    );
+    let cut_off = c.cut_off_gateway(&["--jwt-public-key", &public]);
     let forger =
         sai_pipeline::token::JwtKeys::ed25519(ED_OTHER_PRIVATE.as_bytes(), ED_OTHER_PUBLIC.as_bytes()).unwrap();
     let now = std::time::SystemTime::now()

@@ -1156,20 +1156,18 @@ mod tests {
 
     #[tokio::test]
     async fn conforms_to_the_storage_contract() {
-        let db = TestDatabase::create("conf").await;
-        let s = MySqlStore::open(&db.url).await.unwrap();
-        conformance::check_users(&s).await;
-        conformance::check_messages(&s).await;
-        conformance::check_social(&s).await;
-        conformance::check_read_state(&s).await;
-        s.close().await;
+        conforms(None).await;
     }
 
     #[tokio::test]
     async fn conforms_to_the_storage_contract_with_the_chat_log_in_mongodb() {
-        let db = TestDatabase::create("confm").await;
         let log = TestChatLog::create();
-        let s = MySqlStore::open_with(&db.url, Some(&log.url)).await.unwrap();
+        conforms(Some(&log.url)).await;
+    }
+
+    async fn conforms(log: Option<&str>) {
+        let db = TestDatabase::create("conf").await;
+        let s = MySqlStore::open_with(&db.url, log).await.unwrap();
         conformance::check_users(&s).await;
         conformance::check_messages(&s).await;
         conformance::check_social(&s).await;
