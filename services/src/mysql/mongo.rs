@@ -12,9 +12,11 @@
 //!   the `max_seq` read from MySQL first), the next append to the conversation deletes every
 //!   document at or above its first seq before it writes (nobody else can write there while it
 //!   holds the lock), and a dedupe lookup ignores them;
-//! - the idempotency key `(sendId, clientMsgId)` is a unique index here; an orphan of another
-//!   conversation that holds a key makes the batch fall back to one append at a time, which
-//!   deletes it.
+//! - the idempotency key `(sendId, clientMsgId)` is a unique index here, and a batch is
+//!   inserted without looking its keys up first: a key stored before, a key held by an orphan,
+//!   or an orphan in the way make the insert fail, the transaction roll back, and the batch go
+//!   one append at a time, each looking its key up (stored and committed: the original is the
+//!   answer) and deleting its conversation's orphans before it writes.
 //!
 //! Indexes: unique `(conversationId, seq)`, `(conversationId, sendTime)` for time queries, and
 //! unique `(sendId, clientMsgId)`.
@@ -148,32 +150,28 @@ impl MongoLog {
     }
 
     /// Documents under any of `keys`, orphans included (the caller drops those above their
-    /// conversation's committed seq).
+    /// conversation's committed seq). One equality query per key, on the idempotency index
+    /// (SecantusDB scans the collection for an `$or`).
     pub(super) async fn stored(&self, keys: &[Key]) -> StoreResult<Vec<StoredMessage>> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+        let mut out = Vec::new();
+        for (s, c) in keys {
+            out.extend(
+                self.find(doc! { "sendId": s, "clientMsgId": c }, doc! {}, Some(1))
+                    .await?,
+            );
         }
-        let any: Vec<Document> = keys
-            .iter()
-            .map(|(s, c)| doc! { "sendId": s, "clientMsgId": c })
-            .collect();
-        self.find(doc! { "$or": any }, doc! {}, None).await
+        Ok(out)
     }
 
     /// Deletes every document of each conversation at or above its seq: orphans of appends that
     /// never committed. Called with the conversations' rows locked.
     pub(super) async fn clear_orphans(&self, from: &[(&str, u64)]) -> StoreResult<()> {
-        if from.is_empty() {
-            return Ok(());
+        for (c, seq) in from {
+            self.messages
+                .delete_many(doc! { "conversationId": *c, "seq": { "$gte": seq_bson(*seq) } })
+                .await
+                .map_err(unavailable)?;
         }
-        let any: Vec<Document> = from
-            .iter()
-            .map(|(c, seq)| doc! { "conversationId": *c, "seq": { "$gte": seq_bson(*seq) } })
-            .collect();
-        self.messages
-            .delete_many(doc! { "$or": any })
-            .await
-            .map_err(unavailable)?;
         Ok(())
     }
 
