@@ -1154,16 +1154,28 @@ mod tests {
     use sai_storage::conformance;
     use std::sync::Arc;
 
-    #[tokio::test]
-    async fn conforms_to_the_storage_contract() {
-        conforms(None).await;
+    /// Two tests of `$body` (an `async fn(Option<&str>)` taking the chat log's URL): on the
+    /// database's tables, and with the chat log in a MongoDB database of its own.
+    macro_rules! on_both_logs {
+        ($tables:ident, $mongo:ident, $body:ident) => {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $tables() {
+                $body(None).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $mongo() {
+                let log = TestChatLog::create();
+                $body(Some(&log.url)).await;
+            }
+        };
     }
 
-    #[tokio::test]
-    async fn conforms_to_the_storage_contract_with_the_chat_log_in_mongodb() {
-        let log = TestChatLog::create();
-        conforms(Some(&log.url)).await;
-    }
+    on_both_logs!(
+        conforms_to_the_storage_contract,
+        conforms_to_the_storage_contract_with_the_chat_log_in_mongodb,
+        conforms
+    );
 
     async fn conforms(log: Option<&str>) {
         let db = TestDatabase::create("conf").await;
@@ -1235,16 +1247,11 @@ mod tests {
 
     /// Appends raced from two stores (two "processes") on one conversation get exactly 1..=n;
     /// the same keys raced again are all answered as duplicates of those.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn appends_from_two_processes_get_gapless_seqs_once() {
-        appends_from_two_processes(None).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn appends_from_two_processes_get_gapless_seqs_once_in_the_mongodb_log() {
-        let log = TestChatLog::create();
-        appends_from_two_processes(Some(&log.url)).await;
-    }
+    on_both_logs!(
+        appends_from_two_processes_get_gapless_seqs_once,
+        appends_from_two_processes_get_gapless_seqs_once_in_the_mongodb_log,
+        appends_from_two_processes
+    );
 
     async fn appends_from_two_processes(log: Option<&str>) {
         let db = TestDatabase::create("race").await;
@@ -1281,16 +1288,11 @@ mod tests {
 
     /// The same keys sent twice at once land in the same batches: each is stored once, one
     /// answer new and the other its duplicate, across many conversations.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_key_twice_in_one_batch_is_stored_once() {
-        a_key_twice_in_one_batch(None).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_key_twice_in_one_batch_is_stored_once_in_the_mongodb_log() {
-        let log = TestChatLog::create();
-        a_key_twice_in_one_batch(Some(&log.url)).await;
-    }
+    on_both_logs!(
+        a_key_twice_in_one_batch_is_stored_once,
+        a_key_twice_in_one_batch_is_stored_once_in_the_mongodb_log,
+        a_key_twice_in_one_batch
+    );
 
     async fn a_key_twice_in_one_batch(log: Option<&str>) {
         let db = TestDatabase::create("dup").await;
