@@ -1245,8 +1245,8 @@ mod tests {
         assert!(e.to_string().contains("with --chat-log"), "{e}");
     }
 
-    /// Appends raced from two stores (two "processes") on one conversation get exactly 1..=n;
-    /// the same keys raced again are all answered as duplicates of those.
+    // Appends raced from two stores (two "processes") on one conversation get exactly 1..=n;
+    // the same keys raced again are all answered as duplicates of those.
     on_both_logs!(
         appends_from_two_processes_get_gapless_seqs_once,
         appends_from_two_processes_get_gapless_seqs_once_in_the_mongodb_log,
@@ -1286,8 +1286,8 @@ mod tests {
         }
     }
 
-    /// The same keys sent twice at once land in the same batches: each is stored once, one
-    /// answer new and the other its duplicate, across many conversations.
+    // The same keys sent twice at once land in the same batches: each is stored once, one
+    // answer new and the other its duplicate, across many conversations.
     on_both_logs!(
         a_key_twice_in_one_batch_is_stored_once,
         a_key_twice_in_one_batch_is_stored_once_in_the_mongodb_log,
