@@ -11,7 +11,8 @@
 //!    (`LAST_INSERT_ID(max_seq + k)` answers the last), inserts them in multi-row statements,
 //!    and adds the members of a conversation created now;
 //! 3. if another process stored one of the keys since step 1 (the unique key refuses the
-//!    insert), rolls back and appends the batch's messages one by one instead.
+//!    insert), rolls back and appends the batch's messages one by one instead, each as a batch
+//!    of its own after a lookup of its key.
 //!
 //! With the chat log in MongoDB ([`super::mongo`]) step 2 writes the batch's documents there
 //! instead, before the commit, and a key refused by MongoDB's unique index makes the batch go
@@ -84,7 +85,8 @@ async fn write(pool: &MySqlPool, log: &Log, jobs: Vec<Job>) {
                 .push(i);
         }
     }
-    let seqs = match insert(pool, log, &jobs, &by_conversation, false).await {
+    let msgs: Vec<&NewMessage> = jobs.iter().map(|j| &j.msg).collect();
+    let seqs = match insert(pool, log, &msgs, &by_conversation, false).await {
         Ok(Some(seqs)) => seqs,
         Ok(None) => return one_by_one(pool, log, jobs).await,
         Err(e) => return fail(jobs, &e),
@@ -118,18 +120,14 @@ fn fail(jobs: Vec<Job>, e: &StoreError) {
 
 async fn one_by_one(pool: &MySqlPool, log: &Log, jobs: Vec<Job>) {
     for j in jobs {
-        let answer = match log {
-            Log::Tables => super::append_one(pool, &j.msg).await,
-            Log::Mongo(_) => append_alone(pool, log, &j.msg).await,
-        };
-        let _ = j.reply.send(answer);
+        let _ = j.reply.send(append_alone(pool, log, &j.msg).await);
     }
 }
 
-/// One append as a batch of its own, into the MongoDB chat log: its key looked up, its
-/// conversation's orphans deleted first. A key the unique index still refuses is held by a
-/// document that is not committed (an append of another process in flight, or an orphan of
-/// another conversation): the caller is told to retry.
+/// One append as a batch of its own: its key looked up, and (MongoDB log) its conversation's
+/// orphans deleted first. A key the unique index still refuses belongs to a message that is not
+/// committed (an append of another process in flight, or an orphan of another conversation in
+/// the MongoDB log): the caller is told to retry.
 async fn append_alone(pool: &MySqlPool, log: &Log, m: &NewMessage) -> StoreResult<Appended> {
     let k = key(m);
     if let Some(original) = stored_before(pool, log, std::slice::from_ref(&k)).await?.remove(&k) {
@@ -137,9 +135,7 @@ async fn append_alone(pool: &MySqlPool, log: &Log, m: &NewMessage) -> StoreResul
     }
     let mut by_conversation = BTreeMap::new();
     by_conversation.insert(m.conversation_id.as_str(), vec![0]);
-    let (reply, _) = oneshot::channel();
-    let job = [Job { msg: m.clone(), reply }];
-    match insert(pool, log, &job, &by_conversation, true).await? {
+    match insert(pool, log, &[m], &by_conversation, true).await? {
         Some(seqs) => match seqs.first() {
             Some(&(_, seq)) => Ok(Appended::New(m.stored(seq))),
             None => Err(StoreError::Unavailable("an append lost its seq; retry".into())),
@@ -147,7 +143,7 @@ async fn append_alone(pool: &MySqlPool, log: &Log, m: &NewMessage) -> StoreResul
         None => match stored_before(pool, log, std::slice::from_ref(&k)).await?.remove(&k) {
             Some(original) => Ok(Appended::Duplicate(original)),
             None => Err(StoreError::Unavailable(
-                "this clientMsgId is held by an unfinished append; retry".into(),
+                "this clientMsgId's original is not committed yet; retry".into(),
             )),
         },
     }
@@ -218,7 +214,7 @@ async fn committed(pool: &MySqlPool, found: Vec<StoredMessage>) -> StoreResult<H
 async fn insert(
     pool: &MySqlPool,
     log: &Log,
-    jobs: &[Job],
+    msgs: &[&NewMessage],
     by_conversation: &BTreeMap<&str, Vec<usize>>,
     clear_orphans: bool,
 ) -> StoreResult<Option<Vec<(usize, u64)>>> {
@@ -230,9 +226,9 @@ async fn insert(
         let mut seqs = Vec::new();
         for (conversation, idx) in by_conversation {
             let Some(&head) = idx.first() else { continue };
-            let m = &jobs[head].msg;
+            let m = msgs[head];
             let k = idx.len() as i64;
-            let latest = idx.iter().map(|i| jobs[*i].msg.send_time).max().unwrap_or(m.send_time);
+            let latest = idx.iter().map(|i| msgs[*i].send_time).max().unwrap_or(m.send_time);
             let bumped = sqlx::query(
                 "INSERT INTO conversations (conversation_id, chat_type, max_seq, updated_at)
                  VALUES (?, ?, ?, ?)
@@ -250,6 +246,13 @@ async fn insert(
             let last = if created { k as u64 } else { bumped.last_insert_id() };
             let first = last + 1 - k as u64;
             seqs.extend(idx.iter().enumerate().map(|(n, i)| (*i, first + n as u64)));
+            if clear_orphans {
+                if let Log::Mongo(log) = log {
+                    // The row's lock is held: whatever lies at or above its first seq is an
+                    // orphan.
+                    log.clear_orphans(conversation, first).await?;
+                }
+            }
             if created {
                 for user in &m.members {
                     sqlx::query("INSERT IGNORE INTO conversation_members (user_id, conversation_id) VALUES (?, ?)")
@@ -262,18 +265,7 @@ async fn insert(
             }
         }
         if let Log::Mongo(log) = log {
-            // The rows' locks are held: whatever lies at or above each first seq is an orphan.
-            let firsts: Vec<(&str, u64)> = by_conversation
-                .iter()
-                .filter_map(|(c, idx)| {
-                    let first = idx.first().and_then(|i| seqs.iter().find(|(j, _)| j == i))?;
-                    Some((*c, first.1))
-                })
-                .collect();
-            if clear_orphans {
-                log.clear_orphans(&firsts).await?;
-            }
-            let docs: Vec<StoredMessage> = seqs.iter().map(|(i, seq)| jobs[*i].msg.stored(*seq)).collect();
+            let docs: Vec<StoredMessage> = seqs.iter().map(|(i, seq)| msgs[*i].stored(*seq)).collect();
             if !log.insert(&docs).await? {
                 return Ok(None);
             }
@@ -287,7 +279,7 @@ async fn insert(
             ));
             let mut q = sqlx::query(sql);
             for (i, seq) in chunk {
-                let m = &jobs[*i].msg;
+                let m = msgs[*i];
                 q = q
                     .bind(&m.conversation_id)
                     .bind(i64::try_from(*seq).unwrap_or(i64::MAX))

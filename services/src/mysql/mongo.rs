@@ -163,15 +163,13 @@ impl MongoLog {
         Ok(out)
     }
 
-    /// Deletes every document of each conversation at or above its seq: orphans of appends that
-    /// never committed. Called with the conversations' rows locked.
-    pub(super) async fn clear_orphans(&self, from: &[(&str, u64)]) -> StoreResult<()> {
-        for (c, seq) in from {
-            self.messages
-                .delete_many(doc! { "conversationId": *c, "seq": { "$gte": seq_bson(*seq) } })
-                .await
-                .map_err(unavailable)?;
-        }
+    /// Deletes every document of the conversation at or above `from_seq`: orphans of appends
+    /// that never committed. Called with the conversation's row locked.
+    pub(super) async fn clear_orphans(&self, conversation_id: &str, from_seq: u64) -> StoreResult<()> {
+        self.messages
+            .delete_many(doc! { "conversationId": conversation_id, "seq": { "$gte": seq_bson(from_seq) } })
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
