@@ -797,21 +797,25 @@ impl MessageStore for MySqlStore {
         offset: u32,
         limit: u32,
     ) -> StoreResult<Vec<ConversationSummary>> {
+        /// A member's conversations, newest first, with `$unread` as their unread count.
+        macro_rules! summaries {
+            ($unread:literal) => {
+                concat!(
+                    "SELECT c.conversation_id, c.chat_type, c.max_seq, c.updated_at, m.read_seq, m.joined_seq, ",
+                    $unread,
+                    " AS unread FROM conversation_members m
+                     JOIN conversations c ON c.conversation_id = m.conversation_id
+                     WHERE m.user_id = ? ORDER BY c.updated_at DESC, c.conversation_id LIMIT ? OFFSET ?"
+                )
+            };
+        }
         // With the MongoDB log the unread counts are counted there, below.
         let sql = match self.log {
-            Log::Tables => {
-                "SELECT c.conversation_id, c.chat_type, c.max_seq, c.updated_at, m.read_seq, m.joined_seq,
-                (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = c.conversation_id
-                   AND x.seq > GREATEST(m.read_seq, m.joined_seq) AND x.send_id != m.user_id) AS unread
-             FROM conversation_members m JOIN conversations c ON c.conversation_id = m.conversation_id
-             WHERE m.user_id = ? ORDER BY c.updated_at DESC, c.conversation_id LIMIT ? OFFSET ?"
-            }
-            Log::Mongo(_) => {
-                "SELECT c.conversation_id, c.chat_type, c.max_seq, c.updated_at, m.read_seq, m.joined_seq,
-                0 AS unread
-             FROM conversation_members m JOIN conversations c ON c.conversation_id = m.conversation_id
-             WHERE m.user_id = ? ORDER BY c.updated_at DESC, c.conversation_id LIMIT ? OFFSET ?"
-            }
+            Log::Tables => summaries!(
+                "(SELECT COUNT(*) FROM messages x WHERE x.conversation_id = c.conversation_id
+                   AND x.seq > GREATEST(m.read_seq, m.joined_seq) AND x.send_id != m.user_id)"
+            ),
+            Log::Mongo(_) => summaries!("0"),
         };
         let rows = sqlx::query(sql)
             .bind(user_id)
@@ -825,15 +829,19 @@ impl MessageStore for MySqlStore {
             let conversation_id: String = r.try_get("conversation_id").map_err(corrupt)?;
             let max_seq = get_u64(r, "max_seq")?;
             let joined_seq = get_u64(r, "joined_seq")?;
-            let last_message = if max_seq > joined_seq {
-                self.message(&conversation_id, max_seq).await?
-            } else {
-                None
-            };
             let read_seq = get_u64(r, "read_seq")?.max(joined_seq);
-            let unread = match &self.log {
-                Log::Tables => get_u64(r, "unread")?,
-                Log::Mongo(log) => log.count_not_by(&conversation_id, read_seq, max_seq, user_id).await?,
+            // The row's max_seq is committed: the MongoDB log is read up to it without
+            // another look at MySQL.
+            let (last_message, unread) = match &self.log {
+                Log::Tables if max_seq > joined_seq => {
+                    (self.message(&conversation_id, max_seq).await?, get_u64(r, "unread")?)
+                }
+                Log::Tables => (None, get_u64(r, "unread")?),
+                Log::Mongo(log) if max_seq > joined_seq => (
+                    log.range(&conversation_id, max_seq - 1, max_seq, true, 1).await?.pop(),
+                    log.count_not_by(&conversation_id, read_seq, max_seq, user_id).await?,
+                ),
+                Log::Mongo(_) => (None, 0),
             };
             out.push(ConversationSummary {
                 conversation_id,
