@@ -164,7 +164,7 @@ impl JwtKeys {
 
     /// Also accepts tokens of the Ed25519 public key `public_pem`.
     pub fn with_previous_ed25519(mut self, public_pem: &[u8]) -> Result<Self, String> {
-        self.verifier.add(ed25519_public(public_pem)?);
+        self.verifier = self.verifier.with_previous_ed25519(public_pem)?;
         Ok(self)
     }
 

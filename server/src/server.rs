@@ -18,7 +18,7 @@ use sai_services::messages::{ChatPolicy, MessageService};
 use sai_services::social::SocialService;
 use sai_services::storage::Storage;
 use sai_services::users::UserService;
-use sai_services::{Outbound, Services, SystemClock};
+use sai_services::{Clock, Outbound, Services, SystemClock};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -197,6 +197,8 @@ pub async fn run_gateway(
         ));
     }
     let key = cluster_key(&cfg)?;
+    // Key files are read before the node announces itself.
+    let verifier = gateway_verifier(&cfg)?;
     let runtime = tokio::runtime::Handle::current();
     let directory = connect_directory(&cfg).await?;
     let incarnation = getrandom::u64().map_err(|e| ServerError::Config(format!("random incarnation: {e}")))?;
@@ -250,14 +252,11 @@ pub async fn run_gateway(
             (Arc::new(pipeline.clone()), Arc::new(pipeline))
         }
     };
-    let ws2ms: Arc<dyn Ws2Ms> = match gateway_verifier(&cfg)? {
+    let ws2ms: Arc<dyn Ws2Ms> = match verifier {
         Some(verifier) => {
             tracing::info!(keys = ?verifier, "tokens verified here first");
-            let now: UnixSeconds = Arc::new(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-            });
+            // Seconds, as the services read the same clock for the same check.
+            let now: UnixSeconds = Arc::new(|| SystemClock.now_ms() / 1000);
             Arc::new(EdgeCheck::new(verifier, now, ws2ms))
         }
         None => ws2ms,
@@ -359,12 +358,12 @@ async fn open_storage(cfg: &Config) -> Result<Storage, ServerError> {
 /// The token keys: EdDSA from key files, else HS256 from the secret (given, or generated once
 /// and kept in the data dir).
 fn jwt_keys(cfg: &Config) -> Result<JwtKeys, ServerError> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(io(format!("reading {}", p.display())));
     if let (Some(private), Some(public)) = (&cfg.jwt_private_key, &cfg.jwt_public_key) {
-        let mut keys = JwtKeys::ed25519(&read(private)?, &read(public)?).map_err(ServerError::Config)?;
+        let mut keys =
+            JwtKeys::ed25519(&read_key_file(private)?, &read_key_file(public)?).map_err(ServerError::Config)?;
         if let Some(previous) = &cfg.jwt_previous_public_key {
             keys = keys
-                .with_previous_ed25519(&read(previous)?)
+                .with_previous_ed25519(&read_key_file(previous)?)
                 .map_err(ServerError::Config)?;
         }
         tracing::info!(kid = keys.key_id(), "tokens: EdDSA");
@@ -385,17 +384,21 @@ fn jwt_keys(cfg: &Config) -> Result<JwtKeys, ServerError> {
     })
 }
 
+/// A key file's bytes.
+fn read_key_file(p: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(p).map_err(io(format!("reading {}", p.display())))
+}
+
 /// A gateway's verify-only keys: the EdDSA public key (and a rotation's previous one) when
 /// configured. Without them the gateway leaves the whole token check to the services.
 fn gateway_verifier(cfg: &Config) -> Result<Option<Verifier>, ServerError> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(io(format!("reading {}", p.display())));
     let Some(public) = &cfg.jwt_public_key else {
         return Ok(None);
     };
-    let mut verifier = Verifier::ed25519(&read(public)?).map_err(ServerError::Config)?;
+    let mut verifier = Verifier::ed25519(&read_key_file(public)?).map_err(ServerError::Config)?;
     if let Some(previous) = &cfg.jwt_previous_public_key {
         verifier = verifier
-            .with_previous_ed25519(&read(previous)?)
+            .with_previous_ed25519(&read_key_file(previous)?)
             .map_err(ServerError::Config)?;
     }
     if cfg.jwt_private_key.is_some() {
