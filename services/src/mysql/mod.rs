@@ -1045,18 +1045,23 @@ pub(crate) mod testing {
     impl Drop for TestChatLog {
         fn drop(&mut self) {
             let name = std::mem::take(&mut self.name);
-            let _ = std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                    return;
-                };
-                rt.block_on(async {
-                    if let Ok(c) = mongodb::Client::with_uri_str(mongo_server()).await {
-                        let _ = c.database(&name).drop().await;
-                    }
-                });
-            })
-            .join();
+            clean_up(async move {
+                if let Ok(c) = mongodb::Client::with_uri_str(mongo_server()).await {
+                    let _ = c.database(&name).drop().await;
+                }
+            });
         }
+    }
+
+    /// Runs `cleanup` to its end on a thread and runtime of its own: a handle is dropped inside
+    /// a runtime, or after its test panicked.
+    fn clean_up(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(cleanup);
+            }
+        })
+        .join();
     }
 
     /// Drops the database, also when the test panicked (on a thread of its own: this may run
@@ -1064,18 +1069,12 @@ pub(crate) mod testing {
     impl Drop for TestDatabase {
         fn drop(&mut self) {
             let name = std::mem::take(&mut self.name);
-            let _ = std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                    return;
-                };
-                rt.block_on(async {
-                    if let Ok(mut c) = MySqlConnection::connect(&server_url()).await {
-                        let drop = sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"));
-                        let _ = sqlx::query(drop).execute(&mut c).await;
-                    }
-                });
-            })
-            .join();
+            clean_up(async move {
+                if let Ok(mut c) = MySqlConnection::connect(&server_url()).await {
+                    let drop = sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"));
+                    let _ = sqlx::query(drop).execute(&mut c).await;
+                }
+            });
         }
     }
 }
