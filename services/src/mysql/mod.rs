@@ -27,11 +27,12 @@
 
 use async_trait::async_trait;
 use sai_storage::{
-    Appended, ConversationHead, ConversationSummary, MemberState, MessageStore, NewMessage, ReadBitmapCodec,
-    ReadRecord, StoreError, StoreResult, StoredMessage, User, UserStore,
+    Appended, BitmapWrite, ConversationHead, ConversationSummary, MemberState, MessageStore, NewMessage,
+    ReadBitmapCodec, ReadMark, ReadRecord, StoreError, StoreResult, StoredMessage, User, UserStore,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::Row;
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -561,6 +562,69 @@ fn message_from_row(r: &MySqlRow) -> StoreResult<StoredMessage> {
     })
 }
 
+/// The mark of a receipt that moved `user`'s read position from `old` to `new`.
+fn read_mark(conversation_id: &str, user: &str, slot: u32, old: u64, new: u64) -> ReadMark {
+    ReadMark {
+        conversation_id: conversation_id.into(),
+        user_id: user.into(),
+        slot,
+        after_seq: old,
+        up_to_seq: new,
+    }
+}
+
+/// [`MessageStore::add_readers`] on the tables, in `tx`: each message's readers are added in
+/// one write, its row locked in (conversation, seq) order, the same order in every process.
+async fn add_readers_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    marks: &[ReadMark],
+    codec: &dyn ReadBitmapCodec,
+) -> StoreResult<u64> {
+    let mut readers: BTreeMap<(&str, i64), Vec<u32>> = BTreeMap::new();
+    for m in marks.iter().filter(|m| m.up_to_seq > m.after_seq) {
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT seq FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? AND send_id != ?",
+        )
+        .bind(&m.conversation_id)
+        .bind(seq_param(m.after_seq))
+        .bind(seq_param(m.up_to_seq))
+        .bind(&m.user_id)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        for seq in seqs {
+            readers.entry((&m.conversation_id, seq)).or_default().push(m.slot);
+        }
+    }
+    let mut changed = 0;
+    for ((conversation_id, seq), slots) in readers {
+        let existing =
+            sqlx::query("SELECT format, bitmap FROM read_records WHERE conversation_id = ? AND seq = ? FOR UPDATE")
+                .bind(conversation_id)
+                .bind(seq)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(unavailable)?;
+        let existing = existing.as_ref().map(record_from_row).transpose()?;
+        let Some(record) = ReadRecord::with_readers(existing, &slots, codec)? else {
+            continue;
+        };
+        sqlx::query(
+            "INSERT INTO read_records (conversation_id, seq, format, bitmap) VALUES (?, ?, ?, ?)
+             ON DUPLICATE KEY UPDATE format = VALUES(format), bitmap = VALUES(bitmap)",
+        )
+        .bind(conversation_id)
+        .bind(seq)
+        .bind(i16::from(record.format))
+        .bind(record.bytes)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 fn record_from_row(r: &MySqlRow) -> StoreResult<ReadRecord> {
     Ok(ReadRecord {
         format: get_u8(r, "format")?,
@@ -861,7 +925,7 @@ impl MessageStore for MySqlStore {
         conversation_id: &str,
         user_id: &str,
         read_seq: u64,
-        reader_slot: Option<(u32, &dyn ReadBitmapCodec)>,
+        reader_slot: Option<(u32, BitmapWrite<'_>)>,
     ) -> StoreResult<Option<(u64, u64)>> {
         let (pool, log) = (&self.pool, &self.log);
         retrying(move || async move {
@@ -891,53 +955,62 @@ impl MessageStore for MySqlStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-            if let (Some((slot, codec)), Log::Mongo(log)) = (reader_slot, log) {
-                // The member's row stays locked while the bitmaps are written; a rollback
-                // after them leaves the reader in bitmaps it will be added to again.
-                for seq in log.seqs_not_by(conversation_id, old, new, user_id).await? {
-                    log.add_reader(conversation_id, seq, slot, codec).await?;
+            // The member's row stays locked while the bitmaps are written or the mark handed;
+            // a rollback after them leaves the reader in bitmaps it will be added to again.
+            match reader_slot {
+                Some((slot, BitmapWrite::Now(codec))) => {
+                    let mark = read_mark(conversation_id, user_id, slot, old, new);
+                    match log {
+                        Log::Mongo(log) => log.add_readers(std::slice::from_ref(&mark), codec).await?,
+                        Log::Tables => add_readers_in(&mut tx, std::slice::from_ref(&mark), codec).await?,
+                    };
                 }
-            } else if let Some((slot, codec)) = reader_slot {
-                let seqs: Vec<i64> = sqlx::query_scalar(
-                    "SELECT seq FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? AND send_id != ?",
-                )
-                .bind(conversation_id)
-                .bind(seq_param(old))
-                .bind(seq_param(new))
-                .bind(user_id)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-                for seq in seqs {
-                    let existing = sqlx::query(
-                        "SELECT format, bitmap FROM read_records WHERE conversation_id = ? AND seq = ? FOR UPDATE",
-                    )
-                    .bind(conversation_id)
-                    .bind(seq)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-                    let existing = existing.as_ref().map(record_from_row).transpose()?;
-                    let bytes = codec
-                        .insert(existing.as_ref().map(|r| (r.format, r.bytes.as_slice())), slot)
-                        .map_err(StoreError::Corrupt)?;
-                    sqlx::query(
-                        "INSERT INTO read_records (conversation_id, seq, format, bitmap) VALUES (?, ?, ?, ?)
-                             ON DUPLICATE KEY UPDATE format = VALUES(format), bitmap = VALUES(bitmap)",
-                    )
-                    .bind(conversation_id)
-                    .bind(seq)
-                    .bind(i16::from(codec.format()))
-                    .bind(bytes)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
+                Some((slot, BitmapWrite::Handed(queue))) => {
+                    let mark = read_mark(conversation_id, user_id, slot, old, new);
+                    queue.hand(mark).await.map_err(StoreError::Unavailable)?;
                 }
+                None => {}
             }
             tx.commit().await.map_err(unavailable)?;
             Ok(Some((old, new)))
         })
         .await
+    }
+
+    async fn add_readers(&self, marks: &[ReadMark], codec: &dyn ReadBitmapCodec) -> StoreResult<u64> {
+        let (pool, log) = (&self.pool, &self.log);
+        match log {
+            // The documents hold the bitmaps. Each range is cut at its conversation's committed
+            // max seq, so that no orphan (a document above it) is ever marked.
+            Log::Mongo(log) => {
+                let mut max_seqs = BTreeMap::new();
+                let mut cut = Vec::with_capacity(marks.len());
+                for m in marks {
+                    let max_seq = match max_seqs.get(m.conversation_id.as_str()) {
+                        Some(max_seq) => *max_seq,
+                        None => {
+                            let max_seq = self.max_seq(&m.conversation_id).await?;
+                            max_seqs.insert(m.conversation_id.as_str(), max_seq);
+                            max_seq
+                        }
+                    };
+                    cut.push(ReadMark {
+                        up_to_seq: m.up_to_seq.min(max_seq),
+                        ..m.clone()
+                    });
+                }
+                log.add_readers(&cut, codec).await
+            }
+            Log::Tables => {
+                retrying(move || async move {
+                    let mut tx = pool.begin().await.map_err(unavailable)?;
+                    let changed = add_readers_in(&mut tx, marks, codec).await?;
+                    tx.commit().await.map_err(unavailable)?;
+                    Ok(changed)
+                })
+                .await
+            }
+        }
     }
 
     async fn mark_received(&self, conversation_id: &str, user_id: &str, seq: u64) -> StoreResult<()> {
@@ -1116,6 +1189,7 @@ mod tests {
         conformance::check_messages(&s).await;
         conformance::check_social(&s).await;
         conformance::check_read_state(&s).await;
+        conformance::check_handed_read_marks(&s).await;
         s.close().await;
     }
 

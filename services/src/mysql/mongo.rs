@@ -27,7 +27,8 @@ use mongodb::bson::{doc, Binary, Bson, Document};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
-use sai_storage::{ReadBitmapCodec, ReadRecord, StoreError, StoreResult, StoredMessage};
+use sai_storage::{ReadBitmapCodec, ReadMark, ReadRecord, StoreError, StoreResult, StoredMessage};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The collection of the chat log.
@@ -222,13 +223,7 @@ impl MongoLog {
     }
 
     /// The seqs of messages with `lo < seq <= hi` not sent by `user`, ascending.
-    pub(super) async fn seqs_not_by(
-        &self,
-        conversation_id: &str,
-        lo: u64,
-        hi: u64,
-        user: &str,
-    ) -> StoreResult<Vec<u64>> {
+    async fn seqs_not_by(&self, conversation_id: &str, lo: u64, hi: u64, user: &str) -> StoreResult<Vec<u64>> {
         if lo >= hi {
             return Ok(Vec::new());
         }
@@ -252,15 +247,36 @@ impl MongoLog {
         Ok(out)
     }
 
-    /// Adds `slot` to the read bitmap of message `seq`: read, encode, and write only if no other
-    /// reader wrote it meanwhile (its `readVersion` is unchanged), else again.
-    pub(super) async fn add_reader(
+    /// [`sai_storage::MessageStore::add_readers`]: each message's readers in one write.
+    pub(super) async fn add_readers(&self, marks: &[ReadMark], codec: &dyn ReadBitmapCodec) -> StoreResult<u64> {
+        let mut readers: BTreeMap<(&str, u64), Vec<u32>> = BTreeMap::new();
+        for m in marks {
+            for seq in self
+                .seqs_not_by(&m.conversation_id, m.after_seq, m.up_to_seq, &m.user_id)
+                .await?
+            {
+                readers.entry((&m.conversation_id, seq)).or_default().push(m.slot);
+            }
+        }
+        let mut changed = 0;
+        for ((conversation_id, seq), slots) in readers {
+            if self.add_to_bitmap(conversation_id, seq, &slots, codec).await? {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Adds `slots` to the read bitmap of message `seq`: read, encode, and write only if no other
+    /// reader wrote it meanwhile (its `readVersion` is unchanged), else again. False when the
+    /// bitmap held them all already.
+    async fn add_to_bitmap(
         &self,
         conversation_id: &str,
         seq: u64,
-        slot: u32,
+        slots: &[u32],
         codec: &dyn ReadBitmapCodec,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let at = doc! { "conversationId": conversation_id, "seq": seq_bson(seq) };
         for _ in 0..BITMAP_ATTEMPTS {
             let Some(d) = self
@@ -272,27 +288,20 @@ impl MongoLog {
             else {
                 return Err(StoreError::Corrupt(format!("{conversation_id} #{seq} has no document")));
             };
-            let existing = record_of(&d)?;
             let version = d.get_i64("readVersion").unwrap_or(0);
-            let bytes = codec
-                .insert(existing.as_ref().map(|r| (r.format, r.bytes.as_slice())), slot)
-                .map_err(StoreError::Corrupt)?;
-            if existing
-                .as_ref()
-                .is_some_and(|r| r.format == codec.format() && r.bytes == bytes)
-            {
-                return Ok(());
-            }
+            let Some(record) = ReadRecord::with_readers(record_of(&d)?, slots, codec)? else {
+                return Ok(false);
+            };
             let mut unchanged = at.clone();
             unchanged.insert("readVersion", version);
             let update = doc! { "$set": {
-                "readRecords": Binary { subtype: BinarySubtype::Generic, bytes },
-                "readFormat": i32::from(codec.format()),
+                "readRecords": Binary { subtype: BinarySubtype::Generic, bytes: record.bytes },
+                "readFormat": i32::from(record.format),
                 "readVersion": version + 1,
             } };
             let done = self.messages.update_one(unchanged, update).await.map_err(unavailable)?;
             if done.matched_count == 1 {
-                return Ok(());
+                return Ok(true);
             }
         }
         Err(StoreError::Unavailable(format!(

@@ -25,13 +25,14 @@
 
 use async_trait::async_trait;
 use sai_storage::{
-    Appended, ConversationHead, ConversationSummary, MemberState, MessageStore, NewMessage, ReadBitmapCodec,
-    ReadRecord, StoreError, StoreResult, StoredMessage, User, UserStore,
+    Appended, BitmapWrite, ConversationHead, ConversationSummary, MemberState, MessageStore, NewMessage,
+    ReadBitmapCodec, ReadMark, ReadRecord, StoreError, StoreResult, StoredMessage, User, UserStore,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::Row;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -468,6 +469,68 @@ fn message_from_row(r: &SqliteRow) -> StoreResult<StoredMessage> {
     })
 }
 
+/// The mark of a receipt that moved `user`'s read position from `old` to `new`.
+fn read_mark(conversation_id: &str, user: &str, slot: u32, old: u64, new: u64) -> ReadMark {
+    ReadMark {
+        conversation_id: conversation_id.into(),
+        user_id: user.into(),
+        slot,
+        after_seq: old,
+        up_to_seq: new,
+    }
+}
+
+/// [`MessageStore::add_readers`] in `tx`: each message's readers are added in one write, in
+/// (conversation, seq) order.
+async fn add_readers_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    marks: &[ReadMark],
+    codec: &dyn ReadBitmapCodec,
+) -> StoreResult<u64> {
+    let mut readers: BTreeMap<(&str, i64), Vec<u32>> = BTreeMap::new();
+    for m in marks.iter().filter(|m| m.up_to_seq > m.after_seq) {
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT seq FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? AND send_id != ?",
+        )
+        .bind(&m.conversation_id)
+        .bind(seq_param(m.after_seq))
+        .bind(seq_param(m.up_to_seq))
+        .bind(&m.user_id)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        for seq in seqs {
+            readers.entry((&m.conversation_id, seq)).or_default().push(m.slot);
+        }
+    }
+    let mut changed = 0;
+    for ((conversation_id, seq), slots) in readers {
+        let existing = sqlx::query("SELECT format, bitmap FROM read_records WHERE conversation_id = ? AND seq = ?")
+            .bind(conversation_id)
+            .bind(seq)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+        let existing = existing.as_ref().map(record_from_row).transpose()?;
+        let Some(record) = ReadRecord::with_readers(existing, &slots, codec)? else {
+            continue;
+        };
+        sqlx::query(
+            "INSERT INTO read_records (conversation_id, seq, format, bitmap) VALUES (?, ?, ?, ?)
+             ON CONFLICT (conversation_id, seq) DO UPDATE SET format = excluded.format, bitmap = excluded.bitmap",
+        )
+        .bind(conversation_id)
+        .bind(seq)
+        .bind(i64::from(record.format))
+        .bind(record.bytes)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 fn record_from_row(r: &SqliteRow) -> StoreResult<ReadRecord> {
     let format: i64 = r.try_get("format").map_err(corrupt)?;
     Ok(ReadRecord {
@@ -707,7 +770,7 @@ impl MessageStore for SqliteStore {
         conversation_id: &str,
         user_id: &str,
         read_seq: u64,
-        reader_slot: Option<(u32, &dyn ReadBitmapCodec)>,
+        reader_slot: Option<(u32, BitmapWrite<'_>)>,
     ) -> StoreResult<Option<(u64, u64)>> {
         self.settled(merge::Scope::Conversation(conversation_id)).await?;
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
@@ -736,44 +799,32 @@ impl MessageStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        if let Some((slot, codec)) = reader_slot {
-            let seqs: Vec<i64> = sqlx::query_scalar(
-                "SELECT seq FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? AND send_id != ?",
-            )
-            .bind(conversation_id)
-            .bind(seq_param(old))
-            .bind(seq_param(new))
-            .bind(user_id)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            for seq in seqs {
-                let existing =
-                    sqlx::query("SELECT format, bitmap FROM read_records WHERE conversation_id = ? AND seq = ?")
-                        .bind(conversation_id)
-                        .bind(seq)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(unavailable)?;
-                let existing = existing.as_ref().map(record_from_row).transpose()?;
-                let bytes = codec
-                    .insert(existing.as_ref().map(|r| (r.format, r.bytes.as_slice())), slot)
-                    .map_err(StoreError::Corrupt)?;
-                sqlx::query(
-                    "INSERT INTO read_records (conversation_id, seq, format, bitmap) VALUES (?, ?, ?, ?)
-                     ON CONFLICT (conversation_id, seq) DO UPDATE SET format = excluded.format, bitmap = excluded.bitmap",
-                )
-                .bind(conversation_id)
-                .bind(seq)
-                .bind(i64::from(codec.format()))
-                .bind(bytes)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+        match reader_slot {
+            Some((slot, BitmapWrite::Now(codec))) => {
+                let mark = read_mark(conversation_id, user_id, slot, old, new);
+                add_readers_in(&mut tx, std::slice::from_ref(&mark), codec).await?;
             }
+            Some((slot, BitmapWrite::Handed(queue))) => {
+                // The writer is held until the queue has the mark: SQLite stores are not
+                // wired to a task process, whose queue is a broker away.
+                let mark = read_mark(conversation_id, user_id, slot, old, new);
+                queue.hand(mark).await.map_err(StoreError::Unavailable)?;
+            }
+            None => {}
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(Some((old, new)))
+    }
+
+    async fn add_readers(&self, marks: &[ReadMark], codec: &dyn ReadBitmapCodec) -> StoreResult<u64> {
+        let conversations: BTreeSet<&str> = marks.iter().map(|m| m.conversation_id.as_str()).collect();
+        for c in conversations {
+            self.settled(merge::Scope::Conversation(c)).await?;
+        }
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let changed = add_readers_in(&mut tx, marks, codec).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(changed)
     }
 
     async fn mark_received(&self, conversation_id: &str, user_id: &str, seq: u64) -> StoreResult<()> {
@@ -819,6 +870,7 @@ mod tests {
         conformance::check_messages(&s).await;
         conformance::check_social(&s).await;
         conformance::check_read_state(&s).await;
+        conformance::check_handed_read_marks(&s).await;
         s.close().await;
     }
 

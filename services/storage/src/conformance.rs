@@ -7,10 +7,12 @@
 #![allow(clippy::expect_used)] // Every check is an assertion: failing loudly is its job.
 
 use crate::{
-    AddMembersError, Appended, FriendRequest, Group, MessageStore, NewMessage, ReadBitmapCodec, SocialStore,
-    StoreError, User, UserStore,
+    AddMembersError, Appended, BitmapWrite, FriendRequest, Group, MessageStore, NewMessage, ReadBitmapCodec, ReadMark,
+    ReadMarkSink, SocialStore, StoreError, User, UserStore,
 };
+use async_trait::async_trait;
 use std::collections::BTreeSet;
+use std::sync::Mutex;
 
 fn user(id: &str, name: &str) -> User {
     User {
@@ -321,15 +323,21 @@ pub async fn check_read_state(s: &dyn MessageStore) {
     s.append(message("rs", "b", "a", "from-b")).await.expect("append");
     let codec = ListCodec;
     assert_eq!(
-        s.mark_read("rs", "b", 2, Some((7, &codec))).await.expect("read"),
+        s.mark_read("rs", "b", 2, Some((7, BitmapWrite::Now(&codec))))
+            .await
+            .expect("read"),
         Some((0, 2))
     );
     assert_eq!(
-        s.mark_read("rs", "b", 1, Some((7, &codec))).await.expect("read"),
+        s.mark_read("rs", "b", 1, Some((7, BitmapWrite::Now(&codec))))
+            .await
+            .expect("read"),
         Some((2, 2))
     );
     assert_eq!(
-        s.mark_read("rs", "b", 99, Some((7, &codec))).await.expect("read"),
+        s.mark_read("rs", "b", 99, Some((7, BitmapWrite::Now(&codec))))
+            .await
+            .expect("read"),
         Some((2, 4))
     );
     assert_eq!(s.mark_read("rs", "stranger", 1, None).await.expect("read"), None);
@@ -342,7 +350,9 @@ pub async fn check_read_state(s: &dyn MessageStore) {
         "own message is not marked"
     );
     assert_eq!(
-        s.mark_read("rs", "a", 4, Some((3, &codec))).await.expect("read"),
+        s.mark_read("rs", "a", 4, Some((3, BitmapWrite::Now(&codec))))
+            .await
+            .expect("read"),
         Some((0, 4))
     );
     assert_eq!(
@@ -362,4 +372,99 @@ pub async fn check_read_state(s: &dyn MessageStore) {
     let rs = list.iter().find(|c| c.conversation_id == "rs").expect("rs listed");
     assert_eq!((rs.unread, rs.max_seq, rs.read_seq), (0, 4, 4));
     assert_eq!(rs.last_message.as_ref().map(|m| m.seq), Some(4));
+}
+
+/// A [`ReadMarkSink`] that keeps what it is handed, or refuses everything.
+#[derive(Default)]
+pub struct KeptMarks {
+    /// Marks handed so far.
+    pub marks: Mutex<Vec<ReadMark>>,
+    /// Refuse every mark (a queue that is down).
+    pub refuse: bool,
+}
+
+#[async_trait]
+impl ReadMarkSink for KeptMarks {
+    async fn hand(&self, mark: ReadMark) -> Result<(), String> {
+        if self.refuse {
+            return Err("the queue is down".into());
+        }
+        self.marks.lock().map_err(|e| e.to_string())?.push(mark);
+        Ok(())
+    }
+}
+
+/// Read receipts whose bitmaps are handed to a queue: the mark holds the advanced range, no
+/// bitmap is written until [`MessageStore::add_readers`], a refused mark leaves the read
+/// position where it was, and the batch write merges readers, skips each reader's own messages,
+/// ignores ranges past the max seq, and changes nothing when applied again.
+pub async fn check_handed_read_marks(s: &dyn MessageStore) {
+    let members: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    for (from, key) in [("a", "h1"), ("a", "h2"), ("c", "h3"), ("b", "h4")] {
+        let mut m = message("hm", from, "", key);
+        (m.chat_type, m.members) = (1, members.clone());
+        s.append(m).await.expect("append");
+    }
+    let kept = KeptMarks::default();
+    let down = KeptMarks {
+        refuse: true,
+        ..KeptMarks::default()
+    };
+    let handed = |q| Some((7, BitmapWrite::Handed(q)));
+    assert_eq!(
+        s.mark_read("hm", "b", 2, handed(&kept)).await.expect("read"),
+        Some((0, 2))
+    );
+    assert!(
+        s.read_record("hm", 1).await.expect("record").is_none(),
+        "handed, not written"
+    );
+    assert!(matches!(
+        s.mark_read("hm", "b", 4, handed(&down)).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    let b = |states: Vec<crate::MemberState>| states.into_iter().find(|m| m.user_id == "b").map(|m| m.read_seq);
+    assert_eq!(
+        b(s.member_states("hm").await.expect("states")),
+        Some(2),
+        "a refused mark rolls back"
+    );
+    assert_eq!(
+        s.mark_read("hm", "b", 99, handed(&kept)).await.expect("read"),
+        Some((2, 4))
+    );
+    assert_eq!(
+        s.mark_read("hm", "c", 4, Some((9, BitmapWrite::Handed(&kept))))
+            .await
+            .expect("read"),
+        Some((0, 4))
+    );
+    let mut marks = kept.marks.lock().expect("marks").clone();
+    let mark = |user: &str, slot, after_seq, up_to_seq| ReadMark {
+        conversation_id: "hm".into(),
+        user_id: user.into(),
+        slot,
+        after_seq,
+        up_to_seq,
+    };
+    assert_eq!(marks, vec![mark("b", 7, 0, 2), mark("b", 7, 2, 4), mark("c", 9, 0, 4)]);
+    // A repeat in the same batch, a range past the max seq, a conversation that does not exist.
+    marks.push(mark("b", 7, 0, 2));
+    marks.push(mark("a", 3, 2, 50));
+    marks.push(ReadMark {
+        conversation_id: "nowhere".into(),
+        ..mark("a", 3, 0, 5)
+    });
+    let codec = ListCodec;
+    assert_eq!(s.add_readers(&marks, &codec).await.expect("add"), 4);
+    let slots = |seq| async move {
+        let r = s.read_record("hm", seq).await.expect("record");
+        r.map(|r| ListCodec::decode(&r.bytes)).unwrap_or_default()
+    };
+    assert_eq!(slots(1).await, vec![7, 9]);
+    assert_eq!(slots(2).await, vec![7, 9]);
+    assert_eq!(slots(3).await, vec![3, 7], "c's own message");
+    assert_eq!(slots(4).await, vec![3, 9], "b's own message");
+    assert_eq!(s.add_readers(&marks, &codec).await.expect("again"), 0, "applied twice");
+    assert_eq!(s.add_readers(&[], &codec).await.expect("none"), 0);
 }

@@ -198,6 +198,42 @@ pub trait ReadBitmapCodec: Send + Sync {
     fn insert(&self, existing: Option<(u8, &[u8])>, slot: u32) -> Result<Vec<u8>, String>;
 }
 
+/// One read receipt's bitmap work: `user_id` (the member in `slot`) read the messages of
+/// `conversation_id` in `(after_seq, up_to_seq]`, and joins the read bitmap of each of them it
+/// did not send. What travels to the task process over `msg_to_mongo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMark {
+    /// The group conversation.
+    pub conversation_id: String,
+    /// The reader (its own messages are not marked).
+    pub user_id: String,
+    /// The reader's bit in the group's bitmaps.
+    pub slot: u32,
+    /// The reader's read position before this receipt.
+    pub after_seq: u64,
+    /// The read position the receipt moved it to.
+    pub up_to_seq: u64,
+}
+
+/// A durable queue of read marks (the task process's `msg_to_mongo`).
+#[async_trait]
+pub trait ReadMarkSink: Send + Sync {
+    /// Returns once the queue holds `mark` durably; an error names what refused it.
+    async fn hand(&self, mark: ReadMark) -> Result<(), String>;
+}
+
+/// Where a read receipt's bitmap updates go.
+#[derive(Clone, Copy)]
+pub enum BitmapWrite<'a> {
+    /// Written in the receipt's own transaction, in this codec.
+    Now(&'a dyn ReadBitmapCodec),
+    /// Handed as a [`ReadMark`] to a queue before the receipt commits, and written later, in
+    /// batches, by [`MessageStore::add_readers`]. A crash between the two leaves a mark for a
+    /// receipt that did not commit (its reader lands in bitmaps of messages it said it read),
+    /// never a committed receipt without its mark.
+    Handed(&'a dyn ReadMarkSink),
+}
+
 /// A stored read-receipt bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadRecord {
@@ -205,6 +241,36 @@ pub struct ReadRecord {
     pub format: u8,
     /// Encoded bitmap of member slots that have read the message.
     pub bytes: Vec<u8>,
+}
+
+impl ReadRecord {
+    /// `existing` with `slots` added, in `codec`'s format; `None` when it already held them all
+    /// in that format (nothing to write). Bytes the codec cannot read are [`StoreError::Corrupt`].
+    pub fn with_readers(
+        existing: Option<ReadRecord>,
+        slots: &[u32],
+        codec: &dyn ReadBitmapCodec,
+    ) -> StoreResult<Option<ReadRecord>> {
+        let mut bytes: Option<Vec<u8>> = None;
+        for &slot in slots {
+            let current = match (&bytes, &existing) {
+                (Some(b), _) => Some((codec.format(), b.as_slice())),
+                (None, Some(r)) => Some((r.format, r.bytes.as_slice())),
+                (None, None) => None,
+            };
+            bytes = Some(codec.insert(current, slot).map_err(StoreError::Corrupt)?);
+        }
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        if existing.is_some_and(|r| r.format == codec.format() && r.bytes == bytes) {
+            return Ok(None);
+        }
+        Ok(Some(ReadRecord {
+            format: codec.format(),
+            bytes,
+        }))
+    }
 }
 
 /// A friend request.
@@ -366,15 +432,23 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> StoreResult<Vec<ConversationSummary>>;
     /// Moves the member's read position to `read_seq` (clamped to the max seq; never backwards)
     /// and, when `reader_slot` is given, adds it to the read bitmap of every message in the
-    /// advanced range not sent by the reader, atomically. Returns `(old, new)` read seqs, or
-    /// `None` if the user is not a member.
+    /// advanced range not sent by the reader: atomically ([`BitmapWrite::Now`]), or by handing
+    /// the range to a queue before the position commits ([`BitmapWrite::Handed`]; a queue that
+    /// refuses it leaves the position where it was). Returns `(old, new)` read seqs, or `None`
+    /// if the user is not a member.
     async fn mark_read(
         &self,
         conversation_id: &str,
         user_id: &str,
         read_seq: u64,
-        reader_slot: Option<(u32, &dyn ReadBitmapCodec)>,
+        reader_slot: Option<(u32, BitmapWrite<'_>)>,
     ) -> StoreResult<Option<(u64, u64)>>;
+    /// Adds each mark's reader to the read bitmap of every message in its range that it did
+    /// not send, several readers of one message in one write. A reader already in a bitmap
+    /// leaves it unchanged, so a batch applied twice (a task restarted before it committed its
+    /// offsets) changes nothing the second time; a range past the conversation's max seq marks
+    /// only the messages that exist. Returns how many bitmaps changed.
+    async fn add_readers(&self, marks: &[ReadMark], codec: &dyn ReadBitmapCodec) -> StoreResult<u64>;
     /// Raises the member's received position to `seq` (never backwards).
     async fn mark_received(&self, conversation_id: &str, user_id: &str, seq: u64) -> StoreResult<()>;
     /// The read bitmap of a message, if anyone has read it.
