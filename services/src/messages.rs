@@ -8,7 +8,9 @@ use crate::users::UserService;
 use crate::{Clock, Outbound};
 use sai_pipeline::conversation::{ChatType, ConversationId};
 use sai_pipeline::message::{json_depth, method, ChatAck, Push, SyncPage, MAX_MSG_DEPTH};
-use sai_storage::{Appended, ConversationSummary, MemberState, MessageStore, NewMessage, StoredMessage};
+use sai_storage::{
+    Appended, BitmapWrite, ConversationSummary, MemberState, MessageStore, NewMessage, ReadMarkSink, StoredMessage,
+};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -99,6 +101,9 @@ pub struct MessageService {
     policy: ChatPolicy,
     /// Keeps each conversation's pushes in seq order (see [`PushOrder`]).
     order: PushOrder,
+    /// Where group read receipts' bitmap work goes: `None`, written with the receipt; else
+    /// handed to this queue (a task process's `msg_to_mongo`) and written there in batches.
+    read_marks: Option<Arc<dyn ReadMarkSink>>,
 }
 
 /// Pushes leave in seq order per conversation: a send holds its conversation's stripe from
@@ -195,7 +200,15 @@ impl MessageService {
             clock,
             policy,
             order: PushOrder::new(),
+            read_marks: None,
         }
+    }
+
+    /// Hands group read receipts' bitmap work to `queue` instead of writing it with each
+    /// receipt: "read by" catches up when a task process has written the batch.
+    pub fn handing_read_marks_to(mut self, queue: Arc<dyn ReadMarkSink>) -> Self {
+        self.read_marks = Some(queue);
+        self
     }
 
     /// Stores a message from `sender` and, when it is new, pushes it to the other members that are
@@ -400,22 +413,21 @@ impl MessageService {
 
     /// Marks the conversation read up to `read_seq` (never backwards, clamped to the newest
     /// seq). Private chats push a `conversation.read` receipt to the other member; groups record
-    /// the reader in each newly read message's bitmap. Returns the read seq in force.
+    /// the reader in each newly read message's bitmap (now, or through the read-mark queue).
+    /// Returns the read seq in force.
     pub async fn mark_read(&self, user: &str, conversation_id: &str, read_seq: u64) -> Result<u64, ServiceError> {
         let group_id = group_of(conversation_id);
         let slot = match &group_id {
             Some(g) => Some(self.social.member(g, user).await?.ok_or_else(not_a_member)?.slot),
             None => None,
         };
-        let codec = SaiCodec;
+        let bitmaps = match &self.read_marks {
+            Some(queue) => BitmapWrite::Handed(queue.as_ref()),
+            None => BitmapWrite::Now(&SaiCodec),
+        };
         let (old, new) = self
             .store
-            .mark_read(
-                conversation_id,
-                user,
-                read_seq,
-                slot.map(|s| (s, &codec as &dyn sai_storage::ReadBitmapCodec)),
-            )
+            .mark_read(conversation_id, user, read_seq, slot.map(|s| (s, bitmaps)))
             .await?
             .ok_or_else(not_a_member)?;
         if new > old && group_id.is_none() {
