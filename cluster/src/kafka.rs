@@ -76,13 +76,13 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 /// A consumer's read errors: the first is logged at once, then one line per
 /// [`ERROR_LOG_EVERY`] says how many there were.
 #[derive(Default)]
-struct ReadErrors {
+pub(crate) struct ReadErrors {
     last: Option<std::time::Instant>,
     unlogged: u64,
 }
 
 impl ReadErrors {
-    fn record(&mut self, topic: &str, e: &rdkafka::error::KafkaError) {
+    pub(crate) fn record(&mut self, topic: &str, e: &rdkafka::error::KafkaError) {
         let now = std::time::Instant::now();
         if self.last.is_some_and(|t| now.duration_since(t) < ERROR_LOG_EVERY) {
             self.unlogged += 1;
@@ -107,8 +107,9 @@ pub struct KafkaSettings {
     pub linger_ms: u32,
     /// Largest batch of records per partition, in bytes (`batch.size`).
     pub batch_bytes: u32,
-    /// This services process's share of `ws2ms_chat`: (index, count), partition p being read
-    /// by the process whose index is p mod count.
+    /// This process's share of the topic it reads (a services process: `ws2ms_chat`; a task
+    /// process: `msg_to_mongo`): (index, count), partition p being read by the process whose
+    /// index is p mod count.
     pub share: (u32, u32),
 }
 
@@ -121,6 +122,11 @@ impl KafkaSettings {
     /// The topic of deliveries and answers.
     pub fn ms2ps(&self) -> String {
         format!("{}ms2ps_chat", self.prefix)
+    }
+
+    /// The topic of read receipts' bitmap work, for the task process.
+    pub fn msg_to_mongo(&self) -> String {
+        format!("{}msg_to_mongo", self.prefix)
     }
 
     fn client(&self) -> ClientConfig {
@@ -140,7 +146,7 @@ impl KafkaSettings {
         c
     }
 
-    fn producer(&self) -> Result<FutureProducer, String> {
+    pub(crate) fn producer(&self) -> Result<FutureProducer, String> {
         self.client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -152,15 +158,15 @@ impl KafkaSettings {
             .map_err(|e| format!("Kafka producer: {e}"))
     }
 
-    /// Creates both topics unless they exist.
+    /// Creates the three topics unless they exist.
     pub async fn ensure_topics(&self) -> Result<(), String> {
         let admin: AdminClient<DefaultClientContext> =
             self.client().create().map_err(|e| format!("Kafka admin client: {e}"))?;
-        let (ws2ms, ms2ps) = (self.ws2ms(), self.ms2ps());
-        let topics = [
-            NewTopic::new(&ws2ms, self.partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&ms2ps, self.partitions, TopicReplication::Fixed(1)),
-        ];
+        let names = [self.ws2ms(), self.ms2ps(), self.msg_to_mongo()];
+        let topics = names
+            .iter()
+            .map(|name| NewTopic::new(name, self.partitions, TopicReplication::Fixed(1)))
+            .collect::<Vec<_>>();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin
             .create_topics(&topics, &opts)
@@ -173,6 +179,34 @@ impl KafkaSettings {
             }
         }
         Ok(())
+    }
+
+    /// A consumer of this process's share of `topic` (`self.share`), in consumer group
+    /// `<prefix><group>`, from the offsets committed before (the oldest record when none is).
+    pub(crate) async fn share_of(&self, topic: &str, group: &str) -> Result<StreamConsumer<LibrdkafkaLog>, String> {
+        let (index, count) = self.share;
+        if count == 0 || index >= count {
+            return Err(format!(
+                "the Kafka share {index}/{count}: the index must be below the count"
+            ));
+        }
+        let partitions = self.partitions_of(topic.to_string()).await?;
+        let mut config = self.consumer(format!("{}{group}", self.prefix));
+        config.set("auto.offset.reset", "earliest");
+        if let Ok(debug) = std::env::var("SAI_KAFKA_DEBUG") {
+            config.set("debug", debug);
+        }
+        let consumer: StreamConsumer<LibrdkafkaLog> = config
+            .create_with_context(LibrdkafkaLog)
+            .map_err(|e| format!("Kafka consumer: {e}"))?;
+        let mut mine = TopicPartitionList::new();
+        for p in (0..partitions).filter(|p| (*p as u32) % count == index) {
+            mine.add_partition_offset(topic, p, Offset::Stored)
+                .map_err(|e| e.to_string())?;
+        }
+        consumer.assign(&mine).map_err(|e| format!("reading {topic}: {e}"))?;
+        tracing::info!(share = %format!("{index}/{count}"), partitions = mine.count(), of = partitions, "reading {topic}");
+        Ok(consumer)
     }
 
     /// The partitions `topic` has.
@@ -200,7 +234,7 @@ impl KafkaSettings {
 
 /// The services' consumer's context: passes librdkafka's own log (and its `debug` contexts, named in
 /// `SAI_KAFKA_DEBUG`) to ours.
-struct LibrdkafkaLog;
+pub(crate) struct LibrdkafkaLog;
 
 impl ClientContext for LibrdkafkaLog {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -300,28 +334,7 @@ pub async fn consume_chats(
     runtime: &tokio::runtime::Handle,
 ) -> Result<(), String> {
     let topic = settings.ws2ms();
-    let (index, count) = settings.share;
-    if count == 0 || index >= count {
-        return Err(format!(
-            "the Kafka share {index}/{count}: the index must be below the count"
-        ));
-    }
-    let partitions = settings.partitions_of(topic.clone()).await?;
-    let mut config = settings.consumer(format!("{}services", settings.prefix));
-    config.set("auto.offset.reset", "earliest");
-    if let Ok(debug) = std::env::var("SAI_KAFKA_DEBUG") {
-        config.set("debug", debug);
-    }
-    let consumer: StreamConsumer<LibrdkafkaLog> = config
-        .create_with_context(LibrdkafkaLog)
-        .map_err(|e| format!("Kafka consumer: {e}"))?;
-    let mut mine = TopicPartitionList::new();
-    for p in (0..partitions).filter(|p| (*p as u32) % count == index) {
-        mine.add_partition_offset(&topic, p, Offset::Stored)
-            .map_err(|e| e.to_string())?;
-    }
-    consumer.assign(&mine).map_err(|e| format!("reading {topic}: {e}"))?;
-    tracing::info!(share = %format!("{index}/{count}"), partitions = mine.count(), of = partitions, "reading ws2ms_chat");
+    let consumer = settings.share_of(&topic, "services").await?;
     runtime.spawn(async move {
         let mut inflight = InFlight::default();
         let mut tick = tokio::time::interval(COMMIT_EVERY);
@@ -341,7 +354,7 @@ pub async fn consume_chats(
                 },
                 _ = tick.tick() => {
                     inflight.collect();
-                    commit(&consumer, &topic, std::mem::take(&mut inflight.done));
+                    commit(&consumer, &topic, std::mem::take(&mut inflight.done), CommitMode::Async);
                 }
             }
         }
@@ -349,9 +362,14 @@ pub async fn consume_chats(
     Ok(())
 }
 
-/// Commits `done` (partition -> highest offset whose command and every earlier one is done).
-/// Async: a commit lost with a crash only means those commands are read again.
-fn commit(consumer: &StreamConsumer<LibrdkafkaLog>, topic: &str, done: BTreeMap<i32, i64>) {
+/// Commits `done` (partition -> highest offset whose record and every earlier one is done).
+/// A commit lost with a crash only means those records are read again.
+pub(crate) fn commit(
+    consumer: &StreamConsumer<LibrdkafkaLog>,
+    topic: &str,
+    done: BTreeMap<i32, i64>,
+    mode: CommitMode,
+) {
     if done.is_empty() {
         return;
     }
@@ -361,8 +379,8 @@ fn commit(consumer: &StreamConsumer<LibrdkafkaLog>, topic: &str, done: BTreeMap<
             tracing::warn!(error = %e, "an offset to commit");
         }
     }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-        tracing::warn!(error = %e, "committing ws2ms_chat offsets failed: the commands will be read again");
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::warn!(topic, error = %e, "committing offsets failed: the records will be read again");
     }
 }
 

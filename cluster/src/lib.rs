@@ -9,6 +9,8 @@
 //!   gRPC (an internal port).
 //! - [`kafka`]: the same two chat flows over Kafka topics, with offsets committed after the
 //!   commands are stored.
+//! - [`task`]: the task process's `msg_to_mongo`, group read receipts' bitmap work written in
+//!   batches.
 //! - [`publisher`]: a gateway's routes published to the directory, kept fresh and repaired.
 //! - [`bus`]: a broadcast between processes over Redis pub/sub (the services' cache
 //!   invalidations).
@@ -18,3 +20,4 @@ pub mod kafka;
 pub mod pipeline;
 pub mod publisher;
 pub mod routes;
+pub mod task;
