@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# A SAI-IM cluster on this machine: one `sai-im services` process and N `sai-im gateway`
-# processes on MySQL (MariaDB), MongoDB (SecantusDB, the chat log), Redis and Kafka (tansu),
-# started when missing by scripts/backends.sh.
-#   ./scripts/cluster.sh up [--gateways N] [--services M] [--no-kafka] [--no-mongo]
-#                            start (default 3 gateways, 1 services process); prints each ready
-#                            line; chat commands and deliveries go through Kafka topics, or
-#                            with --no-kafka through the services' internal ports; messages
+# A SAI-IM cluster on this machine: one `sai-im services` process, N `sai-im gateway`
+# processes and a `sai-im task` process on MySQL (MariaDB), MongoDB (SecantusDB, the chat log),
+# Redis and Kafka (tansu), started when missing by scripts/backends.sh.
+#   ./scripts/cluster.sh up [--gateways N] [--services M] [--tasks K] [--no-kafka] [--no-mongo]
+#                            start (default 3 gateways, 1 services process, 1 task process);
+#                            prints each ready line; chat commands and deliveries go through
+#                            Kafka topics and group read bitmaps through msg_to_mongo to the
+#                            task processes, or with --no-kafka through the services' internal
+#                            ports (no task process: the services write the bitmaps); messages
 #                            live in MongoDB, or with --no-mongo in MySQL's tables
 #   ./scripts/cluster.sh down                stop every process `up` started
 # Settings: SAI_CLUSTER_DIR (state, logs; default /tmp/sai-cluster), SAI_CLUSTER_DATABASE_URL
@@ -44,11 +46,12 @@ await_ready() {
 }
 
 up() {
-    local gateways=3 services=1 kafka=1 mongo=1
+    local gateways=3 services=1 tasks=1 kafka=1 mongo=1
     while [ $# -gt 0 ]; do
         case "$1" in
             --gateways) gateways=$2; shift 2 ;;
             --services) services=$2; shift 2 ;;
+            --tasks) tasks=$2; shift 2 ;;
             --no-kafka) kafka=0; shift ;;
             --no-mongo) mongo=0; shift ;;
             *) echo "unknown option $1" >&2; exit 2 ;;
@@ -60,10 +63,13 @@ up() {
     fi
     [ -n "${SAI_CLUSTER_DATABASE_URL:-}" ] || ./scripts/backends.sh mysql
     [ -n "${SAI_CLUSTER_REDIS_URL:-}" ] || ./scripts/backends.sh redis
-    local flows=()
+    local flows=() bitmaps=()
     if [ "$kafka" = 1 ]; then
         [ -n "${SAI_CLUSTER_KAFKA:-}" ] || ./scripts/backends.sh kafka
         flows=(--kafka "$KAFKA" --kafka-prefix "${SAI_CLUSTER_KAFKA_PREFIX:-sai-cluster.}")
+        if [ "$tasks" -gt 0 ]; then bitmaps=(--read-bitmaps task); fi
+    else
+        tasks=0
     fi
     local log=()
     if [ "$mongo" = 1 ]; then
@@ -88,12 +94,20 @@ up() {
         "$BIN" services --data-dir "$DIR/services-$i" --database-url "$DB" --redis-url "$REDIS" \
             --redis-prefix sai-cluster: --http-listen 127.0.0.1:0 \
             --grpc-listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 "${flows[@]}" "${share[@]}" "${log[@]}" \
+            "${bitmaps[@]}" \
             ${SAI_CLUSTER_SERVICES_ARGS:-} \
             > "$DIR/services-$i.out" 2> "$DIR/services-$i.err" &
         echo $! >> "$DIR/pids"
         ready=$(await_ready "$DIR/services-$i.out" $!)
         echo "$ready"
         internals+=("$(echo "$ready" | tr ' ' '\n' | sed -n 's/^internal=//p')")
+    done
+    for i in $(seq 1 "$tasks"); do
+        "$BIN" task --data-dir "$DIR/task-$i" --database-url "$DB" "${flows[@]}" \
+            --kafka-share "$((i - 1))/$tasks" "${log[@]}" \
+            > "$DIR/task-$i.out" 2> "$DIR/task-$i.err" &
+        echo $! >> "$DIR/pids"
+        await_ready "$DIR/task-$i.out" $!
     done
     local internal
     internal=$(IFS=,; echo "${internals[*]}")
@@ -122,5 +136,5 @@ down() {
 case "${1:-}" in
     up) shift; up "$@" ;;
     down) down ;;
-    *) echo "usage: $0 up [--gateways N] | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up [--gateways N] [--services M] [--tasks K] [--no-kafka] [--no-mongo] | down" >&2; exit 2 ;;
 esac

@@ -39,6 +39,10 @@ pub enum Command {
     Services,
     /// Run a gateway process of a cluster (WebSocket); needs --services, --redis-url, --node.
     Gateway,
+    /// Run a task process of a cluster: group read receipts' bitmaps, read from Kafka's
+    /// msg_to_mongo and written in batches; needs --kafka and the services' --database-url
+    /// (and --chat-log). The services hand it that work with --read-bitmaps task.
+    Task,
     /// Maintenance on the storage (the server need not run).
     Admin {
         /// What to do.
@@ -130,6 +134,11 @@ pub struct Overrides {
     /// reads partition p of ws2ms_chat when p mod M = i; give each of M processes its own i.
     #[arg(long, env = "SAI_KAFKA_SHARE", global = true, value_parser = parse_share)]
     pub kafka_share: Option<(u32, u32)>,
+    /// Cluster: who writes group read receipts' bitmaps: `inline` (each receipt, as it
+    /// commits; the default) or `task` (task processes, in batches, from Kafka's msg_to_mongo;
+    /// needs --kafka).
+    #[arg(long, env = "SAI_READ_BITMAPS", global = true)]
+    pub read_bitmaps: Option<ReadBitmaps>,
     /// none | only | rigor.
     #[arg(long, env = "SAI_ACK_MODE", global = true)]
     pub ack_mode: Option<AckMode>,
@@ -224,6 +233,8 @@ pub struct Config {
     pub kafka_linger_ms: u32,
     /// Cluster: Kafka batch size per partition, bytes.
     pub kafka_batch_bytes: u32,
+    /// Cluster: who writes group read receipts' bitmaps.
+    pub read_bitmaps: ReadBitmaps,
     /// Cluster: this services process's share of ws2ms_chat, (i, M); a flag only.
     #[serde(skip, default = "whole_share")]
     pub kafka_share: (u32, u32),
@@ -353,6 +364,17 @@ impl Default for GroupConfig {
     }
 }
 
+/// Who writes group read receipts' bitmaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadBitmaps {
+    /// The services, with each receipt.
+    #[default]
+    Inline,
+    /// Task processes, in batches, from Kafka's msg_to_mongo.
+    Task,
+}
+
 fn whole_share() -> (u32, u32) {
     (0, 1)
 }
@@ -403,6 +425,7 @@ impl Default for Config {
             kafka_linger_ms: 1,
             kafka_batch_bytes: 1_000_000,
             kafka_share: whole_share(),
+            read_bitmaps: ReadBitmaps::Inline,
             ack_mode: AckMode::Only,
             engine: Engine::Direct,
             idle_timeout_secs: 60,
@@ -454,6 +477,7 @@ impl Config {
             kafka_linger_ms,
             kafka_batch_bytes,
             kafka_share,
+            read_bitmaps,
             ack_mode,
             engine,
             idle_timeout_secs,
@@ -529,6 +553,9 @@ impl Config {
         }
         if !(1..=1024).contains(&self.kafka_partitions) {
             return Err("kafka_partitions must be 1 to 1024".into());
+        }
+        if self.read_bitmaps == ReadBitmaps::Task && self.kafka.is_none() {
+            return Err("read_bitmaps = task needs kafka (the task processes read msg_to_mongo)".into());
         }
         if self.token_ttl_secs <= 0 {
             return Err("token_ttl_secs must be positive".into());
@@ -624,5 +651,27 @@ mod tests {
         let e = with_group_limit(sai_services::MAX_GROUP_MEMBERS + 1).unwrap_err();
         assert!(e.contains("group.max_members"), "{e}");
         assert!(with_group_limit(1).is_err());
+    }
+
+    #[test]
+    fn bitmaps_by_task_need_kafka() {
+        let with = |kafka: Option<&str>| {
+            Config::load(
+                None,
+                Overrides {
+                    read_bitmaps: Some(ReadBitmaps::Task),
+                    kafka: kafka.map(String::from),
+                    ..Overrides::default()
+                },
+            )
+        };
+        let e = with(None).unwrap_err();
+        assert!(e.contains("read_bitmaps = task needs kafka"), "{e}");
+        assert_eq!(
+            with(Some("127.0.0.1:9092")).map(|c| c.read_bitmaps),
+            Ok(ReadBitmaps::Task)
+        );
+        let file: Config = toml::from_str("read_bitmaps = \"task\"").unwrap();
+        assert_eq!(file.read_bitmaps, ReadBitmaps::Task);
     }
 }

@@ -4,7 +4,7 @@
 //! - [`config`]: settings from flags, environment and a TOML file.
 //! - [`server`]: wires one deployment (the embedded default: SQLite, the services, the gateway
 //!   and the in-process pipeline flows between them), or one process of a cluster (`services`,
-//!   `gateway`), and runs it until shutdown.
+//!   `gateway`, `task`), and runs it until shutdown.
 
 mod config;
 mod server;
@@ -51,6 +51,11 @@ fn main() -> ExitCode {
                     "gateway ready ws={} engine={} node={}",
                     b.ws, b.engine, b.node
                 ))
+            }))
+        }),
+        Command::Task => run_with(|rt| {
+            rt.block_on(server::run_task(cfg, shutdown_signal(), |topic| {
+                ready(&format!("task ready topic={topic}"))
             }))
         }),
         Command::Admin { command } => admin(cfg, command),

@@ -1,13 +1,15 @@
 //! Starts the system: all in one process (storage, services, HTTP, gRPC and the gateway, with
 //! the pipeline's flows as in-process channels), or one process of a cluster: `services`
-//! (storage, services, HTTP, gRPC and the internal pipeline port) or `gateway` (WebSocket,
-//! reaching the services over the internal port and the route directory in Redis).
+//! (storage, services, HTTP, gRPC and the internal pipeline port), `gateway` (WebSocket,
+//! reaching the services over the internal port and the route directory in Redis) or `task`
+//! (group read bitmaps from Kafka's `msg_to_mongo`, written in batches).
 
-use crate::config::Config;
+use crate::config::{Config, ReadBitmaps};
 use sai_cluster::kafka::{KafkaChat, KafkaDeliveries};
 use sai_cluster::pipeline::{ClusterKey, DeliveryHub, Forward, GrpcPipeline, PipelineService};
 use sai_cluster::publisher::{self, Node};
 use sai_cluster::routes::{RouteDirectory, RouteError, Ttls};
+use sai_cluster::task::{KafkaReadMarks, ReadMarkWriter};
 use sai_gateway::Gateway;
 use sai_pipeline::edge::{EdgeCheck, UnixSeconds};
 use sai_pipeline::flow::{Ms2Ps, Ws2Ms};
@@ -15,10 +17,12 @@ use sai_pipeline::token::Verifier;
 use sai_services::auth::{load_or_create_keys, JwtKeys};
 use sai_services::bridge::InProcessPipeline;
 use sai_services::messages::{ChatPolicy, MessageService};
+use sai_services::receipts::SaiCodec;
 use sai_services::social::SocialService;
 use sai_services::storage::Storage;
 use sai_services::users::UserService;
 use sai_services::{Clock, Outbound, Services, SystemClock};
+use sai_storage::ReadMarkSink;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,7 +84,7 @@ pub async fn run(
         ..cfg.gateway()
     });
     let outbound = Arc::new(Outbound::new(gateway.route_lookup(), gateway.outbound()));
-    let services = build_services(&cfg, &store, outbound)?;
+    let services = build_services(&cfg, &store, outbound, None)?;
     let apis = Apis::bind(&cfg).await?;
     let pipeline = Arc::new(InProcessPipeline::new(services.clone()));
     let gateway = gateway
@@ -141,7 +145,15 @@ pub async fn run_services(
         None => hub.clone(),
     };
     let outbound = Arc::new(Outbound::new(Arc::new(directory), ms2ps));
-    let services = build_services(&cfg, &store, outbound)?;
+    let read_marks: Option<Arc<dyn ReadMarkSink>> = match (&kafka, cfg.read_bitmaps) {
+        (Some((_, k)), ReadBitmaps::Task) => {
+            let queue = KafkaReadMarks::connect(k).await.map_err(ServerError::Config)?;
+            tracing::info!(topic = %k.msg_to_mongo(), "group read bitmaps handed to the task processes");
+            Some(Arc::new(queue))
+        }
+        _ => None,
+    };
+    let services = build_services(&cfg, &store, outbound, read_marks)?;
     share_invalidations(&cfg, &services).await?;
     // The services' side of the pipeline, for Kafka's chat commands and the internal port alike.
     let ws2ms: Arc<dyn Ws2Ms> = Arc::new(InProcessPipeline::new(services.clone()));
@@ -169,6 +181,37 @@ pub async fn run_services(
     // The delivery streams end first: a graceful stop waits for every open stream.
     hub.close_all();
     apis.stop().await;
+    store.close().await;
+    Ok(())
+}
+
+/// A task process of a cluster: the group read receipts' bitmap work handed over Kafka's
+/// `msg_to_mongo` by services processes run with `--read-bitmaps task`, written to the
+/// services' storage in batches. `on_ready` gets the topic it reads.
+pub async fn run_task(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(&str),
+) -> Result<(), ServerError> {
+    let k = cfg
+        .kafka()
+        .ok_or_else(|| ServerError::Config("a task process needs --kafka (it reads the msg_to_mongo topic)".into()))?;
+    if cfg.database_url.is_none() {
+        return Err(ServerError::Config(
+            "a task process needs the services' --database-url (and --chat-log, if they have one)".into(),
+        ));
+    }
+    let store = open_storage(&cfg).await?;
+    let runtime = tokio::runtime::Handle::current();
+    let writer = ReadMarkWriter::start(&k, store.messages(), Arc::new(SaiCodec), &runtime)
+        .await
+        .map_err(ServerError::Config)?;
+    let topic = k.msg_to_mongo();
+    on_ready(&topic);
+    tracing::info!(brokers = %k.brokers, topic = %topic, "task ready");
+    shutdown.await;
+    tracing::info!("shutting down");
+    writer.stop().await;
     store.close().await;
     Ok(())
 }
@@ -407,8 +450,14 @@ fn gateway_verifier(cfg: &Config) -> Result<Option<Verifier>, ServerError> {
     Ok(Some(verifier))
 }
 
-/// The services over `store`, sending to clients through `outbound`.
-fn build_services(cfg: &Config, store: &Storage, outbound: Arc<Outbound>) -> Result<Arc<Services>, ServerError> {
+/// The services over `store`, sending to clients through `outbound`, and handing group read
+/// receipts' bitmap work to `read_marks` when given.
+fn build_services(
+    cfg: &Config,
+    store: &Storage,
+    outbound: Arc<Outbound>,
+    read_marks: Option<Arc<dyn ReadMarkSink>>,
+) -> Result<Arc<Services>, ServerError> {
     let keys = jwt_keys(cfg)?;
     let clock = Arc::new(SystemClock);
     let users = Arc::new(UserService::new(
@@ -428,14 +477,11 @@ fn build_services(cfg: &Config, store: &Storage, outbound: Arc<Outbound>) -> Res
     let policy = ChatPolicy {
         require_friendship: cfg.chat.require_friendship,
     };
-    let messages = Arc::new(MessageService::new(
-        store.messages(),
-        users.clone(),
-        social.clone(),
-        outbound,
-        clock,
-        policy,
-    ));
+    let mut messages = MessageService::new(store.messages(), users.clone(), social.clone(), outbound, clock, policy);
+    if let Some(queue) = read_marks {
+        messages = messages.handing_read_marks_to(queue);
+    }
+    let messages = Arc::new(messages);
     Ok(Arc::new(Services {
         users,
         messages,

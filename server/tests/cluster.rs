@@ -172,6 +172,24 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// A task process of this cluster (through Kafka): its broker, topics, database and chat log.
+    fn task(&self) -> Server {
+        let url = format!("{}/{}?pool=4", self.database.0, self.database.1);
+        let mut args: Vec<String> = self.kafka.clone();
+        args.extend(["--database-url".into(), url]);
+        if let Some(db) = &self.chat_log {
+            args.extend(["--chat-log".into(), format!("{}/{db}", common::mongo_server())]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t = Server::start_as(Some("task"), &args);
+        assert!(
+            t.field("topic").is_some_and(|topic| topic.ends_with("msg_to_mongo")),
+            "{}",
+            t.ready
+        );
+        t
+    }
+
     /// A gateway (node 9) with a wrong cluster key, and `extra` arguments: every call it makes
     /// to the services is refused.
     fn cut_off_gateway(&self, extra: &[&str]) -> Server {
@@ -731,4 +749,98 @@ fn through_kafka_killing_the_broker_loses_no_acked_message() {
         "every ack in order, no gap, no duplicate"
     );
     each_once_by_push_or_sync(&mut b, 30);
+}
+
+/// With `--read-bitmaps task`, group read receipts reach the bitmaps only through the task
+/// process: nothing while it is down (the marks wait in Kafka), all of them once it is back,
+/// and none lost or doubled by a `kill -9` in the middle of its backlog.
+#[test]
+fn through_kafka_read_bitmaps_are_the_task_processes_work_and_survive_its_kill_9() {
+    let bitmaps_by_task = ["--read-bitmaps".to_string(), "task".to_string()];
+    let c = Cluster::start_with("127.0.0.1:0", 1, Flows::kafka(), &bitmaps_by_task, &[]);
+    let mut task = c.task();
+    let s = &c.services;
+    let owner = s.user("owner");
+    let members: Vec<(String, String)> = (0..6).map(|i| s.user(&format!("reader{i}"))).collect();
+    let ids: Vec<&str> = members.iter().map(|m| m.0.as_str()).collect();
+    let (st, g) = s.post(
+        "/v1/groups",
+        &json!({"name": "readers", "memberIds": ids}),
+        Some(&owner.1),
+    );
+    assert_eq!(st, 201, "{g}");
+    let gid = g["groupId"].as_str().unwrap().to_string();
+    let conv = sai_pipeline::conversation::ConversationId::group(&gid).to_string();
+    let mut a = c.connect(0, &owner);
+    let n = 20;
+    for i in 1..=n {
+        a.send(&json!({"frameType": 0, "id": format!("g{i}"), "method": "conversation.chat",
+            "data": {"chatType": 1, "recvId": gid, "clientMsgId": format!("gm{i}"), "msg": {"mType": 0, "content": format!("g{i}")}}}));
+        assert_eq!(a.recv()["data"]["seq"], i);
+    }
+    let reads = |seq: u64| {
+        let (st, v) = s.get(
+            &format!("/v1/conversations/{conv}/messages/{seq}/reads"),
+            Some(&owner.1),
+        );
+        assert_eq!(st, 200, "{v}");
+        let mut readers: Vec<String> = v["readerIds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect();
+        readers.sort();
+        readers
+    };
+    let read = |m: &(String, String), seq: u64| {
+        let (st, v) = s.post(
+            &format!("/v1/conversations/{conv}/read"),
+            &json!({"readSeq": seq}),
+            Some(&m.1),
+        );
+        assert_eq!((st, v["readSeq"].as_u64()), (200, Some(seq)), "{v}");
+    };
+    // While the task runs, a receipt reaches the bitmaps.
+    read(&members[0], 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reads(1) != [members[0].0.clone()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never wrote the first receipt"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // With the task down, receipts are answered and their positions move; bitmaps wait.
+    task.stop(false);
+    for seq in 2..=n {
+        for m in &members {
+            read(m, seq);
+        }
+    }
+    let (st, list) = s.get("/v1/conversations", Some(&members[5].1));
+    assert_eq!(st, 200, "{list}");
+    assert_eq!(list["conversations"][0]["unread"], 0, "positions moved: {list}");
+    assert_eq!(reads(n), Vec::<String>::new(), "no bitmap is written without the task");
+    // Back, it works through the backlog; killed again in the middle of it, and back again.
+    task.restart(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reads(n / 2).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    task.restart(false);
+    let mut everyone: Vec<String> = members.iter().map(|m| m.0.clone()).collect();
+    everyone.sort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for seq in 1..=n {
+        while reads(seq) != everyone {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "#{seq} read by {:?}, not all six",
+                reads(seq)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    task.stop(true);
 }
