@@ -77,6 +77,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), ServerError> {
+    let keys = jwt_keys(&cfg)?;
     let store = open_storage(&cfg).await?;
     // The gateway's index and inboxes come first: the services send through them.
     let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
@@ -84,7 +85,7 @@ pub async fn run(
         ..cfg.gateway()
     });
     let outbound = Arc::new(Outbound::new(gateway.route_lookup(), gateway.outbound()));
-    let services = build_services(&cfg, &store, outbound, None)?;
+    let services = build_services(&cfg, keys, &store, outbound, None)?;
     let apis = Apis::bind(&cfg).await?;
     let pipeline = Arc::new(InProcessPipeline::new(services.clone()));
     let gateway = gateway
@@ -129,6 +130,8 @@ pub async fn run_services(
     on_ready: impl FnOnce(ServicesBound),
 ) -> Result<(), ServerError> {
     let key = cluster_key(&cfg)?;
+    // Keys first: a process refused for them leaves nothing behind.
+    let keys = jwt_keys(&cfg)?;
     let directory = connect_directory(&cfg).await?;
     let store = open_storage(&cfg).await?;
     let hub = Arc::new(DeliveryHub::default());
@@ -153,7 +156,7 @@ pub async fn run_services(
         }
         _ => None,
     };
-    let services = build_services(&cfg, &store, outbound, read_marks)?;
+    let services = build_services(&cfg, keys, &store, outbound, read_marks)?;
     share_invalidations(&cfg, &services).await?;
     // The services' side of the pipeline, for Kafka's chat commands and the internal port alike.
     let ws2ms: Arc<dyn Ws2Ms> = Arc::new(InProcessPipeline::new(services.clone()));
@@ -421,6 +424,7 @@ fn jwt_keys(cfg: &Config) -> Result<JwtKeys, ServerError> {
     Ok(match &cfg.jwt_secret {
         Some(s) => JwtKeys::new(s.as_bytes().to_vec()),
         None => {
+            std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!("creating {}", cfg.data_dir.display())))?;
             let p = cfg.data_dir.join("jwt.secret");
             load_or_create_keys(&p).map_err(io(format!("JWT secret {}", p.display())))?
         }
@@ -450,15 +454,15 @@ fn gateway_verifier(cfg: &Config) -> Result<Option<Verifier>, ServerError> {
     Ok(Some(verifier))
 }
 
-/// The services over `store`, sending to clients through `outbound`, and handing group read
+/// The services over `store`, signing with `keys`, sending to clients through `outbound`, and handing group read
 /// receipts' bitmap work to `read_marks` when given.
 fn build_services(
     cfg: &Config,
+    keys: JwtKeys,
     store: &Storage,
     outbound: Arc<Outbound>,
     read_marks: Option<Arc<dyn ReadMarkSink>>,
 ) -> Result<Arc<Services>, ServerError> {
-    let keys = jwt_keys(cfg)?;
     let clock = Arc::new(SystemClock);
     let users = Arc::new(UserService::new(
         store.users(),

@@ -561,7 +561,9 @@ fn gateways_holding_only_the_public_key_refuse_forged_tokens_themselves() {
             Ok(_) => panic!("{code}: a client got in"),
         }
     }
-    // A services process, which signs, does not start with the public key alone.
+    // A services process, which signs, does not start with the public key alone, and opens
+    // nothing before it says so.
+    let refused_dir = dir.join("refused");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sai-im"))
         .args([
             "services",
@@ -572,6 +574,8 @@ fn gateways_holding_only_the_public_key_refuse_forged_tokens_themselves() {
             "--jwt-public-key",
             &public,
         ])
+        .arg("--data-dir")
+        .arg(&refused_dir)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -580,6 +584,7 @@ fn gateways_holding_only_the_public_key_refuse_forged_tokens_themselves() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(!refused_dir.exists(), "a refused process created its data dir");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
