@@ -17,6 +17,8 @@
 //!   idle and close deadlines, rigor resends, push acks, request order): bytes and `now` in;
 //!   requests, bytes to write and the next deadline out. The gateway is a thin driver of it.
 //! - [`close`]: the WebSocket close codes the server uses.
+//! - [`stats`]: a shard's counters (bytes, messages, closes by code, refusals), which its
+//!   sessions write and the metrics endpoint reads.
 
 pub mod close;
 pub mod frame;
@@ -24,4 +26,5 @@ pub mod handshake;
 pub mod im;
 pub mod pending;
 pub mod session;
+pub mod stats;
 pub mod ws;

@@ -26,6 +26,7 @@
 use crate::close;
 use crate::im::{self, ErrorCode, Request};
 use crate::pending::{Pending, PendingConfig};
+use crate::stats::Counters;
 use crate::ws::{Event, Role, WsConn};
 use sai_pipeline::frame::{error_frame, ping_frame, PushFrame};
 use std::collections::VecDeque;
@@ -79,6 +80,8 @@ pub struct Session {
     /// (at most one entry per pending push, so a short list searched in place).
     received: Vec<(Arc<str>, u64)>,
     requests: VecDeque<Request>,
+    /// The shard's counters, when the driver counts ([`Self::with_counters`]).
+    counters: Option<Arc<Counters>>,
 }
 
 impl Session {
@@ -95,6 +98,20 @@ impl Session {
             received: Vec::new(),
             cfg,
             requests: VecDeque::new(),
+            counters: None,
+        }
+    }
+
+    /// Counts what this session does into `counters` (its shard's), from its start to its drop.
+    pub fn with_counters(mut self, counters: Arc<Counters>) -> Self {
+        Counters::add(&counters.sessions_started, 1);
+        self.counters = Some(counters);
+        self
+    }
+
+    fn count(&self, f: impl FnOnce(&Counters)) {
+        if let Some(c) = &self.counters {
+            f(c);
         }
     }
 
@@ -107,11 +124,15 @@ impl Session {
     /// ping) count against the outbound bound like any frame: a ping flood from a client that
     /// never reads is closed with 4003.
     pub fn handle_bytes(&mut self, now: Instant, bytes: &[u8]) {
+        self.count(|c| Counters::add(&c.bytes_in, bytes.len() as u64));
         self.ws.feed(bytes);
         loop {
             let event = self.ws.next_event();
             if let Ok(Some(_)) = event {
                 self.idle_at = now + self.cfg.idle_timeout;
+            }
+            if let Ok(Some(Event::Text(_) | Event::Binary(_))) = &event {
+                self.count(|c| Counters::add(&c.messages_in, 1));
             }
             match event {
                 Ok(Some(Event::Text(t))) => self.handle_text(now, &t),
@@ -132,12 +153,18 @@ impl Session {
                 Ok(Some(Event::Pong)) => {}
                 Ok(Some(Event::Close { .. })) => {
                     // Our reply is queued; the driver closes once it is written.
+                    if self.close_at.is_none() {
+                        self.count(|c| Counters::add(&c.client_closes, 1));
+                    }
                     self.arm_close(now);
                     return;
                 }
                 Ok(None) => return,
-                Err(_) => {
+                Err(e) => {
                     // The close frame with the violation's code is queued.
+                    if self.close_at.is_none() {
+                        self.count(|c| c.closed(e.close_code()));
+                    }
                     self.arm_close(now);
                     return;
                 }
@@ -195,6 +222,7 @@ impl Session {
         }
         let mut due = Vec::new();
         self.pending.poll(&self.cfg.pending, now, &mut due);
+        self.count(|c| Counters::add(&c.resends, due.len() as u64));
         for frame in due {
             if !self.send(now, &frame) {
                 return;
@@ -227,6 +255,7 @@ impl Session {
             return false;
         }
         self.ws.send_text(text);
+        self.count(|c| Counters::add(&c.messages_out, 1));
         true
     }
 
@@ -241,7 +270,14 @@ impl Session {
     pub fn push(&mut self, now: Instant, push: &PushFrame) {
         let id = self.pending.allocate();
         let frame = push.frame(id);
-        if self.send(now, &frame) && self.cfg.rigor {
+        if !self.send(now, &frame) {
+            return;
+        }
+        self.count(|c| Counters::add(&c.pushes, 1));
+        if self.cfg.rigor {
+            if self.pending.len() >= self.cfg.pending.capacity.max(1) {
+                self.count(|c| Counters::add(&c.pending_evictions, 1));
+            }
             let tag = (push.conversation_id.clone(), push.seq);
             self.pending.track(&self.cfg.pending, id, frame, tag, now);
         }
@@ -252,6 +288,7 @@ impl Session {
     pub fn close(&mut self, now: Instant, code: u16, reason: &str) {
         if !self.ws.close_sent() {
             self.ws.close(code, reason);
+            self.count(|c| c.closed(code));
         }
         self.arm_close(now);
     }
@@ -277,7 +314,9 @@ impl Session {
 
     /// Takes the bytes to write (`poll_transmit`).
     pub fn take_output(&mut self) -> Vec<u8> {
-        self.ws.take_output()
+        let out = self.ws.take_output();
+        self.count(|c| Counters::add(&c.bytes_out, out.len() as u64));
+        out
     }
 
     /// Bytes waiting to be written.
@@ -303,6 +342,12 @@ impl Session {
     /// Unacked rigor pushes held.
     pub fn pending_pushes(&self) -> usize {
         self.pending.len()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.count(|c| Counters::add(&c.sessions_ended, 1));
     }
 }
 
@@ -430,6 +475,37 @@ mod tests {
             close_grace: Duration::from_secs(3),
             ..SessionConfig::default()
         }
+    }
+
+    #[test]
+    fn a_counted_session_counts_its_traffic_and_its_close() {
+        let t0 = Instant::now();
+        let counters = Arc::new(Counters::default());
+        let mut s = Session::new(cfg(), t0).with_counters(counters.clone());
+        assert_eq!(counters.sessions(), 1);
+        let inbound = client_text(r#"{"frameType":1}"#);
+        s.handle_bytes(t0, &inbound);
+        s.push(t0, &push(1));
+        let out = s.take_output();
+        assert_eq!(texts(&out).len(), 2, "the heartbeat's answer and the push");
+        s.close(t0, close::SLOW_CONSUMER, "test");
+        s.close(t0, close::SLOW_CONSUMER, "again: one close");
+        let get = Counters::get;
+        assert_eq!(
+            (get(&counters.messages_in), get(&counters.bytes_in)),
+            (1, inbound.len() as u64)
+        );
+        assert_eq!(
+            (
+                get(&counters.messages_out),
+                get(&counters.pushes),
+                get(&counters.bytes_out)
+            ),
+            (2, 1, out.len() as u64)
+        );
+        assert!(counters.closes().any(|c| c == (Some(close::SLOW_CONSUMER), 1)));
+        drop(s);
+        assert_eq!(counters.sessions(), 0);
     }
 
     #[test]
