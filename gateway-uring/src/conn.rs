@@ -137,6 +137,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) | Err(_) => return,
         Ok(Err(e)) => {
+            shard.shared.refused(shard.idx, e.code());
             respond(
                 &mut stream,
                 handshake::response_error(e.status(), e.code(), &e.to_string()),
@@ -146,6 +147,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
         }
     };
     if req.path != cfg.path {
+        shard.shared.refused(shard.idx, "not_found");
         let body = handshake::response_error(404, "not_found", "no WebSocket endpoint at this path");
         respond(&mut stream, body).await;
         return;
@@ -153,6 +155,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
     let (user, protocol) = match authenticate(shard.shared.pipeline.as_ref(), &req.protocols).await {
         Ok(v) => v,
         Err(r) => {
+            shard.shared.refused(shard.idx, r.code);
             respond(
                 &mut stream,
                 handshake::response_error(refusal_status(r.code), r.code, &r.message),
@@ -173,7 +176,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
     let conn = Rc::new(Conn {
         id: shard.next_conn_id(),
         user,
-        session: RefCell::new(Session::new(shard.shared.session.clone(), shard.now())),
+        session: RefCell::new(shard.shared.session(shard.idx, shard.now())),
         wake: tokio::sync::Notify::new(),
         scheduled_tick: Cell::new(None),
         canceller: RefCell::new(Some(canceller)),

@@ -25,6 +25,7 @@ pub mod wheel;
 use sai_pipeline::flow::{CloseReason, Delivery, Ms2Ps, RouteLookup, RouteSink, Routes, Ws2Ms};
 use sai_proto::close;
 use sai_proto::pending::PendingConfig;
+use sai_proto::stats::Counters;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -194,9 +195,18 @@ pub struct Prepared {
     index: Arc<index::UserIndex>,
     inboxes: Vec<shard::Inbox>,
     receivers: Vec<shard::InboxReceiver>,
+    counters: Vec<Arc<Counters>>,
 }
 
 impl Prepared {
+    /// What the metrics endpoint reads of this gateway, from now on.
+    pub fn stats(&self) -> GatewayStats {
+        GatewayStats {
+            counters: self.counters.clone(),
+            inboxes: self.inboxes.clone(),
+        }
+    }
+
     /// "Where is this user connected", answered by this gateway's index.
     pub fn routes(&self) -> Arc<dyn Routes> {
         self.index.clone()
@@ -218,6 +228,32 @@ impl Prepared {
     /// which hand client commands to `pipeline`.
     pub fn start(self, addr: SocketAddr, pipeline: Arc<dyn Ws2Ms>) -> std::io::Result<Gateway> {
         shard::start(addr, self, pipeline)
+    }
+}
+
+/// A gateway's counts, per shard, for the metrics endpoint (cheap to clone; reads are relaxed
+/// atomic loads, and one lock per shard for the refusals).
+#[derive(Clone)]
+pub struct GatewayStats {
+    counters: Vec<Arc<Counters>>,
+    inboxes: Vec<shard::Inbox>,
+}
+
+/// One shard's counts.
+pub struct ShardStats<'a> {
+    /// What its sessions did.
+    pub counters: &'a Counters,
+    /// Messages waiting in its inbox (pushes and kicks from the pipeline and the other shards).
+    pub inbox_depth: usize,
+}
+
+impl GatewayStats {
+    /// Each shard's counts, by shard index.
+    pub fn shards(&self) -> impl Iterator<Item = ShardStats<'_>> {
+        self.counters.iter().zip(&self.inboxes).map(|(c, i)| ShardStats {
+            counters: c,
+            inbox_depth: i.depth(),
+        })
     }
 }
 
@@ -290,11 +326,13 @@ impl Gateway {
         let n = cfg.shards.max(1);
         let (inboxes, receivers) = (0..n).map(|_| shard::inbox()).unzip();
         let index = Arc::new(index::UserIndex::new(cfg.route_sink.clone().map(|s| s.0)));
+        let counters = (0..n).map(|_| Arc::new(Counters::default())).collect();
         Prepared {
             cfg,
             index,
             inboxes,
             receivers,
+            counters,
         }
     }
 

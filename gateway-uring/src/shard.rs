@@ -15,6 +15,7 @@ use monoio::io::Canceller;
 use sai_pipeline::flow::{Route, Routes, Ws2Ms};
 use sai_pipeline::frame::PushFrame;
 use sai_proto::close;
+use sai_proto::stats::Counters;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -101,6 +102,11 @@ fn inbox_of(capacity: usize) -> (Inbox, InboxReceiver) {
 }
 
 impl Inbox {
+    /// Messages waiting in the inbox.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Sends `msg` without waiting. When the inbox is full the message is not dropped silently:
     /// a push's target connections are closed with 4003 on the shard's next tick (the message is
     /// durable; the client reconnects and syncs, as after any slow-consumer close), a kick or a
@@ -147,6 +153,26 @@ pub(crate) struct Shared {
     pub inboxes: Vec<Inbox>,
     /// Every connection's session settings, one copy.
     pub session: Arc<sai_proto::session::SessionConfig>,
+    /// Each shard's counters, by shard index (read by the metrics endpoint).
+    pub counters: Vec<Arc<Counters>>,
+}
+
+impl Shared {
+    /// A new session on shard `idx`, counted in its counters.
+    pub fn session(&self, idx: usize, now: std::time::Instant) -> sai_proto::session::Session {
+        let s = sai_proto::session::Session::new(self.session.clone(), now);
+        match self.counters.get(idx) {
+            Some(c) => s.with_counters(c.clone()),
+            None => s,
+        }
+    }
+
+    /// Counts an upgrade shard `idx` refused with `code`.
+    pub fn refused(&self, idx: usize, code: &'static str) {
+        if let Some(c) = self.counters.get(idx) {
+            c.refused(code);
+        }
+    }
 }
 
 /// Per-shard state.
@@ -332,6 +358,7 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
         index,
         inboxes,
         receivers,
+        counters,
     } = prepared;
     let n = inboxes.len();
     let first = bind_reuseport(addr)?;
@@ -372,6 +399,7 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
         pipeline,
         index: index.clone(),
         inboxes: inboxes.clone(),
+        counters,
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let threads = match engine {
@@ -514,7 +542,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, cance
                     Ok(ticket) => {
                         monoio::spawn(conn::serve(shard.clone(), stream, ticket));
                     }
-                    Err(why) => refuse(stream, why, &refusals),
+                    Err(why) => {
+                        shard.shared.refused(shard.idx, why.answer().1);
+                        refuse(stream, why, &refusals)
+                    }
                 }
             }
             Err(e) => {
@@ -525,6 +556,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, cance
                 let out_of_fds = matches!(Errno::from_io_error(&e), Some(Errno::MFILE | Errno::NFILE));
                 if out_of_fds && spare.take().is_some() {
                     if let Ok((stream, _)) = listener.cancelable_accept(cancel.clone()).await {
+                        shard.shared.refused(shard.idx, Refused::Full.answer().1);
                         refuse(stream, Refused::Full, &refusals);
                     }
                     spare = std::fs::File::open("/dev/null").ok();

@@ -487,6 +487,7 @@ impl DirectShard {
             return;
         };
         if req.path != self.shared.cfg.path {
+            self.shared.refused(self.idx, "not_found");
             let body = handshake::response_error(404, "not_found", "no WebSocket endpoint at this path");
             self.answer_and_close(core, key, body);
             return;
@@ -525,6 +526,7 @@ impl DirectShard {
         let (user, protocol) = match result {
             Ok(v) => v,
             Err(r) => {
+                self.shared.refused(self.idx, r.code);
                 let status = crate::conn::refusal_status(r.code);
                 let body = handshake::response_error(status, r.code, &r.message);
                 self.answer_and_close(core, key, body);
@@ -539,7 +541,7 @@ impl DirectShard {
         let user: Arc<str> = user.into();
         conn.phase = Phase::Open(Box::new(OpenConn {
             user: user.clone(),
-            session: Session::new(self.shared.session.clone(), self.now()),
+            session: self.shared.session(self.idx, self.now()),
             _ticket: ticket,
             busy: false,
             drain: None,
@@ -564,6 +566,7 @@ impl DirectShard {
 
     /// Answers a refused upgrade with its status and closes.
     fn reject(&self, core: &mut Core, key: Key, e: &HandshakeError) {
+        self.shared.refused(self.idx, e.code());
         let body = handshake::response_error(e.status(), e.code(), &e.to_string());
         self.answer_and_close(core, key, body);
     }
@@ -571,6 +574,7 @@ impl DirectShard {
     /// Answers a connection that got no place (no admission ticket yet).
     fn refuse(&self, core: &mut Core, key: Key, why: Refused) {
         let (status, code, message) = why.answer();
+        self.shared.refused(self.idx, code);
         self.answer_and_close(core, key, handshake::response_error(status, code, message));
     }
 
