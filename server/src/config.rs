@@ -83,6 +83,11 @@ pub struct Overrides {
     /// gRPC address.
     #[arg(long, env = "SAI_GRPC_LISTEN", global = true)]
     pub grpc_listen: Option<SocketAddr>,
+    /// Prometheus metrics (`GET /metrics`) on a listener of their own. Unset: the embedded
+    /// server and services processes serve them on their HTTP listener, gateway and task
+    /// processes on 127.0.0.1 with a free port (named on the ready line).
+    #[arg(long, env = "SAI_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Where the SQLite database and the JWT secret live.
     #[arg(long, env = "SAI_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
@@ -205,6 +210,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// gRPC address.
     pub grpc_listen: SocketAddr,
+    /// The metrics' own listener (`None`: see the flag).
+    pub metrics_listen: Option<SocketAddr>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Storage URL; `None`: SQLite in the data directory.
@@ -410,6 +417,7 @@ impl Default for Config {
             ws_listen: (ip, 8080).into(),
             http_listen: (ip, 8081).into(),
             grpc_listen: (ip, 8082).into(),
+            metrics_listen: None,
             data_dir: PathBuf::from("./data"),
             database_url: None,
             chat_log: None,
@@ -509,6 +517,9 @@ impl Config {
         }
         if o.database_url.is_some() {
             c.database_url = o.database_url;
+        }
+        if o.metrics_listen.is_some() {
+            c.metrics_listen = o.metrics_listen;
         }
         if o.chat_log.is_some() {
             c.chat_log = o.chat_log;

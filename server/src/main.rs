@@ -2,11 +2,13 @@
 //!
 //! # Layout
 //! - [`config`]: settings from flags, environment and a TOML file.
+//! - [`metrics`]: the Prometheus endpoint and what it exports.
 //! - [`server`]: wires one deployment (the embedded default: SQLite, the services, the gateway
 //!   and the in-process pipeline flows between them), or one process of a cluster (`services`,
 //!   `gateway`, `task`), and runs it until shutdown.
 
 mod config;
+mod metrics;
 mod server;
 
 use clap::Parser;
@@ -21,13 +23,6 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cfg = match Config::load(cli.config.as_deref(), cli.overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -35,27 +30,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg),
         Command::Services => run_with(|rt| {
             rt.block_on(server::run_services(cfg, shutdown_signal(), |b| {
                 ready(&format!(
-                    "services ready http={} grpc={} internal={}",
-                    b.http, b.grpc, b.internal
+                    "services ready http={} grpc={} internal={} metrics={}",
+                    b.http, b.grpc, b.internal, b.metrics
                 ))
             }))
         }),
         Command::Gateway => run_with(|rt| {
             rt.block_on(server::run_gateway(cfg, shutdown_signal(), |b| {
                 ready(&format!(
-                    "gateway ready ws={} engine={} node={}",
-                    b.ws, b.engine, b.node
+                    "gateway ready ws={} engine={} node={} metrics={}",
+                    b.ws, b.engine, b.node, b.metrics
                 ))
             }))
         }),
         Command::Task => run_with(|rt| {
-            rt.block_on(server::run_task(cfg, shutdown_signal(), |topic| {
-                ready(&format!("task ready topic={topic}"))
+            rt.block_on(server::run_task(cfg, shutdown_signal(), |b| {
+                ready(&format!("task ready topic={} metrics={}", b.topic, b.metrics))
             }))
         }),
         Command::Admin { command } => admin(cfg, command),
@@ -131,8 +133,8 @@ fn serve(cfg: Config) -> ExitCode {
     run_with(|rt| {
         rt.block_on(server::run(cfg, shutdown_signal(), |b| {
             ready(&format!(
-                "sai-im ready ws={} http={} grpc={} engine={}",
-                b.ws, b.http, b.grpc, b.engine
+                "sai-im ready ws={} http={} grpc={} engine={} metrics={}",
+                b.ws, b.http, b.grpc, b.engine, b.metrics
             ))
         }))
     })

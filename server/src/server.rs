@@ -5,6 +5,8 @@
 //! (group read bitmaps from Kafka's `msg_to_mongo`, written in batches).
 
 use crate::config::{Config, ReadBitmaps};
+use crate::metrics::Metrics;
+use prometheus_client::registry::Registry;
 use sai_cluster::kafka::{KafkaChat, KafkaDeliveries};
 use sai_cluster::pipeline::{ClusterKey, DeliveryHub, Forward, GrpcPipeline, PipelineService};
 use sai_cluster::publisher::{self, Node};
@@ -68,6 +70,8 @@ pub struct Bound {
     pub grpc: SocketAddr,
     /// The gateway's engine (the configured one unless `direct` fell back to `monoio`).
     pub engine: sai_gateway::Engine,
+    /// Where `/metrics` is served.
+    pub metrics: SocketAddr,
 }
 
 /// Runs until `shutdown` completes, then stops everything gracefully. `on_ready` is called once
@@ -79,25 +83,29 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let keys = jwt_keys(&cfg)?;
     let store = open_storage(&cfg).await?;
+    let mut metrics = Metrics::new("all");
     // The gateway's index and inboxes come first: the services send through them.
     let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
         pipeline_runtime: Some(tokio::runtime::Handle::current()),
         ..cfg.gateway()
     });
+    metrics.gateway(gateway.stats());
     let outbound = Arc::new(Outbound::new(gateway.route_lookup(), gateway.outbound()));
-    let services = build_services(&cfg, keys, &store, outbound, None)?;
+    let services = build_services(&cfg, keys, &store, outbound, None, &mut metrics)?;
     let apis = Apis::bind(&cfg).await?;
-    let pipeline = Arc::new(InProcessPipeline::new(services.clone()));
+    let pipeline = metrics.pipeline(Arc::new(InProcessPipeline::new(services.clone())));
     let gateway = gateway
         .start(cfg.ws_listen, pipeline)
         .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
+    let (metrics, on_http) = expose(&cfg, metrics, Some(apis.http)).await?;
     let bound = Bound {
         ws: gateway.local_addr(),
         http: apis.http,
         grpc: apis.grpc,
         engine: gateway.engine(),
+        metrics,
     };
-    let apis = apis.serve(services, None);
+    let apis = apis.serve(services, None, on_http);
     on_ready(bound);
     tracing::info!(ws = %bound.ws, http = %bound.http, grpc = %bound.grpc, "sai-im ready");
 
@@ -119,6 +127,8 @@ pub struct ServicesBound {
     pub grpc: SocketAddr,
     /// The internal pipeline port the gateways use.
     pub internal: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics: SocketAddr,
 }
 
 /// A services process of a cluster: storage, the services, HTTP and gRPC, and the internal
@@ -134,6 +144,7 @@ pub async fn run_services(
     let keys = jwt_keys(&cfg)?;
     let directory = connect_directory(&cfg).await?;
     let store = open_storage(&cfg).await?;
+    let mut metrics = Metrics::new("services");
     let hub = Arc::new(DeliveryHub::default());
     // With Kafka, deliveries go to ms2ps_chat; else to the gateways' streams from the hub.
     let kafka = match cfg.kafka() {
@@ -156,10 +167,10 @@ pub async fn run_services(
         }
         _ => None,
     };
-    let services = build_services(&cfg, keys, &store, outbound, read_marks)?;
+    let services = build_services(&cfg, keys, &store, outbound, read_marks, &mut metrics)?;
     share_invalidations(&cfg, &services).await?;
     // The services' side of the pipeline, for Kafka's chat commands and the internal port alike.
-    let ws2ms: Arc<dyn Ws2Ms> = Arc::new(InProcessPipeline::new(services.clone()));
+    let ws2ms = metrics.pipeline(Arc::new(InProcessPipeline::new(services.clone())));
     if let Some((out, k)) = &kafka {
         sai_cluster::kafka::consume_chats(k, ws2ms.clone(), out.clone(), &tokio::runtime::Handle::current())
             .await
@@ -170,13 +181,15 @@ pub async fn run_services(
     let internal_l = tokio::net::TcpListener::bind(cfg.internal_listen)
         .await
         .map_err(io(format!("binding the internal port {}", cfg.internal_listen)))?;
+    let (metrics, on_http) = expose(&cfg, metrics, Some(apis.http)).await?;
     let bound = ServicesBound {
         http: apis.http,
         grpc: apis.grpc,
         internal: internal_l.local_addr().map_err(io("internal address"))?,
+        metrics,
     };
     let pipeline = PipelineService::new(ws2ms, hub.clone(), key);
-    let apis = apis.serve(services, Some((internal_l, pipeline)));
+    let apis = apis.serve(services, Some((internal_l, pipeline)), on_http);
     on_ready(bound);
     tracing::info!(http = %bound.http, grpc = %bound.grpc, internal = %bound.internal, "services ready");
     shutdown.await;
@@ -190,11 +203,11 @@ pub async fn run_services(
 
 /// A task process of a cluster: the group read receipts' bitmap work handed over Kafka's
 /// `msg_to_mongo` by services processes run with `--read-bitmaps task`, written to the
-/// services' storage in batches. `on_ready` gets the topic it reads.
+/// services' storage in batches.
 pub async fn run_task(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_ready: impl FnOnce(&str),
+    on_ready: impl FnOnce(TaskBound),
 ) -> Result<(), ServerError> {
     let k = cfg
         .kafka()
@@ -205,18 +218,33 @@ pub async fn run_task(
         ));
     }
     let store = open_storage(&cfg).await?;
+    let mut metrics = Metrics::new("task");
+    let messages = metrics.store(store.messages());
     let runtime = tokio::runtime::Handle::current();
-    let writer = ReadMarkWriter::start(&k, store.messages(), Arc::new(SaiCodec), &runtime)
+    let writer = ReadMarkWriter::start(&k, messages, Arc::new(SaiCodec), &runtime)
         .await
         .map_err(ServerError::Config)?;
     let topic = k.msg_to_mongo();
-    on_ready(&topic);
+    let (metrics, _) = expose(&cfg, metrics, None).await?;
+    on_ready(TaskBound {
+        topic: topic.clone(),
+        metrics,
+    });
     tracing::info!(brokers = %k.brokers, topic = %topic, "task ready");
     shutdown.await;
     tracing::info!("shutting down");
     writer.stop().await;
     store.close().await;
     Ok(())
+}
+
+/// What a task process reads and serves.
+#[derive(Debug, Clone)]
+pub struct TaskBound {
+    /// The topic it reads (`<prefix>msg_to_mongo`).
+    pub topic: String,
+    /// Where `/metrics` is served.
+    pub metrics: SocketAddr,
 }
 
 /// What a gateway process serves.
@@ -228,6 +256,8 @@ pub struct GatewayBound {
     pub engine: sai_gateway::Engine,
     /// Its node id.
     pub node: u32,
+    /// Where `/metrics` is served.
+    pub metrics: SocketAddr,
 }
 
 /// A gateway process of a cluster: WebSocket connections, whose commands go to the services
@@ -273,6 +303,8 @@ pub async fn run_gateway(
         route_sink: Some(sai_gateway::Sink(Arc::new(sink))),
         ..cfg.gateway()
     });
+    let mut metrics = Metrics::new("gateway");
+    metrics.gateway(gateway.stats());
     let local = gateway.outbound();
     // With Kafka, chat commands and deliveries take its topics; else the internal port's calls
     // and streams.
@@ -307,6 +339,7 @@ pub async fn run_gateway(
         }
         None => ws2ms,
     };
+    let ws2ms = metrics.pipeline(ws2ms);
     publisher::publish(events, node.clone(), forward, &runtime);
     let every = Ttls::default().node / 3;
     // Routes are renewed every 6th sweep (30 s), a quarter of their TTL.
@@ -314,10 +347,12 @@ pub async fn run_gateway(
     let gateway = gateway
         .start(cfg.ws_listen, ws2ms)
         .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
+    let (metrics, _) = expose(&cfg, metrics, None).await?;
     let bound = GatewayBound {
         ws: gateway.local_addr(),
         engine: gateway.engine(),
         node: cfg.node,
+        metrics,
     };
     on_ready(bound);
     tracing::info!(ws = %bound.ws, node = bound.node, "gateway ready");
@@ -431,6 +466,33 @@ fn jwt_keys(cfg: &Config) -> Result<JwtKeys, ServerError> {
     })
 }
 
+/// Serves `metrics` on `--metrics-listen` when given; else beside the HTTP API when the
+/// process has one (`http`: the registry is returned for [`Apis::serve`]), or on a free
+/// loopback port. Returns where they are served.
+async fn expose(
+    cfg: &Config,
+    metrics: Metrics,
+    http: Option<SocketAddr>,
+) -> Result<(SocketAddr, Option<Arc<Registry>>), ServerError> {
+    let registry = metrics.finish();
+    let addr = match (cfg.metrics_listen, http) {
+        (None, Some(http)) => return Ok((http, Some(registry))),
+        (Some(addr), _) => addr,
+        (None, None) => (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+    };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(io(format!("binding the metrics listener {addr}")))?;
+    let bound = l.local_addr().map_err(io("metrics address"))?;
+    // Served for as long as the process runs: a scrape needs no graceful drain.
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(l, crate::metrics::router(registry)).await {
+            tracing::warn!(error = %e, "the metrics listener failed");
+        }
+    });
+    Ok((bound, None))
+}
+
 /// A key file's bytes.
 fn read_key_file(p: &std::path::Path) -> Result<Vec<u8>, ServerError> {
     std::fs::read(p).map_err(io(format!("reading {}", p.display())))
@@ -462,6 +524,7 @@ fn build_services(
     store: &Storage,
     outbound: Arc<Outbound>,
     read_marks: Option<Arc<dyn ReadMarkSink>>,
+    metrics: &mut Metrics,
 ) -> Result<Arc<Services>, ServerError> {
     let clock = Arc::new(SystemClock);
     let users = Arc::new(UserService::new(
@@ -481,7 +544,14 @@ fn build_services(
     let policy = ChatPolicy {
         require_friendship: cfg.chat.require_friendship,
     };
-    let mut messages = MessageService::new(store.messages(), users.clone(), social.clone(), outbound, clock, policy);
+    let mut messages = MessageService::new(
+        metrics.store(store.messages()),
+        users.clone(),
+        social.clone(),
+        outbound,
+        clock,
+        policy,
+    );
     if let Some(queue) = read_marks {
         messages = messages.handing_read_marks_to(queue);
     }
@@ -527,14 +597,18 @@ impl Apis {
     }
 
     /// Serves HTTP and gRPC (and the internal pipeline port, in a services process).
-    fn serve(self, services: Arc<Services>, internal: Option<Internal>) -> Serving {
+    /// `metrics`, when given, is served at `/metrics` beside the HTTP API.
+    fn serve(self, services: Arc<Services>, internal: Option<Internal>, metrics: Option<Arc<Registry>>) -> Serving {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
         };
         let mut tasks = Vec::new();
         let http = tokio::spawn({
-            let app = sai_services::http::router(services.clone());
+            let mut app = sai_services::http::router(services.clone());
+            if let Some(registry) = metrics {
+                app = app.merge(crate::metrics::router(registry));
+            }
             let stop = wait(stop_rx.clone());
             // With the peer's address: login and registration are limited per address.
             let app = app.into_make_service_with_connect_info::<SocketAddr>();

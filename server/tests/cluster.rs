@@ -847,5 +847,17 @@ fn through_kafka_read_bitmaps_are_the_task_processes_work_and_survive_its_kill_9
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    // Every process kind serves its metrics: the task timed its batches, the services the
+    // receipts, the gateway holds the owner's connection.
+    let t = task.metrics();
+    assert_eq!(common::metric(&t, "sai_build_info", &["role=\"task\""]), 1.0, "{t}");
+    assert!(common::metric(&t, "sai_store_call_seconds_count", &["call=\"add_readers\""]) >= 1.0);
+    let sm = s.metrics();
+    assert_eq!(common::metric(&sm, "sai_build_info", &["role=\"services\""]), 1.0);
+    let receipts = common::metric(&sm, "sai_store_call_seconds_count", &["call=\"mark_read\""]);
+    assert!(receipts >= (6 * (n - 1) + 1) as f64, "{receipts} receipts");
+    let g = c.gateways[0].metrics();
+    assert_eq!(common::metric(&g, "sai_build_info", &["role=\"gateway\""]), 1.0);
+    assert_eq!(common::metric(&g, "sai_gateway_connections", &[]), 1.0, "{g}");
     task.stop(true);
 }

@@ -177,6 +177,17 @@ impl Server {
             .into()
     }
 
+    /// The text of `GET /metrics` where the ready line says (`metrics=`).
+    pub fn metrics(&self) -> String {
+        let addr = self.field("metrics").expect("a metrics address on the ready line");
+        let mut resp = Self::agent()
+            .get(format!("http://{addr}/metrics"))
+            .call()
+            .expect("GET /metrics");
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.body_mut().read_to_string().expect("metrics text")
+    }
+
     pub fn post(&self, path: &str, body: &Value, token: Option<&str>) -> (u16, Value) {
         let mut req = Self::agent().post(format!("{}{path}", self.http));
         if let Some(t) = token {
@@ -476,4 +487,17 @@ pub fn drop_mongo_database(name: &str) {
             let _ = c.database(name).drop().await;
         }
     });
+}
+
+/// The sum of the samples of `name` whose labels hold every `label="value"` of `labels`
+/// (0 when none does).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|want| rest.contains(want))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }

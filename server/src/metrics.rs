@@ -1,0 +1,500 @@
+//! The metrics endpoint: Prometheus text exposition (`GET /metrics`) of every process kind,
+//! through `prometheus-client`.
+//!
+//! What each process exports:
+//! - every process: `process_cpu_seconds_total`, `process_resident_memory_bytes`,
+//!   `process_open_fds` (read from `/proc/self` at scrape time) and `sai_build_info{version,role}`;
+//! - a gateway (embedded or `gateway`), per shard, read at scrape time from the shards' own
+//!   counters (`sai_proto::stats`): `sai_gateway_connections`, `sai_gateway_sessions_total`,
+//!   `sai_gateway_messages_{in,out}_total`, `sai_gateway_bytes_{in,out}_total`,
+//!   `sai_gateway_pushes_total`, `sai_gateway_rigor_resends_total`,
+//!   `sai_gateway_rigor_evictions_total`, `sai_gateway_client_closes_total`,
+//!   `sai_gateway_inbox_depth`; and by code: `sai_gateway_closes_total{code}` (closes the
+//!   gateway started: 4003 is the slow consumer) and `sai_gateway_refusals_total{code}`
+//!   (upgrades answered with an error);
+//! - the pipeline calls as the gateway makes them (in-process, gRPC or Kafka alike):
+//!   `sai_pipeline_call_seconds{call}` (a histogram) and `sai_pipeline_refusals_total{call,code}`;
+//! - a process with storage: `sai_store_call_seconds{call}` (append, history, sync, receipts) and
+//!   `sai_messages_stored_total` / `sai_messages_deduplicated_total` (an append whose
+//!   `clientMsgId` was stored before).
+//!
+//! The hot-path cost: a shard's counters are relaxed atomic adds on lines only that shard writes;
+//! a histogram observation takes the histogram's lock (uncontended, tens of ns) and the
+//! decorators box one more future per call. `results/metrics/` has the capacity with and
+//! without a scrape every second.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use sai_gateway::GatewayStats;
+use sai_pipeline::flow::{BoxFuture, Refusal, Ws2Ms};
+use sai_pipeline::message::{ChatAck, ChatRequest, SyncPage};
+use sai_proto::stats::Counters;
+use sai_storage::{
+    Appended, BitmapWrite, ConversationHead, ConversationSummary, MemberState, MessageStore, NewMessage,
+    ReadBitmapCodec, ReadMark, ReadRecord, StoreResult, StoredMessage,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Latency buckets, seconds: 100 us doubling to about 3.3 s (16 buckets), covering an
+/// in-process call on SQLite and a cluster's worst step alike.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 16)
+}
+
+type CallHistograms = Family<[(&'static str, &'static str); 1], Histogram, fn() -> Histogram>;
+
+fn call_histograms() -> CallHistograms {
+    Family::new_with_constructor(|| Histogram::new(latency_buckets()))
+}
+
+/// A process's metrics, registered as it is wired, then served read-only.
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    /// The metrics of a process of kind `role` (`all`, `services`, `gateway`, `task`).
+    pub fn new(role: &'static str) -> Self {
+        let mut registry = Registry::default();
+        registry.register(
+            "sai_build",
+            "The running build",
+            Info::new([("version", env!("CARGO_PKG_VERSION")), ("role", role)]),
+        );
+        registry.register_collector(Box::new(ProcessCollector));
+        Self { registry }
+    }
+
+    /// Exports a gateway's per-shard counts.
+    pub fn gateway(&mut self, stats: GatewayStats) {
+        self.registry.register_collector(Box::new(GatewayCollector(stats)));
+    }
+
+    /// `inner`, timed per call (`sai_pipeline_call_seconds`, `sai_pipeline_refusals_total`).
+    pub fn pipeline(&mut self, inner: Arc<dyn Ws2Ms>) -> Arc<dyn Ws2Ms> {
+        let seconds = call_histograms();
+        let refusals = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        self.registry.register(
+            "sai_pipeline_call_seconds",
+            "Pipeline calls as the gateway makes them (authenticate, chat, sync, mark_read, mark_received), from the call to its answer",
+            seconds.clone(),
+        );
+        self.registry.register(
+            "sai_pipeline_refusals",
+            "Pipeline calls answered with a refusal, by call and stable code",
+            refusals.clone(),
+        );
+        Arc::new(TimedPipeline {
+            inner,
+            seconds,
+            refusals,
+        })
+    }
+
+    /// `inner`, timed per call (`sai_store_call_seconds`), its appends counted.
+    pub fn store(&mut self, inner: Arc<dyn MessageStore>) -> Arc<dyn MessageStore> {
+        let seconds = call_histograms();
+        let (stored, deduplicated) = (Counter::default(), Counter::default());
+        self.registry.register(
+            "sai_store_call_seconds",
+            "Message store calls (append: until the message is durable)",
+            seconds.clone(),
+        );
+        self.registry.register(
+            "sai_messages_stored",
+            "Messages appended to the chat log",
+            stored.clone(),
+        );
+        self.registry.register(
+            "sai_messages_deduplicated",
+            "Appends answered with the message stored before under the same clientMsgId",
+            deduplicated.clone(),
+        );
+        Arc::new(TimedStore {
+            inner,
+            seconds,
+            stored,
+            deduplicated,
+        })
+    }
+
+    /// The registry, ready to serve.
+    pub fn finish(self) -> Arc<Registry> {
+        Arc::new(self.registry)
+    }
+}
+
+/// The text exposition of `registry`.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "encoding the metrics failed");
+    }
+    out
+}
+
+/// `GET /metrics` (the content type Prometheus asks for with the text format).
+pub fn router(registry: Arc<Registry>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(&registry),
+                )
+            }
+        }),
+    )
+}
+
+// ---- process --------------------------------------------------------------------------------
+
+/// CPU, memory and descriptors of this process, from `/proc/self` at each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let ticks = 100.0; // USER_HZ on Linux
+        let page = 4096.0;
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command (which may hold spaces) start after the last ')'.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the command.
+            let cpu = (field(11) + field(12)) / ticks;
+            let rss = field(21) * page;
+            let m = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time of this process",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(cpu).encode(m)?;
+            let m = encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory of this process",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(rss as i64).encode(m)?;
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            let m = encoder.encode_descriptor(
+                "process_open_fds",
+                "Open file descriptors of this process",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(dir.count() as i64).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+// ---- gateway --------------------------------------------------------------------------------
+
+/// A gateway's shard counters, read at each scrape.
+struct GatewayCollector(GatewayStats);
+
+impl std::fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayCollector")
+    }
+}
+
+/// A per-shard counter of [`Counters`]: its name, help and field.
+type ShardField = (&'static str, &'static str, fn(&Counters) -> u64);
+
+const SHARD_COUNTERS: [ShardField; 9] = [
+    (
+        "sai_gateway_sessions",
+        "WebSocket sessions opened (upgrades that completed)",
+        |c| Counters::get(&c.sessions_started),
+    ),
+    ("sai_gateway_messages_in", "WebSocket messages read from clients", |c| {
+        Counters::get(&c.messages_in)
+    }),
+    (
+        "sai_gateway_messages_out",
+        "Text frames queued to clients (answers, pushes, notifications, errors)",
+        |c| Counters::get(&c.messages_out),
+    ),
+    (
+        "sai_gateway_bytes_in",
+        "Bytes read from clients after the upgrade",
+        |c| Counters::get(&c.bytes_in),
+    ),
+    ("sai_gateway_bytes_out", "Bytes handed to the socket for clients", |c| {
+        Counters::get(&c.bytes_out)
+    }),
+    ("sai_gateway_pushes", "Message pushes queued to clients", |c| {
+        Counters::get(&c.pushes)
+    }),
+    (
+        "sai_gateway_rigor_resends",
+        "Rigor-mode pushes sent again for want of an ack",
+        |c| Counters::get(&c.resends),
+    ),
+    (
+        "sai_gateway_rigor_evictions",
+        "Rigor-mode pushes no longer tracked because the connection's pending set was full",
+        |c| Counters::get(&c.pending_evictions),
+    ),
+    ("sai_gateway_client_closes", "Closes the client started", |c| {
+        Counters::get(&c.client_closes)
+    }),
+];
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let shards: Vec<_> = self.0.shards().collect();
+        let label = |i: usize| [("shard", i.to_string())];
+        let mut m = encoder.encode_descriptor(
+            "sai_gateway_connections",
+            "Open WebSocket sessions",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, s) in shards.iter().enumerate() {
+            ConstGauge::new(s.counters.sessions() as i64).encode(m.encode_family(&label(i))?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "sai_gateway_inbox_depth",
+            "Messages waiting in a shard's inbox (pushes and kicks)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, s) in shards.iter().enumerate() {
+            ConstGauge::new(s.inbox_depth as i64).encode(m.encode_family(&label(i))?)?;
+        }
+        for (name, help, get) in SHARD_COUNTERS {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (i, s) in shards.iter().enumerate() {
+                ConstCounter::new(get(s.counters)).encode(m.encode_family(&label(i))?)?;
+            }
+        }
+        // Summed over the shards: codes are few, shards may be many.
+        let mut closes: BTreeMap<String, u64> = BTreeMap::new();
+        let mut refusals: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for s in &shards {
+            for (code, n) in s.counters.closes().filter(|(_, n)| *n > 0) {
+                let code = code.map_or_else(|| "other".to_string(), |c| c.to_string());
+                *closes.entry(code).or_default() += n;
+            }
+            for (code, n) in s.counters.refusals() {
+                *refusals.entry(code).or_default() += n;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "sai_gateway_closes",
+            "Closes the gateway started, by WebSocket close code (4003: slow consumer)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (code, n) in closes {
+            ConstCounter::new(n).encode(m.encode_family(&[("code", code)])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "sai_gateway_refusals",
+            "Upgrades answered with an HTTP error, by stable code",
+            None,
+            MetricType::Counter,
+        )?;
+        for (code, n) in refusals {
+            ConstCounter::new(n).encode(m.encode_family(&[("code", code)])?)?;
+        }
+        Ok(())
+    }
+}
+
+// ---- pipeline -------------------------------------------------------------------------------
+
+/// A [`Ws2Ms`] that times each call of the one it wraps.
+struct TimedPipeline {
+    inner: Arc<dyn Ws2Ms>,
+    seconds: CallHistograms,
+    refusals: Family<[(&'static str, &'static str); 2], Counter>,
+}
+
+impl TimedPipeline {
+    fn timed<T: Send + 'static>(
+        &self,
+        call: &'static str,
+        f: BoxFuture<Result<T, Refusal>>,
+    ) -> BoxFuture<Result<T, Refusal>> {
+        let seconds = self.seconds.get_or_create(&[("call", call)]).clone();
+        let refusals = self.refusals.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let r = f.await;
+            seconds.observe(start.elapsed().as_secs_f64());
+            if let Err(refusal) = &r {
+                refusals.get_or_create(&[("call", call), ("code", refusal.code)]).inc();
+            }
+            r
+        })
+    }
+}
+
+impl Ws2Ms for TimedPipeline {
+    fn authenticate(&self, token: &str) -> BoxFuture<Result<String, Refusal>> {
+        self.timed("authenticate", self.inner.authenticate(token))
+    }
+
+    fn chat(&self, user: &str, chat: ChatRequest) -> BoxFuture<Result<ChatAck, Refusal>> {
+        self.timed("chat", self.inner.chat(user, chat))
+    }
+
+    fn sync(&self, user: &str, known: BTreeMap<String, u64>, limit: u32) -> BoxFuture<Result<SyncPage, Refusal>> {
+        self.timed("sync", self.inner.sync(user, known, limit))
+    }
+
+    fn mark_read(&self, user: &str, conversation_id: String, read_seq: u64) -> BoxFuture<Result<u64, Refusal>> {
+        self.timed("mark_read", self.inner.mark_read(user, conversation_id, read_seq))
+    }
+
+    fn mark_received(&self, user: &str, acked: Vec<(String, u64)>) -> BoxFuture<()> {
+        let seconds = self.seconds.get_or_create(&[("call", "mark_received")]).clone();
+        let f = self.inner.mark_received(user, acked);
+        Box::pin(async move {
+            let start = Instant::now();
+            f.await;
+            seconds.observe(start.elapsed().as_secs_f64());
+        })
+    }
+}
+
+// ---- store ----------------------------------------------------------------------------------
+
+/// A [`MessageStore`] that times the calls of the one it wraps and counts its appends.
+struct TimedStore {
+    inner: Arc<dyn MessageStore>,
+    seconds: CallHistograms,
+    stored: Counter,
+    deduplicated: Counter,
+}
+
+impl TimedStore {
+    async fn timed<T>(&self, call: &'static str, f: impl std::future::Future<Output = T>) -> T {
+        let start = Instant::now();
+        let r = f.await;
+        self.seconds
+            .get_or_create(&[("call", call)])
+            .observe(start.elapsed().as_secs_f64());
+        r
+    }
+}
+
+#[async_trait::async_trait]
+impl MessageStore for TimedStore {
+    async fn append(&self, msg: NewMessage) -> StoreResult<Appended> {
+        let r = self.timed("append", self.inner.append(msg)).await;
+        match &r {
+            Ok(Appended::New(_)) => self.stored.inc(),
+            Ok(Appended::Duplicate(_)) => self.deduplicated.inc(),
+            Err(_) => 0,
+        };
+        r
+    }
+
+    async fn messages_after(
+        &self,
+        conversation_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        self.timed(
+            "messages_after",
+            self.inner.messages_after(conversation_id, after_seq, limit),
+        )
+        .await
+    }
+
+    async fn messages_before(
+        &self,
+        conversation_id: &str,
+        before_seq: Option<u64>,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        self.timed(
+            "messages_before",
+            self.inner.messages_before(conversation_id, before_seq, limit),
+        )
+        .await
+    }
+
+    async fn conversations_of(&self, user_id: &str) -> StoreResult<Vec<ConversationHead>> {
+        self.timed("conversations_of", self.inner.conversations_of(user_id))
+            .await
+    }
+
+    async fn is_member(&self, conversation_id: &str, user_id: &str) -> StoreResult<bool> {
+        self.inner.is_member(conversation_id, user_id).await
+    }
+
+    async fn message(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<StoredMessage>> {
+        self.inner.message(conversation_id, seq).await
+    }
+
+    async fn member_states(&self, conversation_id: &str) -> StoreResult<Vec<MemberState>> {
+        self.inner.member_states(conversation_id).await
+    }
+
+    async fn conversation_summaries(
+        &self,
+        user_id: &str,
+        offset: u32,
+        limit: u32,
+    ) -> StoreResult<Vec<ConversationSummary>> {
+        self.timed(
+            "conversation_summaries",
+            self.inner.conversation_summaries(user_id, offset, limit),
+        )
+        .await
+    }
+
+    async fn mark_read(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        read_seq: u64,
+        reader_slot: Option<(u32, BitmapWrite<'_>)>,
+    ) -> StoreResult<Option<(u64, u64)>> {
+        self.timed(
+            "mark_read",
+            self.inner.mark_read(conversation_id, user_id, read_seq, reader_slot),
+        )
+        .await
+    }
+
+    async fn add_readers(&self, marks: &[ReadMark], codec: &dyn ReadBitmapCodec) -> StoreResult<u64> {
+        self.timed("add_readers", self.inner.add_readers(marks, codec)).await
+    }
+
+    async fn mark_received(&self, conversation_id: &str, user_id: &str, seq: u64) -> StoreResult<()> {
+        self.timed("mark_received", self.inner.mark_received(conversation_id, user_id, seq))
+            .await
+    }
+
+    async fn read_record(&self, conversation_id: &str, seq: u64) -> StoreResult<Option<ReadRecord>> {
+        self.inner.read_record(conversation_id, seq).await
+    }
+}
