@@ -198,6 +198,14 @@ pub struct Overrides {
     /// Bearer token of the admin routes (at least 16 bytes); unset turns them off.
     #[arg(long, env = "SAI_ADMIN_TOKEN", global = true, hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Log lines: `text` (for people, the default) or `json` (one object per line: time,
+    /// level, target, message and fields, for shipping to ELK and the like).
+    #[arg(long, env = "SAI_LOG_FORMAT", global = true)]
+    pub log_format: Option<LogFormat>,
+    /// What to log: a level (`info`) or directives (`info,sai_cluster=debug`). Unset: RUST_LOG,
+    /// else `info`.
+    #[arg(long, env = "SAI_LOG_LEVEL", global = true)]
+    pub log_level: Option<String>,
 }
 
 /// The effective settings.
@@ -282,6 +290,10 @@ pub struct Config {
     /// Bearer token of the admin routes (`/v1/admin/...`: disable and enable accounts); the
     /// routes answer 403 while it is unset.
     pub admin_token: Option<String>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Log directives (`None`: RUST_LOG, else `info`).
+    pub log_level: Option<String>,
     /// Chat policy (`[chat]` table).
     pub chat: ChatConfig,
     /// Groups (`[group]` table).
@@ -371,6 +383,17 @@ impl Default for GroupConfig {
     }
 }
 
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Who writes group read receipts' bitmaps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -451,6 +474,8 @@ impl Default for Config {
             jwt_public_key: None,
             jwt_previous_public_key: None,
             admin_token: None,
+            log_format: LogFormat::Text,
+            log_level: None,
             chat: ChatConfig::default(),
             group: GroupConfig::default(),
             auth: AuthConfig::default(),
@@ -536,6 +561,12 @@ impl Config {
         if o.admin_token.is_some() {
             c.admin_token = o.admin_token;
         }
+        if let Some(f) = o.log_format {
+            c.log_format = f;
+        }
+        if o.log_level.is_some() {
+            c.log_level = o.log_level;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -576,6 +607,9 @@ impl Config {
         }
         if self.auth.max_block_secs == 0 || self.auth.window_secs == 0 {
             return Err("auth.max_block_secs and auth.window_secs must be at least 1".into());
+        }
+        if let Some(level) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("log_level {level:?}: {e}"))?;
         }
         if self.admin_token.as_ref().is_some_and(|s| s.len() < 16) {
             return Err("admin_token must be at least 16 bytes".into());

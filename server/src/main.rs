@@ -12,7 +12,7 @@ mod metrics;
 mod server;
 
 use clap::Parser;
-use config::{AdminCommand, Cli, Command, Config};
+use config::{AdminCommand, Cli, Command, Config, LogFormat};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -30,13 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cfg);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg),
         Command::Services => run_with(|rt| {
@@ -101,6 +95,23 @@ fn admin(cfg: Config, command: AdminCommand) -> ExitCode {
             eprintln!("sai-im admin: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr in the configured format, filtered by `log_level`, else RUST_LOG, else `info`
+/// (the level was validated with the config).
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &cfg.log_level {
+        Some(level) => EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).init(),
     }
 }
 

@@ -1,10 +1,13 @@
 //! Operating a real `sai-im`: what the WebSocket clients and the pipeline did shows up in
-//! `GET /metrics`.
+//! `GET /metrics`; logs come as JSON lines when asked.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use common::{metric as sum, Client, ConnectError, Server};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 #[test]
@@ -79,4 +82,60 @@ fn metrics_count_what_the_gateway_and_the_pipeline_did() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_and_a_bad_level_is_refused() {
+    let dir = std::env::temp_dir().join(format!("sai-json-logs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sai-im"))
+        .args(["--log-format", "json", "--log-level", "info", "--shards", "1"])
+        .args([
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert!(ready.starts_with("sai-im ready "), "{ready}");
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(child.wait().unwrap().success());
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["target"].is_string() && l["timestamp"].is_string()));
+    let ready_line = lines
+        .iter()
+        .find(|l| l["message"] == "sai-im ready")
+        .expect("the ready event");
+    assert_eq!(ready_line["level"], "INFO");
+    assert!(
+        ready_line["ws"].as_str().is_some_and(|ws| ready.contains(ws)),
+        "{ready_line}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sai-im"))
+        .args(["--log-level", "sai=loudest"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("log_level"));
 }
