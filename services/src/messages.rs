@@ -98,7 +98,8 @@ pub struct MessageService {
     social: Arc<SocialService>,
     outbound: Arc<Outbound>,
     clock: Arc<dyn Clock>,
-    policy: ChatPolicy,
+    /// Private chat only between friends (changed live by a configuration reload).
+    require_friendship: std::sync::atomic::AtomicBool,
     /// Keeps each conversation's pushes in seq order (see [`PushOrder`]).
     order: PushOrder,
     /// Where group read receipts' bitmap work goes: `None`, written with the receipt; else
@@ -198,10 +199,16 @@ impl MessageService {
             social,
             outbound,
             clock,
-            policy,
+            require_friendship: policy.require_friendship.into(),
             order: PushOrder::new(),
             read_marks: None,
         }
+    }
+
+    /// Changes the chat policy (a configuration reload); the next message follows it.
+    pub fn set_policy(&self, policy: ChatPolicy) {
+        self.require_friendship
+            .store(policy.require_friendship, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Hands group read receipts' bitmap work to `queue` instead of writing it with each
@@ -249,7 +256,9 @@ impl MessageService {
                         message: "recipient does not exist".into(),
                     });
                 }
-                if self.policy.require_friendship && !self.social.are_friends(sender, recv_id).await? {
+                if self.require_friendship.load(std::sync::atomic::Ordering::Relaxed)
+                    && !self.social.are_friends(sender, recv_id).await?
+                {
                     return Err(ServiceError::Forbidden {
                         code: "not_friends",
                         message: "private chat requires friendship".into(),

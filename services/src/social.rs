@@ -27,7 +27,7 @@ pub struct SocialService {
     outbound: Arc<Outbound>,
     clock: Arc<dyn Clock>,
     /// Most members a group may have.
-    pub max_group_members: u32,
+    max_group_members: std::sync::atomic::AtomicU32,
     /// Whether the two users of a private conversation are friends (keyed by its id, which
     /// orders the pair): every private send asks. Invalidated by accept and unfriend.
     friendships: Cached<ConversationId, bool>,
@@ -78,11 +78,23 @@ impl SocialService {
             users,
             outbound,
             clock,
-            max_group_members,
+            max_group_members: max_group_members.into(),
             friendships: Cached::new(CACHED_FRIENDSHIPS),
             members: Cached::new(CACHED_GROUPS),
             peers: crate::cache::Peers::default(),
         }
+    }
+
+    /// The member limit of a group now.
+    pub fn max_group_members(&self) -> u32 {
+        self.max_group_members.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the member limit (a configuration reload): groups past it keep their members
+    /// and take no more.
+    pub fn set_max_group_members(&self, limit: u32) {
+        self.max_group_members
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Tells `peers` of every friendship and member list invalidated here.
@@ -270,10 +282,11 @@ impl SocialService {
                 members.push(m.clone());
             }
         }
-        if members.len() as u64 > u64::from(self.max_group_members) {
+        let max_group_members = self.max_group_members();
+        if members.len() as u64 > u64::from(max_group_members) {
             return Err(conflict(
                 "group_full",
-                &format!("a group may have at most {} members", self.max_group_members),
+                &format!("a group may have at most {max_group_members} members"),
             ));
         }
         self.check_users_exist(&members[1..]).await?;
@@ -349,7 +362,7 @@ impl SocialService {
         let conv = group_conversation_id(group_id);
         let added = self
             .store
-            .add_group_members(group_id, &conv, user_ids, self.max_group_members, self.clock.now_ms())
+            .add_group_members(group_id, &conv, user_ids, self.max_group_members(), self.clock.now_ms())
             .await;
         self.forget_members(group_id);
         match added {
