@@ -311,6 +311,25 @@ pub(crate) fn close_for(reason: CloseReason) -> (u16, &'static str) {
     }
 }
 
+/// Changes a running gateway's session limits (a configuration reload).
+#[derive(Clone)]
+pub struct SessionLimits(Arc<shard::Shared>);
+
+impl SessionLimits {
+    /// New limits for the connections opened from now on: the idle timeout, the largest
+    /// inbound message and the most bytes queued for a client. Open connections keep the
+    /// limits they started with, so none is dropped by the change.
+    pub fn set(&self, idle_timeout: Duration, max_frame_bytes: usize, max_outbound_bytes: usize) {
+        let mut current = self.0.session.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(sai_proto::session::SessionConfig {
+            idle_timeout,
+            max_message_bytes: max_frame_bytes,
+            max_outbound_bytes,
+            ..**current
+        });
+    }
+}
+
 /// A running gateway.
 pub struct Gateway {
     addr: SocketAddr,
@@ -318,6 +337,7 @@ pub struct Gateway {
     inboxes: Vec<shard::Inbox>,
     threads: Vec<std::thread::JoinHandle<()>>,
     index: Arc<index::UserIndex>,
+    shared: Arc<shard::Shared>,
 }
 
 impl Gateway {
@@ -344,6 +364,11 @@ impl Gateway {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A handle that changes the limits of the connections opened from now on.
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits(self.shared.clone())
     }
 
     /// Users with a live connection.

@@ -151,8 +151,9 @@ pub(crate) struct Shared {
     pub pipeline: Arc<dyn Ws2Ms>,
     pub index: Arc<UserIndex>,
     pub inboxes: Vec<Inbox>,
-    /// Every connection's session settings, one copy.
-    pub session: Arc<sai_proto::session::SessionConfig>,
+    /// The session settings of connections opened from now on, one copy (replaced by
+    /// [`Gateway::set_session_limits`]; each session keeps the copy it started with).
+    pub session: std::sync::RwLock<Arc<sai_proto::session::SessionConfig>>,
     /// Each shard's counters, by shard index (read by the metrics endpoint).
     pub counters: Vec<Arc<Counters>>,
 }
@@ -160,7 +161,8 @@ pub(crate) struct Shared {
 impl Shared {
     /// A new session on shard `idx`, counted in its counters.
     pub fn session(&self, idx: usize, now: std::time::Instant) -> sai_proto::session::Session {
-        let s = sai_proto::session::Session::new(self.session.clone(), now);
+        let cfg = self.session.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let s = sai_proto::session::Session::new(cfg, now);
         match self.counters.get(idx) {
             Some(c) => s.with_counters(c.clone()),
             None => s,
@@ -394,7 +396,7 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
     let plan = crate::direct::plan(admission.total_cap(), n, nofile);
     let shared = Arc::new(Shared {
         admission,
-        session: Arc::new(cfg.session_config()),
+        session: std::sync::RwLock::new(Arc::new(cfg.session_config())),
         cfg,
         pipeline,
         index: index.clone(),
@@ -409,7 +411,7 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
                 slots_per_ring = plan.slots,
                 "direct engine: rings open as connections arrive"
             );
-            crate::direct::spawn_shards(listeners, receivers, shared, plan, &ready_tx)?
+            crate::direct::spawn_shards(listeners, receivers, shared.clone(), plan, &ready_tx)?
         }
         crate::Engine::Monoio => {
             let mut threads = Vec::with_capacity(n);
@@ -444,6 +446,7 @@ pub(crate) fn start(addr: SocketAddr, prepared: Prepared, pipeline: Arc<dyn Ws2M
         inboxes,
         threads,
         index,
+        shared,
     })
 }
 
