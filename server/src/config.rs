@@ -72,7 +72,7 @@ pub enum AdminCommand {
 }
 
 /// Flags and environment variables, each overriding the config file.
-#[derive(Debug, Default, Args)]
+#[derive(Debug, Default, Clone, Args)]
 pub struct Overrides {
     /// WebSocket gateway address (path /ws).
     #[arg(long, env = "SAI_WS_LISTEN", global = true)]

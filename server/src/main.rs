@@ -3,12 +3,14 @@
 //! # Layout
 //! - [`config`]: settings from flags, environment and a TOML file.
 //! - [`metrics`]: the Prometheus endpoint and what it exports.
+//! - [`reload`]: the config file read again on SIGHUP and when it changes; live settings applied.
 //! - [`server`]: wires one deployment (the embedded default: SQLite, the services, the gateway
 //!   and the in-process pipeline flows between them), or one process of a cluster (`services`,
 //!   `gateway`, `task`), and runs it until shutdown.
 
 mod config;
 mod metrics;
+mod reload;
 mod server;
 
 use clap::Parser;
@@ -23,6 +25,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let overrides = cli.overrides.clone();
     let cfg = match Config::load(cli.config.as_deref(), cli.overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -30,11 +33,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cfg);
+    let source = reload::Source {
+        file: cli.config.clone(),
+        overrides,
+        log: Some(init_logging(&cfg)),
+    };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cfg),
+        Command::Serve => serve(cfg, source),
         Command::Services => run_with(|rt| {
-            rt.block_on(server::run_services(cfg, shutdown_signal(), |b| {
+            rt.block_on(server::run_services(cfg, source, shutdown_signal(), |b| {
                 ready(&format!(
                     "services ready http={} grpc={} internal={} metrics={}",
                     b.http, b.grpc, b.internal, b.metrics
@@ -42,7 +49,7 @@ fn main() -> ExitCode {
             }))
         }),
         Command::Gateway => run_with(|rt| {
-            rt.block_on(server::run_gateway(cfg, shutdown_signal(), |b| {
+            rt.block_on(server::run_gateway(cfg, source, shutdown_signal(), |b| {
                 ready(&format!(
                     "gateway ready ws={} engine={} node={} metrics={}",
                     b.ws, b.engine, b.node, b.metrics
@@ -50,7 +57,7 @@ fn main() -> ExitCode {
             }))
         }),
         Command::Task => run_with(|rt| {
-            rt.block_on(server::run_task(cfg, shutdown_signal(), |b| {
+            rt.block_on(server::run_task(cfg, source, shutdown_signal(), |b| {
                 ready(&format!("task ready topic={} metrics={}", b.topic, b.metrics))
             }))
         }),
@@ -100,19 +107,20 @@ fn admin(cfg: Config, command: AdminCommand) -> ExitCode {
 
 /// Logs to stderr in the configured format, filtered by `log_level`, else RUST_LOG, else `info`
 /// (the level was validated with the config).
-fn init_logging(cfg: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match &cfg.log_level {
-        Some(level) => EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// The filter can be changed later through the handle returned (a configuration reload).
+fn init_logging(cfg: &Config) -> reload::LogHandle {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(reload::log_filter(cfg.log_level.as_deref()));
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match cfg.log_format {
-        LogFormat::Text => fmt.init(),
-        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(true).with_current_span(true))
+            .init(),
     }
+    handle
 }
 
 /// Prints the ready line (scripts and tests wait for it to learn the bound ports).
@@ -140,9 +148,9 @@ fn run_with(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), server::Serve
     }
 }
 
-fn serve(cfg: Config) -> ExitCode {
+fn serve(cfg: Config, source: reload::Source) -> ExitCode {
     run_with(|rt| {
-        rt.block_on(server::run(cfg, shutdown_signal(), |b| {
+        rt.block_on(server::run(cfg, source, shutdown_signal(), |b| {
             ready(&format!(
                 "sai-im ready ws={} http={} grpc={} engine={} metrics={}",
                 b.ws, b.http, b.grpc, b.engine, b.metrics

@@ -127,6 +127,17 @@ impl Metrics {
         })
     }
 
+    /// The count of configuration reloads, by result (`applied`, `refused`).
+    pub fn reloads(&mut self) -> crate::reload::Reloads {
+        let reloads = crate::reload::Reloads::default();
+        self.registry.register(
+            "sai_config_reloads",
+            "Configuration file reloads, by result (applied, refused)",
+            reloads.clone(),
+        );
+        reloads
+    }
+
     /// The registry, ready to serve.
     pub fn finish(self) -> Arc<Registry> {
         Arc::new(self.registry)

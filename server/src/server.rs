@@ -6,6 +6,7 @@
 
 use crate::config::{Config, ReadBitmaps};
 use crate::metrics::Metrics;
+use crate::reload;
 use prometheus_client::registry::Registry;
 use sai_cluster::kafka::{KafkaChat, KafkaDeliveries};
 use sai_cluster::pipeline::{ClusterKey, DeliveryHub, Forward, GrpcPipeline, PipelineService};
@@ -78,6 +79,7 @@ pub struct Bound {
 /// every listener is bound.
 pub async fn run(
     cfg: Config,
+    source: reload::Source,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), ServerError> {
@@ -97,6 +99,15 @@ pub async fn run(
     let gateway = gateway
         .start(cfg.ws_listen, pipeline)
         .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
+    reload::watch(
+        source,
+        cfg.clone(),
+        reload::Targets {
+            services: Some(services.clone()),
+            gateway: Some(gateway.session_limits()),
+        },
+        metrics.reloads(),
+    );
     let (metrics, on_http) = expose(&cfg, metrics, Some(apis.http)).await?;
     let bound = Bound {
         ws: gateway.local_addr(),
@@ -136,6 +147,7 @@ pub struct ServicesBound {
 /// through the route directory in Redis).
 pub async fn run_services(
     cfg: Config,
+    source: reload::Source,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(ServicesBound),
 ) -> Result<(), ServerError> {
@@ -181,6 +193,15 @@ pub async fn run_services(
     let internal_l = tokio::net::TcpListener::bind(cfg.internal_listen)
         .await
         .map_err(io(format!("binding the internal port {}", cfg.internal_listen)))?;
+    reload::watch(
+        source,
+        cfg.clone(),
+        reload::Targets {
+            services: Some(services.clone()),
+            gateway: None,
+        },
+        metrics.reloads(),
+    );
     let (metrics, on_http) = expose(&cfg, metrics, Some(apis.http)).await?;
     let bound = ServicesBound {
         http: apis.http,
@@ -206,6 +227,7 @@ pub async fn run_services(
 /// services' storage in batches.
 pub async fn run_task(
     cfg: Config,
+    source: reload::Source,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(TaskBound),
 ) -> Result<(), ServerError> {
@@ -225,6 +247,7 @@ pub async fn run_task(
         .await
         .map_err(ServerError::Config)?;
     let topic = k.msg_to_mongo();
+    reload::watch(source, cfg.clone(), reload::Targets::default(), metrics.reloads());
     let (metrics, _) = expose(&cfg, metrics, None).await?;
     on_ready(TaskBound {
         topic: topic.clone(),
@@ -264,6 +287,7 @@ pub struct GatewayBound {
 /// processes over the internal port and whose routes live in the directory in Redis.
 pub async fn run_gateway(
     cfg: Config,
+    source: reload::Source,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(GatewayBound),
 ) -> Result<(), ServerError> {
@@ -347,6 +371,15 @@ pub async fn run_gateway(
     let gateway = gateway
         .start(cfg.ws_listen, ws2ms)
         .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
+    reload::watch(
+        source,
+        cfg.clone(),
+        reload::Targets {
+            services: None,
+            gateway: Some(gateway.session_limits()),
+        },
+        metrics.reloads(),
+    );
     let (metrics, _) = expose(&cfg, metrics, None).await?;
     let bound = GatewayBound {
         ws: gateway.local_addr(),

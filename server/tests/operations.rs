@@ -139,3 +139,71 @@ fn json_logs_are_one_object_per_line_and_a_bad_level_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("log_level"));
 }
+
+/// Reloads the server has counted with `result`.
+fn reloads(s: &Server, result: &str) -> f64 {
+    sum(
+        &s.metrics(),
+        "sai_config_reloads_total",
+        &[&format!("result=\"{result}\"")],
+    )
+}
+
+/// Runs `change` (a file write, a signal), then waits until the server has counted one more
+/// reload with `result` than before. (A change the file watch sees before the signal arrives
+/// is reloaded twice: harmless, and counted, hence "more", not "one more".)
+fn reload(s: &Server, result: &str, change: impl FnOnce()) {
+    let before = reloads(s, result);
+    change();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reloads(s, result) <= before {
+        assert!(std::time::Instant::now() < deadline, "no {result} reload counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_reload_changes_live_settings_keeps_connections_and_refuses_a_bad_file_whole() {
+    let dir = std::env::temp_dir().join(format!("sai-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sai.toml");
+    std::fs::write(&file, "[chat]\nrequire_friendship = false\n").unwrap();
+    let s = Server::start(&["--config", file.to_str().unwrap()]);
+    let (_, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let mut a = Client::connect(&s.ws, &ta).unwrap();
+    a.chat(&bob, "m1", "before");
+    assert_eq!(a.recv()["data"]["seq"], 1);
+
+    // A file that fails validation is refused whole: its valid part does not apply either.
+    reload(&s, "refused", || {
+        std::fs::write(&file, "max_frame_bytes = 1\n[chat]\nrequire_friendship = true\n").unwrap();
+        s.signal("HUP");
+    });
+    a.chat(&bob, "m2", "still no friendship needed");
+    assert_eq!(a.recv()["data"]["seq"], 2);
+
+    // A valid one applies at once, and the open connection stays.
+    reload(&s, "applied", || {
+        std::fs::write(&file, "max_frame_bytes = 256\n[chat]\nrequire_friendship = true\n").unwrap();
+        s.signal("HUP");
+    });
+    a.chat(&bob, "m3", "now friends only");
+    assert_eq!(a.recv()["data"]["code"], "not_friends");
+    // The new frame limit reaches new connections only: the open one still takes 1,000 bytes.
+    let big = format!("{{\"frameType\":1,\"pad\":\"{}\"}}", "x".repeat(1000));
+    a.send_text(&big);
+    assert_eq!(a.recv()["frameType"], 1, "the old connection answers the heartbeat");
+    let mut b = Client::connect(&s.ws, &tb).unwrap();
+    b.send_text(&big);
+    assert_eq!(b.expect_close().0, 1009, "a new connection has the new limit");
+
+    // The file is watched too: a change without a signal applies.
+    reload(&s, "applied", || {
+        std::fs::write(&file, "[chat]\nrequire_friendship = false\n").unwrap();
+    });
+    a.chat(&bob, "m4", "no friendship needed again");
+    assert_eq!(a.recv()["data"]["seq"], 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -177,6 +177,17 @@ impl Server {
             .into()
     }
 
+    /// Sends the process a signal (`HUP`, `TERM`, ...).
+    pub fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("running");
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
     /// The text of `GET /metrics` where the ready line says (`metrics=`).
     pub fn metrics(&self) -> String {
         let addr = self.field("metrics").expect("a metrics address on the ready line");
