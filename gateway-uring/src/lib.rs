@@ -376,7 +376,8 @@ impl Gateway {
         self.index.len()
     }
 
-    /// Closes every connection with 1001, stops accepting and joins the shard threads.
+    /// Stops accepting, closes every connection with 1012 (service restart: clients reconnect
+    /// and sync) and joins the shard threads.
     pub fn shutdown(self) {
         for inbox in &self.inboxes {
             inbox.send(shard::ShardMsg::Shutdown);

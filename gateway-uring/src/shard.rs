@@ -503,7 +503,7 @@ fn run_shard(
         accept_canceller.cancel();
         let conns: Vec<Rc<Conn>> = shard.conns.borrow().values().cloned().collect();
         for c in &conns {
-            c.close_with(&shard, close::GOING_AWAY, "server shutting down");
+            c.close_with(&shard, close::SERVICE_RESTART, "service restart: reconnect and sync");
         }
         // Give clients a moment to see the close frame, then drop whatever is left.
         let deadline = Instant::now() + shard.shared.cfg.close_grace;

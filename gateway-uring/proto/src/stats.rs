@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The close codes counted one by one; any other code is counted as "other".
-pub const CLOSE_CODES: [u16; 13] = [
-    1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4001, 4002, 4003, 4004, 4005,
+pub const CLOSE_CODES: [u16; 14] = [
+    1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 1012, 4001, 4002, 4003, 4004, 4005,
 ];
 
 /// Distinct refusal codes kept per shard; past it they are counted as "other" (the codes are

@@ -971,7 +971,7 @@ impl DirectShard {
 
     fn shut_down(&self, core: &mut Core) {
         for key in core.conns.keys() {
-            self.close_with(core, key, close::GOING_AWAY, "server shutting down");
+            self.close_with(core, key, close::SERVICE_RESTART, "service restart: reconnect and sync");
         }
     }
 
