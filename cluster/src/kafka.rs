@@ -294,6 +294,13 @@ impl KafkaDeliveries {
         }
     }
 
+    /// Waits (at most `timeout`) for every queued record to reach the broker.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = rdkafka::producer::Producer::flush(&self.producer, rdkafka::util::Timeout::After(timeout)) {
+            tracing::warn!(error = %e, "ms2ps_chat records still queued at shutdown (clients sync what they miss)");
+        }
+    }
+
     fn answer(&self, node: u32, incarnation: u64, request: u64, reply: pb::ChatReply) {
         self.send(&pb::NodeRecord {
             node,
@@ -324,18 +331,36 @@ impl Ms2Ps for KafkaDeliveries {
     }
 }
 
-/// Consumes this process's share of `ws2ms_chat` (`settings.share`) for as long as `runtime`
-/// runs, from the offsets committed before: each command goes to `ws2ms` (storage, seq,
-/// pushes), its answer to `out`.
+/// A services process's reader of `ws2ms_chat`, running until [`Self::stop`].
+pub struct ChatConsumer {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ChatConsumer {
+    /// Stops reading, lets every command read so far finish (stored, answered, pushed) and
+    /// commits their offsets before it returns: a graceful stop leaves nothing to read again.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "the ws2ms_chat reader ended abnormally");
+        }
+    }
+}
+
+/// Consumes this process's share of `ws2ms_chat` (`settings.share`) until stopped, from the
+/// offsets committed before: each command goes to `ws2ms` (storage, seq, pushes), its answer
+/// to `out`.
 pub async fn consume_chats(
     settings: &KafkaSettings,
     ws2ms: Arc<dyn Ws2Ms>,
     out: Arc<KafkaDeliveries>,
     runtime: &tokio::runtime::Handle,
-) -> Result<(), String> {
+) -> Result<ChatConsumer, String> {
     let topic = settings.ws2ms();
     let consumer = settings.share_of(&topic, "services").await?;
-    runtime.spawn(async move {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let task = runtime.spawn(async move {
         let mut inflight = InFlight::default();
         let mut tick = tokio::time::interval(COMMIT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -345,6 +370,9 @@ pub async fn consume_chats(
                 inflight.wait_oldest().await;
             }
             tokio::select! {
+                // The guard `wait_for` resolves to is dropped here: it must not live across
+                // the other branches' awaits.
+                () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
                 m = consumer.recv() => match m {
                     Ok(m) => inflight.start(m.detach(), &ws2ms, &out),
                     Err(e) => {
@@ -358,8 +386,12 @@ pub async fn consume_chats(
                 }
             }
         }
+        while inflight.count > 0 {
+            inflight.wait_oldest().await;
+        }
+        commit(&consumer, &topic, std::mem::take(&mut inflight.done), CommitMode::Sync);
     });
-    Ok(())
+    Ok(ChatConsumer { stop, task })
 }
 
 /// Commits `done` (partition -> highest offset whose record and every earlier one is done).
@@ -476,6 +508,12 @@ pub struct KafkaChat {
 }
 
 impl KafkaChat {
+    /// Waits (at most `timeout`) for the chat commands queued to reach the broker (a
+    /// graceful stop: the services store them, and their senders sync the acks they missed).
+    pub fn flush(&self, timeout: Duration) {
+        self.out.flush(timeout);
+    }
+
     /// Creates the topics if missing and starts reading this node's partition of `ms2ps_chat`
     /// (from where it ends now), handing deliveries to `local` (the gateway's shards).
     pub async fn start(

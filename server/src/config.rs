@@ -198,6 +198,10 @@ pub struct Overrides {
     /// Bearer token of the admin routes (at least 16 bytes); unset turns them off.
     #[arg(long, env = "SAI_ADMIN_TOKEN", global = true, hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// On SIGTERM or Ctrl-C, the longest a graceful stop may take (closing clients with 1012,
+    /// flushing what is queued) before the process exits anyway (default 30).
+    #[arg(long, env = "SAI_SHUTDOWN_TIMEOUT_SECS", global = true)]
+    pub shutdown_timeout_secs: Option<u64>,
     /// Log lines: `text` (for people, the default) or `json` (one object per line: time,
     /// level, target, message and fields, for shipping to ELK and the like).
     #[arg(long, env = "SAI_LOG_FORMAT", global = true)]
@@ -290,6 +294,8 @@ pub struct Config {
     /// Bearer token of the admin routes (`/v1/admin/...`: disable and enable accounts); the
     /// routes answer 403 while it is unset.
     pub admin_token: Option<String>,
+    /// The longest a graceful stop may take, seconds.
+    pub shutdown_timeout_secs: u64,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log directives (`None`: RUST_LOG, else `info`).
@@ -474,6 +480,7 @@ impl Default for Config {
             jwt_public_key: None,
             jwt_previous_public_key: None,
             admin_token: None,
+            shutdown_timeout_secs: 30,
             log_format: LogFormat::Text,
             log_level: None,
             chat: ChatConfig::default(),
@@ -514,6 +521,7 @@ impl Config {
             ack_mode,
             engine,
             idle_timeout_secs,
+            shutdown_timeout_secs,
             shards,
             max_frame_bytes,
             max_connections,
@@ -574,6 +582,9 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         if !(4..=31).contains(&self.bcrypt_cost) {
             return Err("bcrypt_cost must be 4 to 31".into());
+        }
+        if self.shutdown_timeout_secs == 0 {
+            return Err("shutdown_timeout_secs must be at least 1".into());
         }
         if self.idle_timeout_secs == 0 {
             return Err("idle_timeout_secs must be at least 1".into());

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let deadline = std::time::Duration::from_secs(cfg.shutdown_timeout_secs);
     let source = reload::Source {
         file: cli.config.clone(),
         overrides,
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg, source),
         Command::Services => run_with(|rt| {
-            rt.block_on(server::run_services(cfg, source, shutdown_signal(), |b| {
+            rt.block_on(server::run_services(cfg, source, shutdown_signal(deadline), |b| {
                 ready(&format!(
                     "services ready http={} grpc={} internal={} metrics={}",
                     b.http, b.grpc, b.internal, b.metrics
@@ -49,7 +50,7 @@ fn main() -> ExitCode {
             }))
         }),
         Command::Gateway => run_with(|rt| {
-            rt.block_on(server::run_gateway(cfg, source, shutdown_signal(), |b| {
+            rt.block_on(server::run_gateway(cfg, source, shutdown_signal(deadline), |b| {
                 ready(&format!(
                     "gateway ready ws={} engine={} node={} metrics={}",
                     b.ws, b.engine, b.node, b.metrics
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
             }))
         }),
         Command::Task => run_with(|rt| {
-            rt.block_on(server::run_task(cfg, source, shutdown_signal(), |b| {
+            rt.block_on(server::run_task(cfg, source, shutdown_signal(deadline), |b| {
                 ready(&format!("task ready topic={} metrics={}", b.topic, b.metrics))
             }))
         }),
@@ -149,8 +150,9 @@ fn run_with(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), server::Serve
 }
 
 fn serve(cfg: Config, source: reload::Source) -> ExitCode {
+    let deadline = std::time::Duration::from_secs(cfg.shutdown_timeout_secs);
     run_with(|rt| {
-        rt.block_on(server::run(cfg, source, shutdown_signal(), |b| {
+        rt.block_on(server::run(cfg, source, shutdown_signal(deadline), |b| {
             ready(&format!(
                 "sai-im ready ws={} http={} grpc={} engine={} metrics={}",
                 b.ws, b.http, b.grpc, b.engine, b.metrics
@@ -159,7 +161,18 @@ fn serve(cfg: Config, source: reload::Source) -> ExitCode {
     })
 }
 
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM, and from then on gives the graceful stop `deadline`: past
+/// it the process exits with status 1 whatever is still running.
+async fn shutdown_signal(deadline: std::time::Duration) {
+    wait_for_signal().await;
+    std::thread::spawn(move || {
+        std::thread::sleep(deadline);
+        eprintln!("sai-im: not stopped within {deadline:?} of the signal: exiting");
+        std::process::exit(1);
+    });
+}
+
+async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

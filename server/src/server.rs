@@ -122,7 +122,7 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutting down");
-    // The gateway first (it closes clients with 1001 and joins its threads), then the APIs.
+    // The gateway first (it closes clients with 1012 and joins its threads), then the APIs.
     shut_down(gateway).await?;
     apis.stop().await;
     store.close().await;
@@ -183,12 +183,17 @@ pub async fn run_services(
     share_invalidations(&cfg, &services).await?;
     // The services' side of the pipeline, for Kafka's chat commands and the internal port alike.
     let ws2ms = metrics.pipeline(Arc::new(InProcessPipeline::new(services.clone())));
-    if let Some((out, k)) = &kafka {
-        sai_cluster::kafka::consume_chats(k, ws2ms.clone(), out.clone(), &tokio::runtime::Handle::current())
-            .await
-            .map_err(ServerError::Config)?;
-        tracing::info!(brokers = %k.brokers, topic = %k.ws2ms(), "consuming chat commands from Kafka");
-    }
+    let chat_consumer = match &kafka {
+        Some((out, k)) => {
+            let c =
+                sai_cluster::kafka::consume_chats(k, ws2ms.clone(), out.clone(), &tokio::runtime::Handle::current())
+                    .await
+                    .map_err(ServerError::Config)?;
+            tracing::info!(brokers = %k.brokers, topic = %k.ws2ms(), "consuming chat commands from Kafka");
+            Some(c)
+        }
+        None => None,
+    };
     let apis = Apis::bind(&cfg).await?;
     let internal_l = tokio::net::TcpListener::bind(cfg.internal_listen)
         .await
@@ -215,6 +220,15 @@ pub async fn run_services(
     tracing::info!(http = %bound.http, grpc = %bound.grpc, internal = %bound.internal, "services ready");
     shutdown.await;
     tracing::info!("shutting down");
+    // Chat commands read from Kafka finish and their offsets are committed; what they queued
+    // for the gateways is flushed to the broker.
+    if let Some(c) = chat_consumer {
+        c.stop().await;
+    }
+    if let Some((out, _)) = &kafka {
+        let out = out.clone();
+        let _ = tokio::task::spawn_blocking(move || out.flush(std::time::Duration::from_secs(5))).await;
+    }
     // The delivery streams end first: a graceful stop waits for every open stream.
     hub.close_all();
     apis.stop().await;
@@ -332,6 +346,7 @@ pub async fn run_gateway(
     let local = gateway.outbound();
     // With Kafka, chat commands and deliveries take its topics; else the internal port's calls
     // and streams.
+    let mut kafka_chat = None;
     let (ws2ms, forward): (Arc<dyn Ws2Ms>, Arc<dyn Forward>) = match cfg.kafka() {
         Some(k) => {
             let chat = KafkaChat::start(
@@ -345,6 +360,7 @@ pub async fn run_gateway(
             .await
             .map_err(ServerError::Config)?;
             tracing::info!(brokers = %k.brokers, topic = %k.ms2ps(), "chat through Kafka");
+            kafka_chat = Some(chat.clone());
             (Arc::new(chat.clone()), Arc::new(chat))
         }
         None => {
@@ -392,6 +408,9 @@ pub async fn run_gateway(
     shutdown.await;
     tracing::info!("shutting down");
     shut_down(gateway).await?;
+    if let Some(chat) = kafka_chat {
+        let _ = tokio::task::spawn_blocking(move || chat.flush(std::time::Duration::from_secs(5))).await;
+    }
     // Its routes stop counting at once.
     if let Err(e) = node.directory.retire(node.id, incarnation).await {
         tracing::warn!(error = %e, "retiring the node failed: its routes lapse with its TTL");
@@ -451,7 +470,7 @@ fn cluster_key(cfg: &Config) -> Result<ClusterKey, ServerError> {
     ClusterKey::new(key).map_err(ServerError::Config)
 }
 
-/// Stops a gateway (it closes its clients with 1001 and joins its threads) off the runtime.
+/// Stops a gateway (it closes its clients with 1012 and joins its threads) off the runtime.
 async fn shut_down(gateway: Gateway) -> Result<(), ServerError> {
     tokio::task::spawn_blocking(move || gateway.shutdown())
         .await

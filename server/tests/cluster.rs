@@ -861,3 +861,61 @@ fn through_kafka_read_bitmaps_are_the_task_processes_work_and_survive_its_kill_9
     assert_eq!(common::metric(&g, "sai_gateway_connections", &[]), 1.0, "{g}");
     task.stop(true);
 }
+
+/// Zero-downtime replacement of a gateway: the new process binds the same port beside the old
+/// one (SO_REUSEPORT); the old one, stopped with SIGTERM, closes its clients with 1012, and
+/// they reconnect to the same address, now served by the new process, and miss nothing.
+#[test]
+fn a_gateway_stopped_beside_its_replacement_on_the_same_port_loses_no_message() {
+    let port = free_port();
+    let on_port = ["--ws-listen".to_string(), format!("127.0.0.1:{port}")];
+    let mut c = Cluster::start_with("127.0.0.1:0", 0, Flows::Grpc, &[], &on_port);
+    let internal = c.services.field("internal").unwrap();
+    c.gateways.push(c.gateway(1, &internal));
+    let (alice, bob) = (c.services.user("alice"), c.services.user("bob"));
+    let mut a = c.connect(0, &alice);
+    let mut b = c.connect(0, &bob);
+    for i in 1..=5 {
+        a.chat(&bob.0, &format!("m{i}"), "before");
+        assert_eq!(a.recv()["data"]["seq"], i);
+        assert_eq!(b.recv()["data"]["seq"], i);
+    }
+    let next = c.gateway(2, &internal);
+    assert_eq!(next.ws, c.gateways[0].ws, "both processes serve one address");
+    c.gateways[0].stop(true);
+    assert_eq!(a.expect_close().0, 1012);
+    assert_eq!(b.expect_close().0, 1012);
+    c.gateways[0] = next;
+    let mut a = c.connect(0, &alice);
+    let mut b = c.connect(0, &bob);
+    for i in 6..=10 {
+        a.chat(&bob.0, &format!("m{i}"), "after");
+        assert_eq!(a.recv()["data"]["seq"], i);
+    }
+    each_once_by_push_or_sync(&mut b, 10);
+}
+
+/// A graceful stop of a services process finishes the chat commands it read from Kafka and
+/// commits their offsets, so that its successor reads none of them again.
+#[test]
+fn through_kafka_a_graceful_services_restart_reads_no_command_twice() {
+    let port = free_port();
+    let mut c = Cluster::start_on(&format!("127.0.0.1:{port}"), 1, Flows::kafka());
+    let (alice, bob) = (c.services.user("alice"), c.services.user("bob"));
+    let mut a = c.connect(0, &alice);
+    for i in 1..=20 {
+        a.chat(&bob.0, &format!("m{i}"), "before the restart");
+        assert_eq!(a.recv()["data"]["seq"], i);
+    }
+    // At once, within the 100 ms between two periodic commits.
+    c.services.restart(true);
+    // One conversation is one partition: anything read again would run before this one.
+    let ack = send_until_acked(&mut a, &bob.0, "m21");
+    assert_eq!(ack["seq"], 21);
+    let m = c.services.metrics();
+    assert_eq!(
+        common::metric(&m, "sai_pipeline_call_seconds_count", &["call=\"chat\""]),
+        1.0,
+        "the new process ran m21 only: {m}"
+    );
+}

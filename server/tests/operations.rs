@@ -207,3 +207,61 @@ fn a_reload_changes_live_settings_keeps_connections_and_refuses_a_bad_file_whole
     assert_eq!(a.recv()["data"]["seq"], 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_graceful_stop_closes_clients_with_1012_and_a_stuck_one_is_cut_at_the_deadline() {
+    let mut s = Server::start(&[]);
+    let (_, ta) = s.user("alice");
+    let mut a = Client::connect(&s.ws, &ta).unwrap();
+    s.stop(true);
+    assert_eq!(a.expect_close().0, 1012, "service restart: reconnect and sync");
+
+    // A client that never answers the close holds the stop for the close grace (3 s); with a
+    // 1 s deadline the process exits at the deadline, with status 1.
+    let dir = std::env::temp_dir().join(format!("sai-deadline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sai-im"))
+        .args(["--shutdown-timeout-secs", "1", "--shards", "1", "--bcrypt-cost", "4"])
+        .args([
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let field = |k: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let http = Server::attach(&format!("http://{}", field("http")));
+    let (_, tb) = http.user("bob");
+    let stuck = Client::connect(&field("ws"), &tb).unwrap();
+    let started = std::time::Instant::now();
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let status = child.wait().unwrap();
+    let took = started.elapsed();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("not stopped within"), "{log}");
+    assert!(
+        took < Duration::from_millis(2900),
+        "cut at the deadline, not after the grace: {took:?}"
+    );
+    drop(stuck);
+    let _ = std::fs::remove_dir_all(&dir);
+}

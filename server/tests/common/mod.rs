@@ -72,14 +72,12 @@ impl Server {
     fn spawn(&mut self) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sai-im"))
             .args(self.command.iter())
-            .args([
-                "--ws-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-            ])
+            .args(if self.args.iter().any(|a| a == "--ws-listen") {
+                &[][..]
+            } else {
+                &["--ws-listen", "127.0.0.1:0"][..]
+            })
+            .args(["--http-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
             .args(["--bcrypt-cost", "4"])
             .args(if self.args.iter().any(|a| a == "--shards") {
                 &[][..]
@@ -175,6 +173,23 @@ impl Server {
             .timeout_global(Some(Duration::from_secs(20)))
             .build()
             .into()
+    }
+
+    /// A handle on a server this test started itself, reached at `http` (for [`Self::user`]
+    /// and the other HTTP helpers; it stops nothing when dropped).
+    pub fn attach(http: &str) -> Server {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        Server {
+            child: None,
+            command: None,
+            ready: String::new(),
+            data_dir: std::env::temp_dir().join(format!("sai-im-attached-{}-{n}", std::process::id())),
+            database: None,
+            args: Vec::new(),
+            ws: String::new(),
+            http: http.to_string(),
+            grpc: String::new(),
+        }
     }
 
     /// Sends the process a signal (`HUP`, `TERM`, ...).
