@@ -18,15 +18,7 @@ mkdir -p "$OUT"
 [ -x "$BIN" ] || cargo build --release --locked --bin sai-im
 ./scripts/backends.sh mysql redis kafka mongo >/dev/null
 
-cpu() { # pids -> total CPU seconds
-    local t=0
-    for p in "$@"; do
-        if [ -r "/proc/$p/stat" ]; then
-            t=$(awk -v t="$t" '{print t + ($14 + $15) / 100}' "/proc/$p/stat")
-        fi
-    done
-    echo "$t"
-}
+source results/cluster/cpu.sh
 
 run() { # mode, cluster.sh flags
     local mode=$1; shift

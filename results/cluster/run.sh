@@ -29,15 +29,7 @@ MONGO_RATES=(--users 2000 --start-rate 100 --step-rate 100 --max-rate 16000 --st
 # tansu_bin: the broker binary scripts/backends.sh installs.
 source scripts/backends.sh
 
-cpu() { # pids -> total CPU seconds
-    local t=0
-    for p in "$@"; do
-        if [ -r "/proc/$p/stat" ]; then
-            t=$(awk -v t="$t" '{print t + ($14 + $15) / 100}' "/proc/$p/stat")
-        fi
-    done
-    echo "$t"
-}
+source results/cluster/cpu.sh
 drop_db() { mysql -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $1"; }
 backend_pids() { echo "$(pgrep -x mariadbd || true) $(pgrep -x redis-server | head -1 || true) $(pgrep -f "tansu broker --listener-url tcp://${SAI_CLUSTER_KAFKA:-127.0.0.1:9092}" | head -1 || true) $(pgrep -f "secantusd-py --host 127.0.0.1 --port 27017" | head -1 || true)"; }
 wait_ready() { for _ in $(seq 300); do grep -q " ready " "$1" && return 0; sleep 0.1; done; return 1; }

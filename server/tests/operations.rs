@@ -84,12 +84,14 @@ fn metrics_count_what_the_gateway_and_the_pipeline_did() {
     }
 }
 
-#[test]
-fn json_logs_are_one_object_per_line_and_a_bad_level_is_refused() {
-    let dir = std::env::temp_dir().join(format!("sai-json-logs-{}", std::process::id()));
+/// An embedded server of the test's own (its data in a fresh temporary dir named `name`),
+/// with `args`, its stdout and stderr piped: the child, its ready line and its data dir.
+fn spawn_piped(name: &str, args: &[&str]) -> (std::process::Child, String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("sai-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut child = Command::new(env!("CARGO_BIN_EXE_sai-im"))
-        .args(["--log-format", "json", "--log-level", "info", "--shards", "1"])
+        .args(args)
+        .args(["--shards", "1", "--bcrypt-cost", "4"])
         .args([
             "--ws-listen",
             "127.0.0.1:0",
@@ -109,6 +111,12 @@ fn json_logs_are_one_object_per_line_and_a_bad_level_is_refused() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut ready)
         .unwrap();
+    (child, ready, dir)
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_and_a_bad_level_is_refused() {
+    let (mut child, ready, dir) = spawn_piped("json-logs", &["--log-format", "json", "--log-level", "info"]);
     assert!(ready.starts_with("sai-im ready "), "{ready}");
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let mut log = String::new();
@@ -218,28 +226,7 @@ fn a_graceful_stop_closes_clients_with_1012_and_a_stuck_one_is_cut_at_the_deadli
 
     // A client that never answers the close holds the stop for the close grace (3 s); with a
     // 1 s deadline the process exits at the deadline, with status 1.
-    let dir = std::env::temp_dir().join(format!("sai-deadline-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sai-im"))
-        .args(["--shutdown-timeout-secs", "1", "--shards", "1", "--bcrypt-cost", "4"])
-        .args([
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
+    let (mut child, ready, dir) = spawn_piped("deadline", &["--shutdown-timeout-secs", "1"]);
     let field = |k: &str| {
         ready
             .split_whitespace()
