@@ -111,6 +111,56 @@ pub struct KafkaSettings {
     /// process: `msg_to_mongo`): (index, count), partition p being read by the process whose
     /// index is p mod count.
     pub share: (u32, u32),
+    /// What this process's Kafka clients report every [`STATS_EVERY_MS`] (for the metrics).
+    pub stats: Arc<KafkaStats>,
+}
+
+/// How often each client reports its statistics, ms (`statistics.interval.ms`).
+pub const STATS_EVERY_MS: u32 = 1000;
+
+/// The latest statistics of this process's Kafka clients, by client role (`services`, `task`,
+/// `gateway`, `producer`): what is queued in the producers and how far each consumer trails the
+/// end of its partitions.
+#[derive(Debug, Default)]
+pub struct KafkaStats {
+    clients: Mutex<BTreeMap<&'static str, ClientStats>>,
+}
+
+/// One client's latest report.
+#[derive(Debug, Clone, Default)]
+pub struct ClientStats {
+    /// Records in the client's producer queue (librdkafka's `msg_cnt`).
+    pub queued: u64,
+    /// (topic, partition, records between the consumer's position and the partition's end)
+    /// for each partition it reads.
+    pub lag: Vec<(String, i32, i64)>,
+}
+
+impl KafkaStats {
+    fn record(&self, role: &'static str, s: &rdkafka::statistics::Statistics) {
+        let mut lag = Vec::new();
+        for (topic, t) in &s.topics {
+            for (partition, p) in &t.partitions {
+                // -1: not consumed here (librdkafka's internal partition is -1 too).
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    lag.push((topic.clone(), *partition, p.consumer_lag));
+                }
+            }
+        }
+        lag.sort();
+        let stats = ClientStats { queued: s.msg_cnt, lag };
+        if let Ok(mut clients) = self.clients.lock() {
+            clients.insert(role, stats);
+        }
+    }
+
+    /// Each client's latest report, by role.
+    pub fn snapshot(&self) -> Vec<(&'static str, ClientStats)> {
+        self.clients
+            .lock()
+            .map(|c| c.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default()
+    }
 }
 
 impl KafkaSettings {
@@ -131,8 +181,17 @@ impl KafkaSettings {
 
     fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
+        c.set("bootstrap.servers", &self.brokers)
+            .set("statistics.interval.ms", STATS_EVERY_MS.to_string());
         c
+    }
+
+    /// The context of a client in `role`: its log goes to ours, its statistics to `self.stats`.
+    pub(crate) fn context(&self, role: &'static str) -> LibrdkafkaLog {
+        LibrdkafkaLog {
+            role,
+            stats: self.stats.clone(),
+        }
     }
 
     /// A consumer's settings: a fetch is answered within `FETCH_WAIT_MS` when the partition has
@@ -146,7 +205,7 @@ impl KafkaSettings {
         c
     }
 
-    pub(crate) fn producer(&self) -> Result<FutureProducer, String> {
+    pub(crate) fn producer(&self, role: &'static str) -> Result<FutureProducer<LibrdkafkaLog>, String> {
         self.client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -154,7 +213,7 @@ impl KafkaSettings {
             .set("batch.size", self.batch_bytes.to_string())
             .set("queue.buffering.max.messages", PRODUCER_QUEUE.to_string())
             .set("message.timeout.ms", CALL_TIMEOUT.as_millis().to_string())
-            .create()
+            .create_with_context(self.context(role))
             .map_err(|e| format!("Kafka producer: {e}"))
     }
 
@@ -183,7 +242,11 @@ impl KafkaSettings {
 
     /// A consumer of this process's share of `topic` (`self.share`), in consumer group
     /// `<prefix><group>`, from the offsets committed before (the oldest record when none is).
-    pub(crate) async fn share_of(&self, topic: &str, group: &str) -> Result<StreamConsumer<LibrdkafkaLog>, String> {
+    pub(crate) async fn share_of(
+        &self,
+        topic: &str,
+        group: &'static str,
+    ) -> Result<StreamConsumer<LibrdkafkaLog>, String> {
         let (index, count) = self.share;
         if count == 0 || index >= count {
             return Err(format!(
@@ -197,7 +260,7 @@ impl KafkaSettings {
             config.set("debug", debug);
         }
         let consumer: StreamConsumer<LibrdkafkaLog> = config
-            .create_with_context(LibrdkafkaLog)
+            .create_with_context(self.context(group))
             .map_err(|e| format!("Kafka consumer: {e}"))?;
         let mut mine = TopicPartitionList::new();
         for p in (0..partitions).filter(|p| (*p as u32) % count == index) {
@@ -232,11 +295,18 @@ impl KafkaSettings {
     }
 }
 
-/// The services' consumer's context: passes librdkafka's own log (and its `debug` contexts, named in
-/// `SAI_KAFKA_DEBUG`) to ours.
-pub(crate) struct LibrdkafkaLog;
+/// A client's context: passes librdkafka's own log (and its `debug` contexts, named in
+/// `SAI_KAFKA_DEBUG`) to ours, and its statistics to [`KafkaStats`].
+pub(crate) struct LibrdkafkaLog {
+    role: &'static str,
+    stats: Arc<KafkaStats>,
+}
 
 impl ClientContext for LibrdkafkaLog {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        self.stats.record(self.role, &statistics);
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
@@ -260,7 +330,7 @@ fn partition_of(node: u32, partitions: i32) -> i32 {
 /// The services' `ms2ps_chat` on Kafka: deliveries and chat answers, each on its node's
 /// partition.
 pub struct KafkaDeliveries {
-    producer: FutureProducer,
+    producer: FutureProducer<LibrdkafkaLog>,
     topic: String,
     partitions: i32,
 }
@@ -271,7 +341,7 @@ impl KafkaDeliveries {
         settings.ensure_topics().await?;
         let topic = settings.ms2ps();
         Ok(Self {
-            producer: settings.producer()?,
+            producer: settings.producer("producer")?,
             partitions: settings.partitions_of(topic.clone()).await?,
             topic,
         })
@@ -526,10 +596,10 @@ impl KafkaChat {
     ) -> Result<Self, String> {
         let out = Arc::new(KafkaDeliveries::connect(settings).await?);
         let ms2ps = out.topic.clone();
-        let consumer: StreamConsumer = settings
+        let consumer: StreamConsumer<LibrdkafkaLog> = settings
             .consumer(format!("{}gateway-{node}", settings.prefix))
             .set("enable.auto.offset.store", "false")
-            .create()
+            .create_with_context(settings.context("gateway"))
             .map_err(|e| format!("Kafka consumer: {e}"))?;
         // The end as of now, read before the gateway takes connections: `Offset::End` would be
         // resolved whenever the fetcher starts, which under load came after the first

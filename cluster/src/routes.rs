@@ -55,8 +55,17 @@ pub enum RouteError {
     },
 }
 
+/// Redis commands of this process that failed (every error passes the conversion below).
+static REDIS_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many Redis commands of this process's route directory have failed since it started.
+pub fn redis_errors() -> u64 {
+    REDIS_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl From<redis::RedisError> for RouteError {
     fn from(e: redis::RedisError) -> Self {
+        REDIS_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         RouteError::Unavailable(e.to_string())
     }
 }

@@ -48,7 +48,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A services process's way into `msg_to_mongo`.
 pub struct KafkaReadMarks {
-    producer: FutureProducer,
+    producer: FutureProducer<LibrdkafkaLog>,
     topic: String,
 }
 
@@ -57,7 +57,7 @@ impl KafkaReadMarks {
     pub async fn connect(settings: &KafkaSettings) -> Result<Self, String> {
         settings.ensure_topics().await?;
         Ok(Self {
-            producer: settings.producer()?,
+            producer: settings.producer("read-marks")?,
             topic: settings.msg_to_mongo(),
         })
     }

@@ -648,6 +648,7 @@ impl Config {
             linger_ms: self.kafka_linger_ms,
             batch_bytes: self.kafka_batch_bytes,
             share: self.kafka_share,
+            stats: Default::default(),
         })
     }
 
