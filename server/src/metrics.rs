@@ -32,6 +32,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use sai_cluster::kafka::KafkaStats;
 use sai_gateway::GatewayStats;
 use sai_pipeline::flow::{BoxFuture, Refusal, Ws2Ms};
 use sai_pipeline::message::{ChatAck, ChatRequest, SyncPage};
@@ -77,6 +78,17 @@ impl Metrics {
     /// Exports a gateway's per-shard counts.
     pub fn gateway(&mut self, stats: GatewayStats) {
         self.registry.register_collector(Box::new(GatewayCollector(stats)));
+    }
+
+    /// Exports what this process's Kafka clients report: `sai_kafka_producer_queue{client}`
+    /// and `sai_kafka_consumer_lag{client,topic,partition}`.
+    pub fn kafka(&mut self, stats: Arc<KafkaStats>) {
+        self.registry.register_collector(Box::new(KafkaCollector(stats)));
+    }
+
+    /// Exports `sai_redis_errors_total`: the route directory's failed Redis commands.
+    pub fn redis(&mut self) {
+        self.registry.register_collector(Box::new(RedisCollector));
     }
 
     /// `inner`, timed per call (`sai_pipeline_call_seconds`, `sai_pipeline_refusals_total`).
@@ -333,6 +345,60 @@ impl Collector for GatewayCollector {
             ConstCounter::new(n).encode(m.encode_family(&[("code", code)])?)?;
         }
         Ok(())
+    }
+}
+
+// ---- cluster --------------------------------------------------------------------------------
+
+/// The latest reports of this process's Kafka clients (every second).
+#[derive(Debug)]
+struct KafkaCollector(Arc<KafkaStats>);
+
+impl Collector for KafkaCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let clients = self.0.snapshot();
+        let mut m = encoder.encode_descriptor(
+            "sai_kafka_producer_queue",
+            "Records waiting in a Kafka client's producer queue",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (client, s) in &clients {
+            ConstGauge::new(s.queued as i64).encode(m.encode_family(&[("client", *client)])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "sai_kafka_consumer_lag",
+            "Records between a consumer's position and the end of a partition it reads",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (client, s) in &clients {
+            for (topic, partition, lag) in &s.lag {
+                let labels = [
+                    ("client", client.to_string()),
+                    ("topic", topic.clone()),
+                    ("partition", partition.to_string()),
+                ];
+                ConstGauge::new(*lag).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The route directory's failed Redis commands.
+#[derive(Debug)]
+struct RedisCollector;
+
+impl Collector for RedisCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = encoder.encode_descriptor(
+            "sai_redis_errors",
+            "Redis commands of the route directory that failed",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(sai_cluster::routes::redis_errors()).encode(m)
     }
 }
 

@@ -157,6 +157,7 @@ pub async fn run_services(
     let directory = connect_directory(&cfg).await?;
     let store = open_storage(&cfg).await?;
     let mut metrics = Metrics::new("services");
+    metrics.redis();
     let hub = Arc::new(DeliveryHub::default());
     // With Kafka, deliveries go to ms2ps_chat; else to the gateways' streams from the hub.
     let kafka = match cfg.kafka() {
@@ -166,6 +167,9 @@ pub async fn run_services(
         )),
         None => None,
     };
+    if let Some((_, k)) = &kafka {
+        metrics.kafka(k.stats.clone());
+    }
     let ms2ps: Arc<dyn Ms2Ps> = match &kafka {
         Some((out, _)) => out.clone(),
         None => hub.clone(),
@@ -255,6 +259,7 @@ pub async fn run_task(
     }
     let store = open_storage(&cfg).await?;
     let mut metrics = Metrics::new("task");
+    metrics.kafka(k.stats.clone());
     let messages = metrics.store(store.messages());
     let runtime = tokio::runtime::Handle::current();
     let writer = ReadMarkWriter::start(&k, messages, Arc::new(SaiCodec), &runtime)
@@ -343,6 +348,7 @@ pub async fn run_gateway(
     });
     let mut metrics = Metrics::new("gateway");
     metrics.gateway(gateway.stats());
+    metrics.redis();
     let local = gateway.outbound();
     // With Kafka, chat commands and deliveries take its topics; else the internal port's calls
     // and streams.
@@ -361,6 +367,7 @@ pub async fn run_gateway(
             .map_err(ServerError::Config)?;
             tracing::info!(brokers = %k.brokers, topic = %k.ms2ps(), "chat through Kafka");
             kafka_chat = Some(chat.clone());
+            metrics.kafka(k.stats.clone());
             (Arc::new(chat.clone()), Arc::new(chat))
         }
         None => {

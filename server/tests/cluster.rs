@@ -859,6 +859,18 @@ fn through_kafka_read_bitmaps_are_the_task_processes_work_and_survive_its_kill_9
     let g = c.gateways[0].metrics();
     assert_eq!(common::metric(&g, "sai_build_info", &["role=\"gateway\""]), 1.0);
     assert_eq!(common::metric(&g, "sai_gateway_connections", &[]), 1.0, "{g}");
+    assert!(g.contains("sai_redis_errors_total 0"), "{g}");
+    // The task's consumer reports (every second) that it trails msg_to_mongo by nothing now.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = task.metrics();
+        let reported = t.contains("sai_kafka_consumer_lag{client=\"task\"");
+        if reported && common::metric(&t, "sai_kafka_consumer_lag", &["client=\"task\""]) == 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no lag of 0 reported: {t}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     task.stop(true);
 }
 
