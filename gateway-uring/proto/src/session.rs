@@ -82,6 +82,8 @@ pub struct Session {
     requests: VecDeque<Request>,
     /// The shard's counters, when the driver counts ([`Self::with_counters`]).
     counters: Option<Arc<Counters>>,
+    /// Output bytes last added to the counters' `outbound_bytes` (see [`Self::account`]).
+    accounted: usize,
 }
 
 impl Session {
@@ -99,6 +101,7 @@ impl Session {
             cfg,
             requests: VecDeque::new(),
             counters: None,
+            accounted: 0,
         }
     }
 
@@ -115,6 +118,19 @@ impl Session {
         }
     }
 
+    /// Brings the counters' `outbound_bytes` up to date with the bytes this session holds for
+    /// writing (called after everything that adds to them or takes them).
+    fn account(&mut self) {
+        let now = self.ws.output().len();
+        if now != self.accounted {
+            let delta = now as i64 - self.accounted as i64;
+            self.count(|c| {
+                c.outbound_bytes.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+            });
+            self.accounted = now;
+        }
+    }
+
     /// Bytes read from the socket at `now`: every complete frame is handled. Pings are answered
     /// and push acks recorded here; requests that need the pipeline wait for
     /// [`Self::poll_request`]. A protocol violation queues the close frame and starts the grace.
@@ -124,6 +140,12 @@ impl Session {
     /// ping) count against the outbound bound like any frame: a ping flood from a client that
     /// never reads is closed with 4003.
     pub fn handle_bytes(&mut self, now: Instant, bytes: &[u8]) {
+        self.read(now, bytes);
+        // Pongs and the echo of a close are queued by the WebSocket layer itself.
+        self.account();
+    }
+
+    fn read(&mut self, now: Instant, bytes: &[u8]) {
         self.count(|c| Counters::add(&c.bytes_in, bytes.len() as u64));
         self.ws.feed(bytes);
         loop {
@@ -256,6 +278,7 @@ impl Session {
         }
         self.ws.send_text(text);
         self.count(|c| Counters::add(&c.messages_out, 1));
+        self.account();
         true
     }
 
@@ -290,6 +313,7 @@ impl Session {
             self.ws.close(code, reason);
             self.count(|c| c.closed(code));
         }
+        self.account();
         self.arm_close(now);
     }
 
@@ -316,6 +340,7 @@ impl Session {
     pub fn take_output(&mut self) -> Vec<u8> {
         let out = self.ws.take_output();
         self.count(|c| Counters::add(&c.bytes_out, out.len() as u64));
+        self.account();
         out
     }
 
@@ -347,7 +372,11 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.count(|c| Counters::add(&c.sessions_ended, 1));
+        let held = self.accounted as i64;
+        self.count(|c| {
+            Counters::add(&c.sessions_ended, 1);
+            c.outbound_bytes.fetch_sub(held, std::sync::atomic::Ordering::Relaxed);
+        });
     }
 }
 
@@ -504,8 +533,12 @@ mod tests {
             (2, 1, out.len() as u64)
         );
         assert!(counters.closes().any(|c| c == (Some(close::SLOW_CONSUMER), 1)));
+        let queued = counters.outbound_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(queued, s.output_len() as i64, "the close frame, not yet taken");
+        assert!(queued > 0);
         drop(s);
         assert_eq!(counters.sessions(), 0);
+        assert_eq!(counters.outbound_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! own thread writes it, so its relaxed atomic adds never contend: a few nanoseconds each, about
 //! five per chat message (bytes and message in, bytes and message out, the push). Nothing here is
 //! reset: every count only grows, as Prometheus counters expect, except the two whose difference
-//! is the live sessions.
+//! is the live sessions, and `outbound_bytes`, a gauge.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The close codes counted one by one; any other code is counted as "other".
@@ -34,6 +34,9 @@ pub struct Counters {
     pub messages_out: AtomicU64,
     /// Bytes handed to the driver to write.
     pub bytes_out: AtomicU64,
+    /// Bytes the shard's sessions hold for writing now (not yet handed to the driver): a gauge,
+    /// what slow clients leave queued, each bounded by `max_outbound_bytes`.
+    pub outbound_bytes: AtomicI64,
     /// Pushes queued (a subset of `messages_out`).
     pub pushes: AtomicU64,
     /// Rigor pushes sent again for want of an ack.
