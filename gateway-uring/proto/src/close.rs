@@ -1,9 +1,8 @@
-//! WebSocket close codes sent by the gateway. 1xxx are RFC 6455 codes, 4xxx are SAI-IM's own.
+//! WebSocket close codes sent by the gateway. 1xxx are RFC 6455 codes (1012 from the IANA
+//! registry that extends it), 4xxx are SAI-IM's own.
 
 /// Normal closure (client asked, or server shutdown of an idle connection).
 pub const NORMAL: u16 = 1000;
-/// The server is shutting down.
-pub const GOING_AWAY: u16 = 1001;
 /// The peer broke RFC 6455 (unmasked client frame, reserved bits, bad fragmentation, ...).
 pub const PROTOCOL_ERROR: u16 = 1002;
 /// A text frame that is not valid UTF-8.
