@@ -300,6 +300,16 @@ impl Collector for GatewayCollector {
             ConstGauge::new(s.counters.sessions() as i64).encode(m.encode_family(&label(i))?)?;
         }
         let mut m = encoder.encode_descriptor(
+            "sai_gateway_outbound_bytes",
+            "Bytes the shard's sessions hold for clients, not yet handed to the socket",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, s) in shards.iter().enumerate() {
+            let queued = s.counters.outbound_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            ConstGauge::new(queued).encode(m.encode_family(&label(i))?)?;
+        }
+        let mut m = encoder.encode_descriptor(
             "sai_gateway_inbox_depth",
             "Messages waiting in a shard's inbox (pushes and kicks)",
             None,

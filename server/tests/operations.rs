@@ -34,6 +34,12 @@ fn metrics_count_what_the_gateway_and_the_pipeline_did() {
     assert_eq!(sum(&m, "sai_gateway_connections", &[]), 2.0, "{m}");
     assert_eq!(sum(&m, "sai_gateway_sessions_total", &[]), 2.0);
     assert_eq!(sum(&m, "sai_gateway_pushes_total", &[]), 5.0);
+    assert!(m.contains("sai_gateway_outbound_bytes{shard=\"0\"}"), "{m}");
+    assert_eq!(
+        sum(&m, "sai_gateway_outbound_bytes", &[]),
+        0.0,
+        "everything was written"
+    );
     assert!(sum(&m, "sai_gateway_messages_in_total", &[]) >= 6.0);
     assert!(
         sum(&m, "sai_gateway_messages_out_total", &[]) >= 11.0,
