@@ -94,7 +94,9 @@ pub async fn run(
     metrics.gateway(gateway.stats());
     let outbound = Arc::new(Outbound::new(gateway.route_lookup(), gateway.outbound()));
     let services = build_services(&cfg, keys, &store, outbound, None, &mut metrics)?;
-    let apis = Apis::bind(&cfg).await?;
+    // Ports of its own: its SQLite store assumes one process, and a second one started on
+    // the same ports fails to bind instead of sharing them.
+    let apis = Apis::bind(&cfg, false).await?;
     let pipeline = metrics.pipeline(Arc::new(InProcessPipeline::new(services.clone())));
     let gateway = gateway
         .start(cfg.ws_listen, pipeline)
@@ -198,10 +200,9 @@ pub async fn run_services(
         }
         None => None,
     };
-    let apis = Apis::bind(&cfg).await?;
-    let internal_l = tokio::net::TcpListener::bind(cfg.internal_listen)
-        .await
-        .map_err(io(format!("binding the internal port {}", cfg.internal_listen)))?;
+    let apis = Apis::bind(&cfg, true).await?;
+    let internal_l =
+        listen(cfg.internal_listen).map_err(io(format!("binding the internal port {}", cfg.internal_listen)))?;
     reload::watch(
         source,
         cfg.clone(),
@@ -525,6 +526,21 @@ fn jwt_keys(cfg: &Config) -> Result<JwtKeys, ServerError> {
     })
 }
 
+/// A listener on `addr` with `SO_REUSEPORT`, as the gateway's shards have: a new process (a
+/// zero-downtime upgrade) binds the same port beside this one and takes new connections, and
+/// this one drains and stops. (So a second process started on a port by mistake shares it
+/// instead of failing.)
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
 /// Serves `metrics` on `--metrics-listen` when given; else beside the HTTP API when the
 /// process has one (`http`: the registry is returned for [`Apis::serve`]), or on a free
 /// loopback port. Returns where they are served.
@@ -539,9 +555,7 @@ async fn expose(
         (Some(addr), _) => addr,
         (None, None) => (std::net::Ipv4Addr::LOCALHOST, 0).into(),
     };
-    let l = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(io(format!("binding the metrics listener {addr}")))?;
+    let l = listen(addr).map_err(io(format!("binding the metrics listener {addr}")))?;
     let bound = l.local_addr().map_err(io("metrics address"))?;
     // Served for as long as the process runs: a scrape needs no graceful drain.
     tokio::spawn(async move {
@@ -640,11 +654,19 @@ struct Serving {
 type Internal = (tokio::net::TcpListener, sai_cluster::pipeline::Server);
 
 impl Apis {
-    async fn bind(cfg: &Config) -> Result<Self, ServerError> {
-        let http_l = tokio::net::TcpListener::bind(cfg.http_listen)
+    /// Binds the HTTP and gRPC ports; `shared`: with `SO_REUSEPORT` (see [`listen`]).
+    async fn bind(cfg: &Config, shared: bool) -> Result<Self, ServerError> {
+        let bind = |addr: SocketAddr| async move {
+            if shared {
+                listen(addr)
+            } else {
+                tokio::net::TcpListener::bind(addr).await
+            }
+        };
+        let http_l = bind(cfg.http_listen)
             .await
             .map_err(io(format!("binding HTTP {}", cfg.http_listen)))?;
-        let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_listen)
+        let grpc_l = bind(cfg.grpc_listen)
             .await
             .map_err(io(format!("binding gRPC {}", cfg.grpc_listen)))?;
         Ok(Self {

@@ -931,3 +931,34 @@ fn through_kafka_a_graceful_services_restart_reads_no_command_twice() {
         "the new process ran m21 only: {m}"
     );
 }
+
+/// Zero-downtime replacement of a services process: the new one binds the same HTTP, gRPC and
+/// internal ports beside the running one (SO_REUSEPORT), the old one stops gracefully, and the
+/// gateway's calls and delivery stream move to the new one with no message lost.
+#[test]
+fn a_services_process_started_beside_the_running_one_takes_over_its_ports() {
+    let port = free_port();
+    let mut c = Cluster::start_on(&format!("127.0.0.1:{port}"), 1, Flows::Grpc);
+    let (alice, bob) = (c.services.user("alice"), c.services.user("bob"));
+    let mut a = c.connect(0, &alice);
+    let mut b = c.connect(0, &bob);
+    for i in 1..=5 {
+        a.chat(&bob.0, &format!("m{i}"), "before");
+        assert_eq!(a.recv()["data"]["seq"], i);
+        assert_eq!(b.recv()["data"]["seq"], i);
+    }
+    let ports =
+        |s: &Server| ["http", "grpc", "internal"].map(|k| s.field(k).unwrap_or_else(|| panic!("{k} on {}", s.ready)));
+    let [http, grpc, internal] = ports(&c.services);
+    let url = format!("{}/{}?pool=8", c.database.0, c.database.1);
+    let same_ports = ["--http-listen".to_string(), http, "--grpc-listen".into(), grpc];
+    let next = start_services(&c.redis, &c.prefix, &url, &internal, &same_ports);
+    assert_eq!(ports(&next), ports(&c.services), "both processes serve the same ports");
+    c.services.stop(true);
+    c.services = next;
+    for i in 6..=10 {
+        let ack = send_until_acked(&mut a, &bob.0, &format!("m{i}"));
+        assert_eq!(ack["seq"], i);
+    }
+    each_once_by_push_or_sync(&mut b, 10);
+}

@@ -258,3 +258,29 @@ fn a_graceful_stop_closes_clients_with_1012_and_a_stuck_one_is_cut_at_the_deadli
     drop(stuck);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The embedded default keeps its ports to itself (its SQLite store assumes one process): a
+/// second server on the same HTTP port fails to start, unlike cluster processes, which share.
+#[test]
+fn a_second_embedded_server_on_the_same_ports_fails_to_start() {
+    let s = Server::start(&[]);
+    let http = s.field("http").unwrap();
+    let dir = std::env::temp_dir().join(format!("sai-second-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_sai-im"))
+        .args([
+            "--http-listen",
+            &http,
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("binding HTTP"));
+    assert!(out.stdout.is_empty(), "no ready line");
+}

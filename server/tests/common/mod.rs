@@ -77,7 +77,12 @@ impl Server {
             } else {
                 &["--ws-listen", "127.0.0.1:0"][..]
             })
-            .args(["--http-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"])
+            .args(
+                ["--http-listen", "--grpc-listen"]
+                    .into_iter()
+                    .filter(|flag| !self.args.iter().any(|a| a == flag))
+                    .flat_map(|flag| [flag, "127.0.0.1:0"]),
+            )
             .args(["--bcrypt-cost", "4"])
             .args(if self.args.iter().any(|a| a == "--shards") {
                 &[][..]
