@@ -57,6 +57,45 @@ fn call_histograms() -> CallHistograms {
     Family::new_with_constructor(|| Histogram::new(latency_buckets()))
 }
 
+/// The pipeline calls timed.
+const PIPELINE_CALLS: [&str; 5] = ["authenticate", "chat", "sync", "mark_read", "mark_received"];
+
+/// The store calls timed.
+const STORE_CALLS: [&str; 8] = [
+    "append",
+    "messages_after",
+    "messages_before",
+    "conversations_of",
+    "conversation_summaries",
+    "mark_read",
+    "add_readers",
+    "mark_received",
+];
+
+/// The histograms of a fixed list of calls, taken from their family once: a call observes its
+/// own without the family's lock and hash lookup (each series exists, at zero, from the start).
+struct CallSeconds(Vec<(&'static str, Histogram)>);
+
+impl CallSeconds {
+    fn new(family: &CallHistograms, calls: &[&'static str]) -> Self {
+        Self(
+            calls
+                .iter()
+                .map(|&call| (call, family.get_or_create(&[("call", call)]).clone()))
+                .collect(),
+        )
+    }
+
+    /// Records that `call` (one of the list) took `seconds`.
+    fn observe(&self, call: &'static str, seconds: f64) {
+        let h = self.0.iter().find(|(c, _)| *c == call);
+        debug_assert!(h.is_some(), "{call} is not in the list of calls timed");
+        if let Some((_, h)) = h {
+            h.observe(seconds);
+        }
+    }
+}
+
 /// A process's metrics, registered as it is wired, then served read-only.
 pub struct Metrics {
     registry: Registry,
@@ -107,7 +146,7 @@ impl Metrics {
         );
         Arc::new(TimedPipeline {
             inner,
-            seconds,
+            seconds: Arc::new(CallSeconds::new(&seconds, &PIPELINE_CALLS)),
             refusals,
         })
     }
@@ -133,7 +172,7 @@ impl Metrics {
         );
         Arc::new(TimedStore {
             inner,
-            seconds,
+            seconds: CallSeconds::new(&seconds, &STORE_CALLS),
             stored,
             deduplicated,
         })
@@ -417,24 +456,30 @@ impl Collector for RedisCollector {
 /// A [`Ws2Ms`] that times each call of the one it wraps.
 struct TimedPipeline {
     inner: Arc<dyn Ws2Ms>,
-    seconds: CallHistograms,
+    seconds: Arc<CallSeconds>,
     refusals: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
+/// The refusal code of a pipeline answer, if it is one.
+fn refusal_of<T>(r: &Result<T, Refusal>) -> Option<&'static str> {
+    r.as_ref().err().map(|e| e.code)
+}
+
 impl TimedPipeline {
+    /// `f`, timed as `call`; an answer that `refusal` finds a refusal in is counted by code.
     fn timed<T: Send + 'static>(
         &self,
         call: &'static str,
-        f: BoxFuture<Result<T, Refusal>>,
-    ) -> BoxFuture<Result<T, Refusal>> {
-        let seconds = self.seconds.get_or_create(&[("call", call)]).clone();
-        let refusals = self.refusals.clone();
+        f: BoxFuture<T>,
+        refusal: fn(&T) -> Option<&'static str>,
+    ) -> BoxFuture<T> {
+        let (seconds, refusals) = (self.seconds.clone(), self.refusals.clone());
         Box::pin(async move {
             let start = Instant::now();
             let r = f.await;
-            seconds.observe(start.elapsed().as_secs_f64());
-            if let Err(refusal) = &r {
-                refusals.get_or_create(&[("call", call), ("code", refusal.code)]).inc();
+            seconds.observe(call, start.elapsed().as_secs_f64());
+            if let Some(code) = refusal(&r) {
+                refusals.get_or_create(&[("call", call), ("code", code)]).inc();
             }
             r
         })
@@ -443,29 +488,27 @@ impl TimedPipeline {
 
 impl Ws2Ms for TimedPipeline {
     fn authenticate(&self, token: &str) -> BoxFuture<Result<String, Refusal>> {
-        self.timed("authenticate", self.inner.authenticate(token))
+        self.timed("authenticate", self.inner.authenticate(token), refusal_of)
     }
 
     fn chat(&self, user: &str, chat: ChatRequest) -> BoxFuture<Result<ChatAck, Refusal>> {
-        self.timed("chat", self.inner.chat(user, chat))
+        self.timed("chat", self.inner.chat(user, chat), refusal_of)
     }
 
     fn sync(&self, user: &str, known: BTreeMap<String, u64>, limit: u32) -> BoxFuture<Result<SyncPage, Refusal>> {
-        self.timed("sync", self.inner.sync(user, known, limit))
+        self.timed("sync", self.inner.sync(user, known, limit), refusal_of)
     }
 
     fn mark_read(&self, user: &str, conversation_id: String, read_seq: u64) -> BoxFuture<Result<u64, Refusal>> {
-        self.timed("mark_read", self.inner.mark_read(user, conversation_id, read_seq))
+        self.timed(
+            "mark_read",
+            self.inner.mark_read(user, conversation_id, read_seq),
+            refusal_of,
+        )
     }
 
     fn mark_received(&self, user: &str, acked: Vec<(String, u64)>) -> BoxFuture<()> {
-        let seconds = self.seconds.get_or_create(&[("call", "mark_received")]).clone();
-        let f = self.inner.mark_received(user, acked);
-        Box::pin(async move {
-            let start = Instant::now();
-            f.await;
-            seconds.observe(start.elapsed().as_secs_f64());
-        })
+        self.timed("mark_received", self.inner.mark_received(user, acked), |_| None)
     }
 }
 
@@ -474,7 +517,7 @@ impl Ws2Ms for TimedPipeline {
 /// A [`MessageStore`] that times the calls of the one it wraps and counts its appends.
 struct TimedStore {
     inner: Arc<dyn MessageStore>,
-    seconds: CallHistograms,
+    seconds: CallSeconds,
     stored: Counter,
     deduplicated: Counter,
 }
@@ -483,9 +526,7 @@ impl TimedStore {
     async fn timed<T>(&self, call: &'static str, f: impl std::future::Future<Output = T>) -> T {
         let start = Instant::now();
         let r = f.await;
-        self.seconds
-            .get_or_create(&[("call", call)])
-            .observe(start.elapsed().as_secs_f64());
+        self.seconds.observe(call, start.elapsed().as_secs_f64());
         r
     }
 }
