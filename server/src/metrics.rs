@@ -33,7 +33,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use sai_cluster::kafka::KafkaStats;
-use sai_gateway::GatewayStats;
+use sai_gateway::{GatewayStats, ShardStats};
 use sai_pipeline::flow::{BoxFuture, Refusal, Ws2Ms};
 use sai_pipeline::message::{ChatAck, ChatRequest, SyncPage};
 use sai_proto::stats::Counters;
@@ -325,37 +325,34 @@ const SHARD_COUNTERS: [ShardField; 9] = [
     }),
 ];
 
+/// A per-shard gauge: its name, help and value.
+type ShardGauge = (&'static str, &'static str, fn(&ShardStats) -> i64);
+
+const SHARD_GAUGES: [ShardGauge; 3] = [
+    ("sai_gateway_connections", "Open WebSocket sessions", |s| {
+        s.counters.sessions() as i64
+    }),
+    (
+        "sai_gateway_outbound_bytes",
+        "Bytes the shard's sessions hold for clients, not yet handed to the socket",
+        |s| s.counters.outbound_bytes.load(std::sync::atomic::Ordering::Relaxed),
+    ),
+    (
+        "sai_gateway_inbox_depth",
+        "Messages waiting in a shard's inbox (pushes and kicks)",
+        |s| s.inbox_depth as i64,
+    ),
+];
+
 impl Collector for GatewayCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let shards: Vec<_> = self.0.shards().collect();
         let label = |i: usize| [("shard", i.to_string())];
-        let mut m = encoder.encode_descriptor(
-            "sai_gateway_connections",
-            "Open WebSocket sessions",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (i, s) in shards.iter().enumerate() {
-            ConstGauge::new(s.counters.sessions() as i64).encode(m.encode_family(&label(i))?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "sai_gateway_outbound_bytes",
-            "Bytes the shard's sessions hold for clients, not yet handed to the socket",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (i, s) in shards.iter().enumerate() {
-            let queued = s.counters.outbound_bytes.load(std::sync::atomic::Ordering::Relaxed);
-            ConstGauge::new(queued).encode(m.encode_family(&label(i))?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "sai_gateway_inbox_depth",
-            "Messages waiting in a shard's inbox (pushes and kicks)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (i, s) in shards.iter().enumerate() {
-            ConstGauge::new(s.inbox_depth as i64).encode(m.encode_family(&label(i))?)?;
+        for (name, help, get) in SHARD_GAUGES {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (i, s) in shards.iter().enumerate() {
+                ConstGauge::new(get(s)).encode(m.encode_family(&label(i))?)?;
+            }
         }
         for (name, help, get) in SHARD_COUNTERS {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
