@@ -64,6 +64,9 @@ pub const PRODUCER_QUEUE: u32 = 100_000;
 /// Chat commands a services process runs at once (past it, it waits for the oldest).
 pub const MAX_IN_FLIGHT: usize = 4096;
 
+/// The longest a graceful stop waits for a producer's queued records to reach the broker.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often a services process commits the offsets of the commands done.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 
@@ -364,10 +367,17 @@ impl KafkaDeliveries {
         }
     }
 
-    /// Waits (at most `timeout`) for every queued record to reach the broker.
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = rdkafka::producer::Producer::flush(&self.producer, rdkafka::util::Timeout::After(timeout)) {
-            tracing::warn!(error = %e, "ms2ps_chat records still queued at shutdown (clients sync what they miss)");
+    /// Waits (at most [`FLUSH_TIMEOUT`]) for every queued record to reach the broker, on a
+    /// blocking thread (librdkafka's flush blocks). For a graceful stop.
+    pub async fn flush(self: Arc<Self>) {
+        let flushed = tokio::task::spawn_blocking(move || {
+            rdkafka::producer::Producer::flush(&self.producer, rdkafka::util::Timeout::After(FLUSH_TIMEOUT))
+        })
+        .await;
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "records still queued at shutdown (clients sync what they miss)"),
+            Err(e) => tracing::warn!(error = %e, "flushing the producer failed"),
         }
     }
 
@@ -578,10 +588,10 @@ pub struct KafkaChat {
 }
 
 impl KafkaChat {
-    /// Waits (at most `timeout`) for the chat commands queued to reach the broker (a
+    /// Waits (at most [`FLUSH_TIMEOUT`]) for the chat commands queued to reach the broker (a
     /// graceful stop: the services store them, and their senders sync the acks they missed).
-    pub fn flush(&self, timeout: Duration) {
-        self.out.flush(timeout);
+    pub async fn flush(&self) {
+        self.out.clone().flush().await;
     }
 
     /// Creates the topics if missing and starts reading this node's partition of `ms2ps_chat`

@@ -231,8 +231,7 @@ pub async fn run_services(
         c.stop().await;
     }
     if let Some((out, _)) = &kafka {
-        let out = out.clone();
-        let _ = tokio::task::spawn_blocking(move || out.flush(std::time::Duration::from_secs(5))).await;
+        out.clone().flush().await;
     }
     // The delivery streams end first: a graceful stop waits for every open stream.
     hub.close_all();
@@ -417,7 +416,7 @@ pub async fn run_gateway(
     tracing::info!("shutting down");
     shut_down(gateway).await?;
     if let Some(chat) = kafka_chat {
-        let _ = tokio::task::spawn_blocking(move || chat.flush(std::time::Duration::from_secs(5))).await;
+        chat.flush().await;
     }
     // Its routes stop counting at once.
     if let Err(e) = node.directory.retire(node.id, incarnation).await {
