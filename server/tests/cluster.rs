@@ -459,6 +459,21 @@ fn services_killed(flows: Flows) {
     each_once_by_push_or_sync(&mut b, 40);
 }
 
+/// `a` sends messages `m<i>` for each seq `i` of `seqs` to `b` (user `to`), the next one once
+/// the last is acked with its seq and pushed to `b`.
+fn chat_acked_and_pushed(
+    a: &mut common::Client,
+    b: &mut common::Client,
+    to: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+) {
+    for i in seqs {
+        a.chat(to, &format!("m{i}"), "hello");
+        assert_eq!(a.recv()["data"]["seq"], i);
+        assert_eq!(b.recv()["data"]["seq"], i);
+    }
+}
+
 /// Every seq 1..=n reaches `b` exactly once: pushed (each push once) or, for the rest, synced.
 fn each_once_by_push_or_sync(b: &mut common::Client, n: u64) {
     let mut seen = std::collections::BTreeSet::new();
@@ -887,11 +902,7 @@ fn a_gateway_stopped_beside_its_replacement_on_the_same_port_loses_no_message() 
     let (alice, bob) = (c.services.user("alice"), c.services.user("bob"));
     let mut a = c.connect(0, &alice);
     let mut b = c.connect(0, &bob);
-    for i in 1..=5 {
-        a.chat(&bob.0, &format!("m{i}"), "before");
-        assert_eq!(a.recv()["data"]["seq"], i);
-        assert_eq!(b.recv()["data"]["seq"], i);
-    }
+    chat_acked_and_pushed(&mut a, &mut b, &bob.0, 1..=5);
     let next = c.gateway(2, &internal);
     assert_eq!(next.ws, c.gateways[0].ws, "both processes serve one address");
     c.gateways[0].stop(true);
@@ -942,11 +953,7 @@ fn a_services_process_started_beside_the_running_one_takes_over_its_ports() {
     let (alice, bob) = (c.services.user("alice"), c.services.user("bob"));
     let mut a = c.connect(0, &alice);
     let mut b = c.connect(0, &bob);
-    for i in 1..=5 {
-        a.chat(&bob.0, &format!("m{i}"), "before");
-        assert_eq!(a.recv()["data"]["seq"], i);
-        assert_eq!(b.recv()["data"]["seq"], i);
-    }
+    chat_acked_and_pushed(&mut a, &mut b, &bob.0, 1..=5);
     let ports =
         |s: &Server| ["http", "grpc", "internal"].map(|k| s.field(k).unwrap_or_else(|| panic!("{k} on {}", s.ready)));
     let [http, grpc, internal] = ports(&c.services);
