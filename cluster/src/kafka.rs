@@ -43,12 +43,13 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sai_pipeline::conversation::{ChatType, ConversationId};
 use sai_pipeline::flow::{BoxFuture, Delivery, Ms2Ps, Refusal, Ws2Ms};
 use sai_pipeline::message::{ChatAck, ChatRequest, SyncPage};
+use sai_pipeline::trace::{self, TraceParent};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -350,19 +351,25 @@ impl KafkaDeliveries {
         })
     }
 
-    /// `bytes`, an encoded record for `node`, addressed to that node's partition.
-    fn to_node<'a>(&'a self, node: u32, bytes: &'a [u8]) -> FutureRecord<'a, (), [u8]> {
-        FutureRecord::to(&self.topic)
+    /// `bytes`, an encoded record for `node`, addressed to that node's partition, with the
+    /// trace of its push (if any) in the headers.
+    fn to_node<'a>(&'a self, node: u32, bytes: &'a [u8], trace: &'a str) -> FutureRecord<'a, (), [u8]> {
+        let record = FutureRecord::to(&self.topic)
             .partition(partition_of(node, self.partitions))
-            .payload(bytes)
+            .payload(bytes);
+        match trace {
+            "" => record,
+            t => record.headers(trace_header(t)),
+        }
     }
 
     /// Queues `record` for its node; a full queue drops it (logged).
-    fn send(&self, record: &pb::NodeRecord) {
+    fn send(&self, record: &mut pb::NodeRecord) {
+        let trace = take_trace(record);
         let bytes = record.encode_to_vec();
         // The delivery report is not awaited: a record that never arrives is a push the
         // client's sync fetches, or an answer the gateway stops waiting for.
-        if let Err((e, _)) = self.producer.send_result(self.to_node(record.node, &bytes)) {
+        if let Err((e, _)) = self.producer.send_result(self.to_node(record.node, &bytes, &trace)) {
             tracing::warn!(node = record.node, error = %e, "ms2ps_chat record dropped (clients sync)");
         }
     }
@@ -382,7 +389,7 @@ impl KafkaDeliveries {
     }
 
     fn answer(&self, node: u32, incarnation: u64, request: u64, reply: pb::ChatReply) {
-        self.send(&pb::NodeRecord {
+        self.send(&mut pb::NodeRecord {
             node,
             kind: Some(pb::node_record::Kind::Answer(pb::ChatAnswer {
                 incarnation,
@@ -390,6 +397,32 @@ impl KafkaDeliveries {
                 reply: Some(reply),
             })),
         });
+    }
+}
+
+/// Kafka headers holding one `traceparent`.
+fn trace_header(traceparent: &str) -> OwnedHeaders {
+    OwnedHeaders::new().insert(Header {
+        key: trace::HEADER,
+        value: Some(traceparent),
+    })
+}
+
+/// The `traceparent` header of a record read, if it has one.
+fn trace_of(m: &impl Message) -> Option<&str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == trace::HEADER)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
+/// Moves a push record's trace out of its payload: on Kafka it travels in the headers.
+fn take_trace(record: &mut pb::NodeRecord) -> String {
+    match &mut record.kind {
+        Some(pb::node_record::Kind::Delivery(pb::DeliveryMsg {
+            kind: Some(pb::delivery_msg::Kind::Push(p)),
+        })) => std::mem::take(&mut p.traceparent),
+        _ => String::new(),
     }
 }
 
@@ -405,8 +438,8 @@ fn node_records(delivery: &Delivery) -> impl Iterator<Item = pb::NodeRecord> + '
 
 impl Ms2Ps for KafkaDeliveries {
     fn deliver(&self, delivery: Delivery) {
-        for record in node_records(&delivery) {
-            self.send(&record);
+        for mut record in node_records(&delivery) {
+            self.send(&mut record);
         }
     }
 }
@@ -522,12 +555,13 @@ impl InFlight {
                 .retain(|_, rx| !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
         }
         let record = pb::ChatRecord::decode(m.payload().unwrap_or_default()).ok();
+        let trace = trace_of(&m).and_then(TraceParent::parse);
         let (ws2ms, out) = (ws2ms.clone(), out.clone());
         let task = tokio::spawn(async move {
             if let Some(before) = before {
                 let _ = before.await;
             }
-            run_command(record, &*ws2ms, &out).await;
+            run_command(record, trace, &*ws2ms, &out).await;
             drop(tx);
         });
         self.partitions
@@ -559,9 +593,15 @@ impl InFlight {
 }
 
 /// One chat command: stored through `ws2ms`, its answer to the sender's node.
-async fn run_command(record: Option<pb::ChatRecord>, ws2ms: &dyn Ws2Ms, out: &KafkaDeliveries) {
+async fn run_command(
+    record: Option<pb::ChatRecord>,
+    trace: Option<TraceParent>,
+    ws2ms: &dyn Ws2Ms,
+    out: &KafkaDeliveries,
+) {
     match record.and_then(|r| Some((r.node, r.incarnation, r.request, chat_request(r.call?).ok()?))) {
-        Some((node, incarnation, request, (user, req))) => {
+        Some((node, incarnation, request, (user, mut req))) => {
+            req.trace = trace;
             let result = ws2ms.chat(&user, req).await;
             out.answer(node, incarnation, request, chat_reply(result));
         }
@@ -646,7 +686,7 @@ impl KafkaChat {
             let mut errors = ReadErrors::default();
             loop {
                 match consumer.recv().await {
-                    Ok(m) => take(m.payload().unwrap_or_default(), node, incarnation, &*local, &pending),
+                    Ok(m) => take(&m, node, incarnation, &*local, &pending),
                     Err(e) => {
                         errors.record("ms2ps_chat", &e);
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -659,9 +699,9 @@ impl KafkaChat {
 }
 
 /// One `ms2ps_chat` record read by gateway `node`.
-fn take(payload: &[u8], node: u32, incarnation: u64, local: &dyn Ms2Ps, pending: &Answers) {
+fn take(m: &impl Message, node: u32, incarnation: u64, local: &dyn Ms2Ps, pending: &Answers) {
     use pb::node_record::Kind;
-    let Ok(r) = pb::NodeRecord::decode(payload) else {
+    let Ok(r) = pb::NodeRecord::decode(m.payload().unwrap_or_default()) else {
         tracing::warn!("malformed ms2ps_chat record skipped");
         return;
     };
@@ -670,6 +710,11 @@ fn take(payload: &[u8], node: u32, incarnation: u64, local: &dyn Ms2Ps, pending:
     }
     match r.kind {
         Some(Kind::Delivery(d)) => match delivery_from_pb(d) {
+            Some(Delivery::Push { to, push, .. }) => local.deliver(Delivery::Push {
+                to,
+                push,
+                trace: trace_of(m).and_then(TraceParent::parse),
+            }),
             Some(d) => local.deliver(d),
             None => tracing::warn!("malformed delivery dropped"),
         },
@@ -708,6 +753,7 @@ impl Ws2Ms for KafkaChat {
             pending.insert(request, tx);
         }
         let key = conversation_key(user, &chat);
+        let trace = chat.trace.map(|t| t.to_string());
         let record = pb::ChatRecord {
             node: self.node,
             incarnation: self.incarnation,
@@ -721,7 +767,10 @@ impl Ws2Ms for KafkaChat {
             Err(unavailable(why))
         };
         let task = self.runtime.spawn(async move {
-            let r = FutureRecord::to(&topic).key(&key).payload(&record);
+            let mut r = FutureRecord::to(&topic).key(&key).payload(&record);
+            if let Some(t) = &trace {
+                r = r.headers(trace_header(t));
+            }
             if let Err((e, _)) = out.producer.send(r, CALL_TIMEOUT).await {
                 return forget(format!("ws2ms_chat: {e}"));
             }
@@ -752,10 +801,11 @@ impl Forward for KafkaChat {
     fn forward(&self, delivery: Delivery) -> BoxFuture<Result<(), String>> {
         let out = self.out.clone();
         Box::pin(async move {
-            for record in node_records(&delivery) {
+            for mut record in node_records(&delivery) {
+                let trace = take_trace(&mut record);
                 let bytes = record.encode_to_vec();
                 out.producer
-                    .send(out.to_node(record.node, &bytes), CALL_TIMEOUT)
+                    .send(out.to_node(record.node, &bytes, &trace), CALL_TIMEOUT)
                     .await
                     .map_err(|(e, _)| e.to_string())?;
             }
@@ -775,6 +825,7 @@ mod tests {
             recv_id: recv.into(),
             client_msg_id: "c1".into(),
             msg: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            trace: None,
         };
         assert_eq!(
             conversation_key("alice", &req(ChatType::Private, "bob")),

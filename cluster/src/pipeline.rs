@@ -20,6 +20,7 @@ use sai_pipeline::conversation::ChatType;
 use sai_pipeline::flow::{BoxFuture, CloseReason, Delivery, Ms2Ps, Refusal, Route, Ws2Ms};
 use sai_pipeline::frame::PushFrame;
 use sai_pipeline::message::{ChatAck, ChatRequest, Push, SyncPage};
+use sai_pipeline::trace::{self, TraceParent};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -187,6 +188,7 @@ pub(crate) fn chat_request(c: pb::ChatCall) -> Result<(String, ChatRequest), &'s
         recv_id: c.recv_id,
         client_msg_id: c.client_msg_id,
         msg,
+        trace: None,
     };
     Ok((c.user, req))
 }
@@ -249,7 +251,7 @@ fn reason_to_pb(r: CloseReason) -> pb::CloseReason {
 pub(crate) fn delivery_to_pb(d: &Delivery, node: u32) -> Option<pb::DeliveryMsg> {
     use pb::delivery_msg::Kind;
     let kind = match d {
-        Delivery::Push { to, push } => {
+        Delivery::Push { to, push, trace } => {
             let to: Vec<pb::RouteMsg> = to.iter().filter(|r| r.node == node).map(|r| route_to_pb(*r)).collect();
             if to.is_empty() {
                 return None;
@@ -259,6 +261,7 @@ pub(crate) fn delivery_to_pb(d: &Delivery, node: u32) -> Option<pb::DeliveryMsg>
                 conversation_id: push.conversation_id.to_string(),
                 seq: push.seq,
                 data_json: push.data().to_string(),
+                traceparent: trace.map(|t| t.to_string()).unwrap_or_default(),
             })
         }
         Delivery::Notify { to, frame } if to.node == node => Kind::Notify(pb::NotifyDelivery {
@@ -292,6 +295,8 @@ pub(crate) fn delivery_from_pb(m: pb::DeliveryMsg) -> Option<Delivery> {
         Kind::Push(p) => Some(Delivery::Push {
             to: p.to.iter().map(route_from_pb).collect(),
             push: Arc::new(PushFrame::from_parts(&p.conversation_id, p.seq, p.data_json)),
+            // A malformed one is dropped: the delivery still counts, its trace does not.
+            trace: TraceParent::parse(&p.traceparent),
         }),
         Kind::Notify(n) => Some(Delivery::Notify {
             to: route_from_pb(n.to.as_ref()?),
@@ -382,7 +387,13 @@ impl Pipeline for PipelineService {
     }
 
     async fn chat(&self, r: Request<pb::ChatCall>) -> Result<Response<pb::ChatReply>, Status> {
-        let (user, req) = chat_request(r.into_inner()).map_err(Status::invalid_argument)?;
+        let trace = r
+            .metadata()
+            .get(trace::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        let (user, mut req) = chat_request(r.into_inner()).map_err(Status::invalid_argument)?;
+        req.trace = trace;
         Ok(Response::new(chat_reply(self.ws2ms.chat(&user, req).await)))
     }
 
@@ -542,7 +553,11 @@ impl Ws2Ms for GrpcPipeline {
 
     fn chat(&self, user: &str, chat: ChatRequest) -> BoxFuture<Result<ChatAck, Refusal>> {
         let mut c = self.client(user);
-        let call = chat_call(user, chat);
+        let trace = chat.trace;
+        let mut call = Request::new(chat_call(user, chat));
+        if let Some(v) = trace.and_then(|t| t.to_string().parse().ok()) {
+            call.metadata_mut().insert(trace::HEADER, v);
+        }
         self.run(async move { chat_result(c.chat(call).await.map_err(call_failed)?.into_inner()) })
     }
 
@@ -652,15 +667,19 @@ mod tests {
     fn deliveries_cross_the_wire_unchanged_and_split_by_node() {
         let r = |node, conn| Route { node, shard: 1, conn };
         let push = Arc::new(PushFrame::from_parts("si_a_b", 4, r#"{"seq":4}"#.into()));
+        let trace = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert!(trace.is_some());
         let d = Delivery::Push {
             to: vec![r(1, 10), r(2, 20), r(1, 11)],
             push,
+            trace,
         };
         assert_eq!(nodes_of(&d), vec![1, 2]);
-        let Some(Delivery::Push { to, push }) = delivery_to_pb(&d, 1).and_then(delivery_from_pb) else {
+        let Some(Delivery::Push { to, push, trace: t }) = delivery_to_pb(&d, 1).and_then(delivery_from_pb) else {
             panic!("push lost");
         };
         assert_eq!(to, vec![r(1, 10), r(1, 11)]);
+        assert_eq!(t, trace);
         assert_eq!(
             (push.conversation_id.as_ref(), push.seq, push.data()),
             ("si_a_b", 4, r#"{"seq":4}"#)

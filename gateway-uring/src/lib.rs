@@ -274,7 +274,7 @@ impl ShardOutbound {
 impl Ms2Ps for ShardOutbound {
     fn deliver(&self, delivery: Delivery) {
         match delivery {
-            Delivery::Push { to, push } => {
+            Delivery::Push { to, push, .. } => {
                 let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); self.inboxes.len()];
                 for r in to {
                     if let Some(v) = by_shard.get_mut(r.shard as usize) {

@@ -86,6 +86,8 @@ pub enum Delivery {
         to: Vec<Route>,
         /// The message, serialized once.
         push: Arc<PushFrame>,
+        /// The trace of the chat message, when traces are on.
+        trace: Option<crate::trace::TraceParent>,
     },
     /// A notification frame (read receipt, friend request, ...): sent as is, not stored, not
     /// tracked; offline users get nothing (the same facts are always available over HTTP).

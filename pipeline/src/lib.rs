@@ -22,6 +22,8 @@
 //!   once for all its recipients.
 //! - [`flow`]: the flows: [`Ws2Ms`](flow::Ws2Ms), [`Ms2Ps`](flow::Ms2Ps) with
 //!   [`Delivery`](flow::Delivery), [`Routes`](flow::Routes) and [`Route`](flow::Route).
+//! - [`trace`]: [`TraceParent`](trace::TraceParent), the W3C trace context a chat message and
+//!   its pushes carry across the flows.
 //! - [`token`]: JWT sign / verify, HS256 or EdDSA with key ids (the clock is an argument): services issue tokens,
 //!   gateways and the load generator present them.
 
@@ -32,3 +34,4 @@ pub mod flow;
 pub mod frame;
 pub mod message;
 pub mod token;
+pub mod trace;

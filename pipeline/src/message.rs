@@ -76,6 +76,8 @@ pub struct ChatRequest {
     pub client_msg_id: String,
     /// The message body, an object, kept as raw JSON.
     pub msg: Box<RawValue>,
+    /// The trace it belongs to, when traces are on (set by the process that received it).
+    pub trace: Option<crate::trace::TraceParent>,
 }
 
 /// A message as delivered to a client (`data` of a push frame).

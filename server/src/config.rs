@@ -210,6 +210,14 @@ pub struct Overrides {
     /// else `info`.
     #[arg(long, env = "SAI_LOG_LEVEL", global = true)]
     pub log_level: Option<String>,
+    /// Export traces over OTLP/gRPC to this collector (`http://host:4317`: Jaeger, the
+    /// OpenTelemetry Collector, ...). Unset: no traces (the default).
+    #[arg(long, env = "SAI_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// The share of chat messages traced, 0.0 to 1.0 (default 1.0); decided where each trace
+    /// starts, and followed by every process after it.
+    #[arg(long, env = "SAI_TRACE_SAMPLING", global = true)]
+    pub trace_sampling: Option<f64>,
 }
 
 /// The effective settings.
@@ -300,6 +308,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log directives (`None`: RUST_LOG, else `info`).
     pub log_level: Option<String>,
+    /// The OTLP/gRPC collector traces go to (`None`: no traces).
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces recorded.
+    pub trace_sampling: f64,
     /// Chat policy (`[chat]` table).
     pub chat: ChatConfig,
     /// Groups (`[group]` table).
@@ -483,6 +495,8 @@ impl Default for Config {
             shutdown_timeout_secs: 30,
             log_format: LogFormat::Text,
             log_level: None,
+            otlp_endpoint: None,
+            trace_sampling: 1.0,
             chat: ChatConfig::default(),
             group: GroupConfig::default(),
             auth: AuthConfig::default(),
@@ -575,6 +589,12 @@ impl Config {
         if o.log_level.is_some() {
             c.log_level = o.log_level;
         }
+        if o.otlp_endpoint.is_some() {
+            c.otlp_endpoint = o.otlp_endpoint;
+        }
+        if let Some(r) = o.trace_sampling {
+            c.trace_sampling = r;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -621,6 +641,17 @@ impl Config {
         }
         if let Some(level) = &self.log_level {
             tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("log_level {level:?}: {e}"))?;
+        }
+        if !(0.0..=1.0).contains(&self.trace_sampling) {
+            return Err("trace_sampling must be 0.0 to 1.0".into());
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            let rest = e.strip_prefix("http://").unwrap_or_default();
+            if rest.is_empty() || rest.contains(char::is_whitespace) {
+                return Err(format!(
+                    "otlp_endpoint {e:?} must be http://host:port (OTLP over gRPC; this build has no TLS)"
+                ));
+            }
         }
         if self.admin_token.as_ref().is_some_and(|s| s.len() < 16) {
             return Err("admin_token must be at least 16 bytes".into());

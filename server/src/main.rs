@@ -2,16 +2,20 @@
 //!
 //! # Layout
 //! - [`config`]: settings from flags, environment and a TOML file.
+//! - [`logs`]: the JSON log line format, with trace ids.
 //! - [`metrics`]: the Prometheus endpoint and what it exports.
 //! - [`reload`]: the config file read again on SIGHUP and when it changes; live settings applied.
 //! - [`server`]: wires one deployment (the embedded default: SQLite, the services, the gateway
 //!   and the in-process pipeline flows between them), or one process of a cluster (`services`,
 //!   `gateway`, `task`), and runs it until shutdown.
+//! - [`trace`]: OpenTelemetry traces over OTLP: one trace per chat message, across processes.
 
 mod config;
+mod logs;
 mod metrics;
 mod reload;
 mod server;
+mod trace;
 
 use clap::Parser;
 use config::{AdminCommand, Cli, Command, Config, LogFormat};
@@ -117,9 +121,7 @@ fn init_logging(cfg: &Config) -> reload::LogHandle {
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Text => registry.with(fmt).init(),
-        LogFormat::Json => registry
-            .with(fmt.json().flatten_event(true).with_current_span(true))
-            .init(),
+        LogFormat::Json => registry.with(fmt.event_format(logs::JsonLines)).init(),
     }
     handle
 }

@@ -23,6 +23,7 @@
 //! decorators box one more future per call. `results/metrics/` has the capacity with and
 //! without a scrape every second.
 
+use crate::trace::{self, ChatSide};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -99,6 +100,7 @@ impl CallSeconds {
 /// A process's metrics, registered as it is wired, then served read-only.
 pub struct Metrics {
     registry: Registry,
+    role: &'static str,
 }
 
 impl Metrics {
@@ -111,7 +113,7 @@ impl Metrics {
             Info::new([("version", env!("CARGO_PKG_VERSION")), ("role", role)]),
         );
         registry.register_collector(Box::new(ProcessCollector));
-        Self { registry }
+        Self { registry, role }
     }
 
     /// Exports a gateway's per-shard counts.
@@ -130,7 +132,9 @@ impl Metrics {
         self.registry.register_collector(Box::new(RedisCollector));
     }
 
-    /// `inner`, timed per call (`sai_pipeline_call_seconds`, `sai_pipeline_refusals_total`).
+    /// `inner`, timed per call (`sai_pipeline_call_seconds`, `sai_pipeline_refusals_total`),
+    /// its chat commands traced (a trace starts here, except in a services process, which
+    /// continues the gateway's).
     pub fn pipeline(&mut self, inner: Arc<dyn Ws2Ms>) -> Arc<dyn Ws2Ms> {
         let seconds = call_histograms();
         let refusals = Family::<[(&'static str, &'static str); 2], Counter>::default();
@@ -146,6 +150,10 @@ impl Metrics {
         );
         Arc::new(TimedPipeline {
             inner,
+            side: match self.role {
+                "services" => ChatSide::Process,
+                _ => ChatSide::Receive,
+            },
             seconds: Arc::new(CallSeconds::new(&seconds, &PIPELINE_CALLS)),
             refusals,
         })
@@ -453,6 +461,7 @@ impl Collector for RedisCollector {
 /// A [`Ws2Ms`] that times each call of the one it wraps.
 struct TimedPipeline {
     inner: Arc<dyn Ws2Ms>,
+    side: ChatSide,
     seconds: Arc<CallSeconds>,
     refusals: Family<[(&'static str, &'static str); 2], Counter>,
 }
@@ -489,7 +498,9 @@ impl Ws2Ms for TimedPipeline {
     }
 
     fn chat(&self, user: &str, chat: ChatRequest) -> BoxFuture<Result<ChatAck, Refusal>> {
-        self.timed("chat", self.inner.chat(user, chat), refusal_of)
+        let inner = &self.inner;
+        let traced = trace::chat(self.side, user, chat, |chat| inner.chat(user, chat));
+        self.timed("chat", traced, refusal_of)
     }
 
     fn sync(&self, user: &str, known: BTreeMap<String, u64>, limit: u32) -> BoxFuture<Result<SyncPage, Refusal>> {
@@ -520,9 +531,10 @@ struct TimedStore {
 }
 
 impl TimedStore {
+    /// `f`, timed as `call`, in a span of its own under a traced chat command.
     async fn timed<T>(&self, call: &'static str, f: impl std::future::Future<Output = T>) -> T {
         let start = Instant::now();
-        let r = f.await;
+        let r = trace::child(|| format!("store {call}"), f).await;
         self.seconds.observe(call, start.elapsed().as_secs_f64());
         r
     }

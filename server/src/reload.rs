@@ -4,7 +4,8 @@
 //!
 //! - A file that fails to parse or validate is refused: one error line says why (naming the
 //!   key), and the running configuration stays, every part of it.
-//! - Settings that can change live take effect at once: `log_level`;
+//! - Settings that can change live take effect at once: `log_level`, `trace_sampling` (new
+//!   traces);
 //!   `chat.require_friendship` and `group.max_members` (the services: the next request follows
 //!   them); `idle_timeout_secs`, `max_frame_bytes` and `max_outbound_bytes` (the gateway: for
 //!   connections opened from then on; open ones keep theirs, so none is dropped).
@@ -127,6 +128,10 @@ fn apply(old: &Config, next: &Config, targets: &Targets, log: Option<&LogHandle>
             }
         }
     }
+    if old.trace_sampling != next.trace_sampling {
+        crate::trace::set_sampling(next.trace_sampling);
+        live.push("trace_sampling");
+    }
     if let Some(services) = &targets.services {
         if old.chat.require_friendship != next.chat.require_friendship {
             services.messages.set_policy(ChatPolicy {
@@ -164,6 +169,7 @@ fn needs_restart(old: &Config, next: &Config) -> Vec<String> {
     let strip = |c: &Config| {
         let mut c = c.clone();
         c.log_level = old.log_level.clone();
+        c.trace_sampling = old.trace_sampling;
         c.chat = old.chat.clone();
         c.group = old.group.clone();
         (c.idle_timeout_secs, c.max_frame_bytes, c.max_outbound_bytes) =

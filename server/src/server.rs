@@ -7,6 +7,8 @@
 use crate::config::{Config, ReadBitmaps};
 use crate::metrics::Metrics;
 use crate::reload;
+use crate::trace;
+use opentelemetry::trace::SpanKind;
 use prometheus_client::registry::Registry;
 use sai_cluster::kafka::{KafkaChat, KafkaDeliveries};
 use sai_cluster::pipeline::{ClusterKey, DeliveryHub, Forward, GrpcPipeline, PipelineService};
@@ -84,6 +86,7 @@ pub async fn run(
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), ServerError> {
     let keys = jwt_keys(&cfg)?;
+    let traces = start_traces(&cfg, "all")?;
     let store = open_storage(&cfg).await?;
     let mut metrics = Metrics::new("all");
     // The gateway's index and inboxes come first: the services send through them.
@@ -92,7 +95,8 @@ pub async fn run(
         ..cfg.gateway()
     });
     metrics.gateway(gateway.stats());
-    let outbound = Arc::new(Outbound::new(gateway.route_lookup(), gateway.outbound()));
+    let pushes = trace::deliveries(gateway.outbound(), "push", SpanKind::Consumer);
+    let outbound = Arc::new(Outbound::new(gateway.route_lookup(), pushes));
     let services = build_services(&cfg, keys, &store, outbound, None, &mut metrics)?;
     // Ports of its own: its SQLite store assumes one process, and a second one started on
     // the same ports fails to bind instead of sharing them.
@@ -128,7 +132,20 @@ pub async fn run(
     shut_down(gateway).await?;
     apis.stop().await;
     store.close().await;
+    stop_traces(traces).await;
     Ok(())
+}
+
+/// Traces as `cfg` asks (none without an endpoint).
+fn start_traces(cfg: &Config, role: &'static str) -> Result<Option<trace::Traces>, ServerError> {
+    trace::start(cfg.otlp_endpoint.as_deref(), cfg.trace_sampling, role).map_err(ServerError::Config)
+}
+
+/// Sends the spans still queued.
+async fn stop_traces(traces: Option<trace::Traces>) {
+    if let Some(t) = traces {
+        t.stop().await;
+    }
 }
 
 /// What a services process serves.
@@ -156,6 +173,7 @@ pub async fn run_services(
     let key = cluster_key(&cfg)?;
     // Keys first: a process refused for them leaves nothing behind.
     let keys = jwt_keys(&cfg)?;
+    let traces = start_traces(&cfg, "services")?;
     let directory = connect_directory(&cfg).await?;
     let store = open_storage(&cfg).await?;
     let mut metrics = Metrics::new("services");
@@ -176,6 +194,7 @@ pub async fn run_services(
         Some((out, _)) => out.clone(),
         None => hub.clone(),
     };
+    let ms2ps = trace::deliveries(ms2ps, "ms2ps_chat send", SpanKind::Producer);
     let outbound = Arc::new(Outbound::new(Arc::new(directory), ms2ps));
     let read_marks: Option<Arc<dyn ReadMarkSink>> = match (&kafka, cfg.read_bitmaps) {
         (Some((_, k)), ReadBitmaps::Task) => {
@@ -237,6 +256,7 @@ pub async fn run_services(
     hub.close_all();
     apis.stop().await;
     store.close().await;
+    stop_traces(traces).await;
     Ok(())
 }
 
@@ -318,6 +338,7 @@ pub async fn run_gateway(
     let key = cluster_key(&cfg)?;
     // Key files are read before the node announces itself.
     let verifier = gateway_verifier(&cfg)?;
+    let traces = start_traces(&cfg, "gateway")?;
     let runtime = tokio::runtime::Handle::current();
     let directory = connect_directory(&cfg).await?;
     let incarnation = getrandom::u64().map_err(|e| ServerError::Config(format!("random incarnation: {e}")))?;
@@ -349,7 +370,7 @@ pub async fn run_gateway(
     let mut metrics = Metrics::new("gateway");
     metrics.gateway(gateway.stats());
     metrics.redis();
-    let local = gateway.outbound();
+    let local = trace::deliveries(gateway.outbound(), "push", SpanKind::Consumer);
     // With Kafka, chat commands and deliveries take its topics; else the internal port's calls
     // and streams.
     let mut kafka_chat = None;
@@ -422,6 +443,7 @@ pub async fn run_gateway(
     if let Err(e) = node.directory.retire(node.id, incarnation).await {
         tracing::warn!(error = %e, "retiring the node failed: its routes lapse with its TTL");
     }
+    stop_traces(traces).await;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::otlp::{self, Collector};
 use common::{drop_database, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -328,6 +329,59 @@ fn chat_across_gateways(flows: Flows) {
         assert_eq!(seqs, (1..=10).collect::<Vec<i64>>());
         assert!(member.try_recv(Duration::from_millis(300)).is_none(), "each push once");
     }
+}
+
+over_both!(
+    a_chat_message_is_one_trace_across_the_gateways_and_the_services,
+    through_kafka_a_chat_message_is_one_trace_across_the_gateways_and_the_services,
+    traced_across_processes
+);
+
+/// The trace of one message sent on gateway 1 to a user on gateway 2: each process's span
+/// hangs under the one before it, with the context carried in gRPC metadata and the delivery
+/// stream, or in Kafka headers.
+fn traced_across_processes(flows: Flows) {
+    let otlp = Collector::start();
+    let traced = ["--otlp-endpoint".to_string(), otlp.endpoint.clone()];
+    let c = Cluster::start_with("127.0.0.1:0", 2, flows, &traced, &traced);
+    let s = &c.services;
+    let (alice, bob) = (s.user("alice"), s.user("bob"));
+    let mut a = c.connect(0, &alice);
+    let mut b = c.connect(1, &bob);
+    a.chat(&bob.0, "traced-1", "across");
+    assert_eq!(a.recv()["data"]["seq"], 1);
+    assert_eq!(b.recv()["data"]["clientMsgId"], "traced-1");
+
+    let spans = otlp.wait_for("the message's trace", |s| otlp::trace_of(s, "traced-1").len() >= 5);
+    let trace = otlp::trace_of(&spans, "traced-1");
+    let receive = otlp::one(&trace, "chat receive");
+    let process = otlp::one(&trace, "chat process");
+    let store = otlp::one(&trace, "store append");
+    let send = otlp::one(&trace, "ms2ps_chat send");
+    let push = otlp::one(&trace, "push");
+    let chain = [
+        (receive, "", "sai-im-gateway"),
+        (process, receive.span_id.as_str(), "sai-im-services"),
+        (store, process.span_id.as_str(), "sai-im-services"),
+        (send, process.span_id.as_str(), "sai-im-services"),
+        (push, send.span_id.as_str(), "sai-im-gateway"),
+    ];
+    for (span, parent, service) in chain {
+        assert_eq!(
+            (span.parent.as_str(), span.service.as_str()),
+            (parent, service),
+            "{span:#?}"
+        );
+    }
+    assert_eq!(receive.attributes["sai.seq"], "1");
+    assert_eq!(process.attributes["sai.client_msg_id"], "traced-1");
+    assert_eq!(push.attributes["sai.seq"], "1");
+    let gateways: std::collections::BTreeSet<_> = trace
+        .iter()
+        .filter(|s| s.service == "sai-im-gateway")
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(gateways, ["chat receive", "push"].into());
 }
 
 over_both!(

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::otlp::{self, Collector};
 use common::{metric as sum, Client, ConnectError, Server};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
@@ -109,6 +110,8 @@ fn spawn_piped(name: &str, args: &[&str]) -> (std::process::Child, String, std::
         .arg("--data-dir")
         .arg(&dir)
         .env_remove("RUST_LOG")
+        // Spans, when exported, go out every 100 ms instead of 5 s.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -283,4 +286,114 @@ fn a_second_embedded_server_on_the_same_ports_fails_to_start() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("binding HTTP"));
     assert!(out.stdout.is_empty(), "no ready line");
+}
+
+/// One chat message is one trace, received by an OTLP collector in the test: `chat receive`
+/// (the root, its ack) with `store append` and `push` under it; the JSON log line written while
+/// it was handled names the same trace and span; the sampling ratio reloads live.
+#[test]
+fn a_chat_message_is_one_trace_and_its_log_lines_name_it() {
+    let otlp = Collector::start();
+    let dir = std::env::temp_dir().join(format!("sai-traces-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sai.toml");
+    let config = |ratio: &str| format!("trace_sampling = {ratio}\n[chat]\nrequire_friendship = false\n");
+    std::fs::write(&file, config("1.0")).unwrap();
+    let (mut child, ready, data) = spawn_piped(
+        "traces",
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--otlp-endpoint",
+            &otlp.endpoint,
+            "--log-format",
+            "json",
+            "--log-level",
+            "warn,sai=info,sai_services::messages=debug",
+        ],
+    );
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut log = String::new();
+        stderr.read_to_string(&mut log).unwrap();
+        log
+    });
+    let field = |k: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} in {ready}"))
+            .to_string()
+    };
+    let http = Server::attach(&format!("http://{}", field("http")));
+    let (alice, ta) = http.user("alice");
+    let (bob, tb) = http.user("bob");
+    let mut a = Client::connect(&field("ws"), &ta).unwrap();
+    let mut b = Client::connect(&field("ws"), &tb).unwrap();
+    a.chat(&bob, "traced-1", "hello");
+    let ack = a.recv();
+    assert_eq!(ack["data"]["seq"], 1, "{ack}");
+    assert_eq!(b.recv()["data"]["clientMsgId"], "traced-1");
+
+    let spans = otlp.wait_for("the first message's trace", |s| {
+        otlp::trace_of(s, "traced-1").len() >= 3
+    });
+    let trace = otlp::trace_of(&spans, "traced-1");
+    let root = otlp::one(&trace, "chat receive");
+    assert_eq!(root.parent, "", "the gateway's receive is the root");
+    assert_eq!(root.service, "sai-im-all");
+    assert_eq!(root.attributes["enduser.id"], alice);
+    assert_eq!(root.attributes["sai.recv_id"], bob);
+    assert_eq!(root.attributes["sai.seq"], "1");
+    let store = otlp::one(&trace, "store append");
+    assert_eq!(store.parent, root.span_id, "stored within the receive");
+    let push = otlp::one(&trace, "push");
+    assert_eq!(push.parent, root.span_id, "pushed within the receive");
+    assert_eq!(push.attributes["sai.seq"], "1");
+    assert_eq!(push.attributes["sai.connections"], "1");
+
+    // Sampling is live: at 0.0 a message makes no trace, and back at 1.0 the next one does.
+    reload(&http_signalless(&field("metrics")), "applied", || {
+        std::fs::write(&file, config("0.0")).unwrap();
+    });
+    a.chat(&bob, "untraced-2", "quiet");
+    assert_eq!(a.recv()["data"]["seq"], 2);
+    reload(&http_signalless(&field("metrics")), "applied", || {
+        std::fs::write(&file, config("1.0")).unwrap();
+    });
+    a.chat(&bob, "traced-3", "loud");
+    assert_eq!(a.recv()["data"]["seq"], 3);
+    let spans = otlp.wait_for("the third message's trace", |s| {
+        otlp::trace_of(s, "traced-3").len() >= 3
+    });
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.attributes.get("sai.client_msg_id").map(String::as_str) == Some("untraced-2")),
+        "a message sent at ratio 0.0 is not traced"
+    );
+
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert!(child.wait().unwrap().success());
+    let log = log.join().unwrap();
+    let stored: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .filter(|l| l["message"] == "message stored")
+        .collect();
+    assert_eq!(stored.len(), 3, "{log}");
+    assert_eq!(stored[0]["trace_id"], root.trace_id.as_str(), "{}", stored[0]);
+    assert_eq!(stored[0]["span_id"], root.span_id.as_str());
+    assert_eq!(stored[0]["seq"], 1);
+    assert!(stored[1]["trace_id"].is_null(), "no trace, no ids: {}", stored[1]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A handle that reads the reload counter of a server the test started itself.
+fn http_signalless(metrics: &str) -> Server {
+    let mut s = Server::attach("");
+    s.ready = format!("metrics={metrics}");
+    s
 }

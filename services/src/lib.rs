@@ -134,7 +134,7 @@ impl Outbound {
             .collect();
         if !to.is_empty() {
             let push = Arc::new(PushFrame::new(push));
-            self.ms2ps.deliver(Delivery::Push { to, push });
+            self.ms2ps.deliver(Delivery::Push { to, push, trace: None });
         }
     }
 

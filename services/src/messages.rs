@@ -312,6 +312,7 @@ impl MessageService {
             Appended::New(m) => (m, true),
             Appended::Duplicate(m) => (m, false),
         };
+        tracing::debug!(conversation = %stored.conversation_id, seq = stored.seq, fresh, "message stored");
         if stored.conversation_id != conversation_id {
             // The client reused a clientMsgId for a different conversation.
             return Err(ServiceError::Conflict {

@@ -286,6 +286,7 @@ fn parse_chat(id: Option<&String>, data: Option<&RawValue>) -> Result<ChatReques
         recv_id,
         client_msg_id,
         msg,
+        trace: None,
     })
 }
 
