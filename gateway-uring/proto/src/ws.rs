@@ -323,7 +323,10 @@ fn parse_close(p: &[u8]) -> Result<(u16, String), WsError> {
         1 => Err(WsError::BadClose),
         _ => {
             let code = u16::from_be_bytes([p[0], p[1]]);
-            let valid = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            // RFC 6455's codes, the IANA-registered 1012-1014 (service restart, try again
+            // later, bad gateway: this server sends 1012 when it stops), and the
+            // application range.
+            let valid = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             if !valid {
                 return Err(WsError::BadClose);
             }
@@ -383,6 +386,21 @@ mod tests {
         pump(&mut c, &mut s);
         assert!(matches!(s.next_event().unwrap(), Some(Event::Close { code: 4001, .. })));
         assert!(s.is_closed());
+    }
+
+    #[test]
+    fn a_service_restart_close_is_read_and_reserved_codes_are_refused() {
+        let (mut c, mut s) = pair();
+        s.close(close::SERVICE_RESTART, "service restart");
+        pump(&mut s, &mut c);
+        assert!(matches!(c.next_event().unwrap(), Some(Event::Close { code: 1012, .. })));
+        for code in [1004u16, 1005, 1006, 1015, 2000, 5000] {
+            let mut c = WsConn::new(Role::Client, 1 << 16, 7);
+            let mut bytes = Vec::new();
+            frame::encode(&mut bytes, Opcode::Close, true, &code.to_be_bytes(), None);
+            c.feed(&bytes);
+            assert!(c.next_event().is_err(), "close code {code} is refused");
+        }
     }
 
     #[test]
