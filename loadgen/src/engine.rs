@@ -12,6 +12,15 @@
 //! deliveries each key must get; receivers record `(receiver, key)`. At the end of a phase, after
 //! draining, `missing` = expected deliveries not seen, `duplicated` = a `(receiver, key)` seen
 //! twice, `out_of_order` = a push whose seq is below one already seen in that conversation.
+//!
+//! # Reconnect mode (`--reconnect`)
+//! What a real client does when the server restarts under it: a connection the server closes
+//! (1012 on a graceful stop) or that breaks is opened again (retried every 100 ms to 1 s, for at
+//! most [`RECONNECT_FOR`]), `conversation.sync` fetches what was stored meanwhile, and every
+//! message not yet acked, including those written while offline, is sent again with its
+//! `clientMsgId` (the server stores it once). `reconnect_after_loss` is the time from the lost
+//! connection to the sync's answer; `unacked` (messages never acked at the end) must be 0, as
+//! must `missing` and `duplicated`.
 
 use crate::client::{self, Client};
 use crate::report::{new_hist, record, Second, Summary, WorkerOut};
@@ -67,6 +76,19 @@ pub struct Opts {
     pub worker: u32,
     /// Print the live progress line.
     pub progress: bool,
+    /// Reconnect, sync and resend when the server drops a connection (restart runs).
+    pub reconnect: bool,
+}
+
+/// The longest a reconnecting user keeps trying.
+pub const RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// Why a user's connection ended.
+enum End {
+    /// The run told it to (close, drop) or the protocol failed: stays closed.
+    Told,
+    /// The server closed it or it broke: a reconnecting user comes back.
+    Lost,
 }
 
 /// A command to a user task.
@@ -93,6 +115,11 @@ struct UserState {
     /// Rigor mode: push ids seen on the current connection; a push with a seen id is the
     /// server's resend of an unacked push (by design), not a duplicate.
     push_ids: HashSet<u64>,
+    /// Reconnect mode: frames sent (or written while offline) and not yet acked, by key; sent
+    /// again after a reconnect.
+    unacked: BTreeMap<u64, String>,
+    /// Reconnect mode: when the connection was lost (until the sync after it answers).
+    lost_since: Option<u64>,
 }
 
 #[derive(Default)]
@@ -109,6 +136,14 @@ struct Counters {
     connected: u64,
     open: u64,
     skipped_offline: u64,
+    /// Connections the server closed or that broke (reconnect mode).
+    lost: u64,
+    /// Reconnections that succeeded (reconnect mode).
+    reconnected: u64,
+    /// Messages sent again after a reconnect (reconnect mode).
+    resent_unacked: u64,
+    /// Messages written while offline, sent on reconnect (reconnect mode).
+    queued_offline: u64,
 }
 
 struct Stats {
@@ -116,6 +151,8 @@ struct Stats {
     ack: Histogram<u64>,
     e2e: Histogram<u64>,
     reconnect: Histogram<u64>,
+    /// Reconnect mode: from a lost connection to the answer of the sync after it.
+    back: Histogram<u64>,
     /// The current second's main latency.
     second: Histogram<u64>,
     c: Counters,
@@ -123,7 +160,8 @@ struct Stats {
     /// key -> deliveries still expected.
     expected: HashMap<u64, u32>,
     /// (receiver, key) seen.
-    received: HashSet<(u32, u64)>,
+    /// (receiver, key) seen, and whether first by sync.
+    received: HashMap<(u32, u64), bool>,
     /// frame id -> scheduled time, for ack latency.
     sent_at: HashMap<u64, u64>,
     syncs_pending: u64,
@@ -189,11 +227,12 @@ impl Worker {
                 ack: new_hist(),
                 e2e: new_hist(),
                 reconnect: new_hist(),
+                back: new_hist(),
                 second: new_hist(),
                 c: Counters::default(),
                 failures: BTreeMap::new(),
                 expected: HashMap::new(),
-                received: HashSet::new(),
+                received: HashMap::new(),
                 sent_at: HashMap::new(),
                 syncs_pending: 0,
             }),
@@ -279,63 +318,129 @@ impl Worker {
 
     /// Connects user `i` (saying so on `done` once the attempt is over) and runs its task until
     /// told to stop.
+    /// In reconnect mode, a connection the server drops is opened again, synced, and what was
+    /// not acked is sent again, until the run tells the user to stop.
     async fn open(self: Rc<Self>, i: usize, sync_on_connect: bool, done: tokio::sync::oneshot::Sender<()>) {
-        let t0 = Instant::now();
-        let seed = self.opts.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9);
-        let Some(ws) = self.opts.ws.get(i % self.opts.ws.len().max(1)).copied() else {
-            self.fail("no_gateway".into());
-            let _ = done.send(());
-            return;
+        let mut done = Some(done);
+        let say_done = |done: &mut Option<tokio::sync::oneshot::Sender<()>>| {
+            if let Some(d) = done.take() {
+                let _ = d.send(());
+            }
         };
-        let c = client::connect(
-            ws,
-            self.src(i),
-            &self.token(i),
-            self.opts.connect_timeout,
-            seed,
-            self.opts.heartbeat,
-            self.opts.ack_mode == "rigor",
-        )
-        .await;
-        let mut client = match c {
-            Ok(c) => c,
-            Err(e) => {
-                self.fail(format!("connect_{}", e.cause()));
-                let _ = done.send(());
+        let mut attempt = 0u64;
+        loop {
+            let t0 = Instant::now();
+            let seed = self.opts.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9) ^ (attempt << 40);
+            let Some(ws) = self.opts.ws.get(i % self.opts.ws.len().max(1)).copied() else {
+                self.fail("no_gateway".into());
+                say_done(&mut done);
                 return;
+            };
+            let c = client::connect(
+                ws,
+                self.src(i),
+                &self.token(i),
+                self.opts.connect_timeout,
+                seed,
+                self.opts.heartbeat,
+                self.opts.ack_mode == "rigor",
+            )
+            .await;
+            let lost_since = self.users.borrow()[i].lost_since;
+            let mut client = match c {
+                Ok(c) => c,
+                Err(e) => match lost_since {
+                    Some(since) if unix_us().saturating_sub(since) < RECONNECT_FOR.as_micros() as u64 => {
+                        // The server is not back yet: try again, 100 ms more each time, up to 1 s.
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis((100 * attempt).min(1000))).await;
+                        continue;
+                    }
+                    _ => {
+                        self.fail(format!("connect_{}", e.cause()));
+                        say_done(&mut done);
+                        return;
+                    }
+                },
+            };
+            attempt = 0;
+            let us = t0.elapsed().as_micros() as u64;
+            let (tx, rx) = mpsc::unbounded_channel();
+            {
+                let mut s = self.stats.borrow_mut();
+                record(&mut s.handshake, us);
+                if self.series_metric.get() == "handshake" {
+                    record(&mut s.second, us);
+                }
+                s.c.connected += 1;
+                s.c.open += 1;
+                if lost_since.is_some() {
+                    s.c.reconnected += 1;
+                }
             }
-        };
-        let us = t0.elapsed().as_micros() as u64;
-        let (tx, rx) = mpsc::unbounded_channel();
-        {
-            let mut s = self.stats.borrow_mut();
-            record(&mut s.handshake, us);
-            if self.series_metric.get() == "handshake" {
-                record(&mut s.second, us);
+            if sync_on_connect || lost_since.is_some() {
+                let known = self.users.borrow()[i].last_seq.clone();
+                let f = serde_json::json!({"frameType": 0, "id": "sync", "method": "conversation.sync",
+                                           "data": {"conversations": known}});
+                client.session.send(&f.to_string());
+                self.users.borrow_mut()[i].syncing_since = Some(unix_us());
+                self.stats.borrow_mut().syncs_pending += 1;
             }
-            s.c.connected += 1;
-            s.c.open += 1;
+            {
+                let mut users = self.users.borrow_mut();
+                let u = &mut users[i];
+                if lost_since.is_some() {
+                    for frame in u.unacked.values() {
+                        client.session.send(frame);
+                    }
+                    self.stats.borrow_mut().c.resent_unacked += u.unacked.len() as u64;
+                }
+                u.tx = Some(tx);
+                u.push_ids.clear();
+            }
+            say_done(&mut done);
+            let mut rx = rx;
+            let end = self.run_user(i, client, &mut rx).await;
+            self.users.borrow_mut()[i].tx = None;
+            self.stats.borrow_mut().c.open -= 1;
+            match end {
+                End::Lost if self.opts.reconnect => {
+                    // Messages handed to this connection's task and not written yet go with
+                    // the rest of the unacked ones.
+                    while let Ok(cmd) = rx.try_recv() {
+                        if let Cmd::Send {
+                            key,
+                            to,
+                            chat_type,
+                            scheduled_us,
+                        } = cmd
+                        {
+                            let frame = self.chat_frame(key, &to, chat_type, scheduled_us);
+                            self.users.borrow_mut()[i].unacked.insert(key, frame);
+                            let mut s = self.stats.borrow_mut();
+                            s.c.queued_offline += 1;
+                            if self.opts.ack_mode != "none" {
+                                s.sent_at.insert(key, scheduled_us);
+                            }
+                        }
+                    }
+                    self.users.borrow_mut()[i].lost_since.get_or_insert_with(unix_us);
+                    self.stats.borrow_mut().c.lost += 1;
+                }
+                _ => return,
+            }
         }
-        if sync_on_connect {
-            let known = self.users.borrow()[i].last_seq.clone();
-            let f = serde_json::json!({"frameType": 0, "id": "sync", "method": "conversation.sync",
-                                       "data": {"conversations": known}});
-            client.session.send(&f.to_string());
-            self.users.borrow_mut()[i].syncing_since = Some(unix_us());
-            self.stats.borrow_mut().syncs_pending += 1;
-        }
-        {
-            let mut users = self.users.borrow_mut();
-            users[i].tx = Some(tx);
-            users[i].push_ids.clear();
-        }
-        let _ = done.send(());
-        self.run_user(i, client, rx).await;
-        self.users.borrow_mut()[i].tx = None;
-        self.stats.borrow_mut().c.open -= 1;
     }
 
-    async fn run_user(&self, i: usize, mut client: Client, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    /// A connection lost: a failure, unless the user comes back (reconnect mode).
+    fn lost(&self, cause: String) -> End {
+        if !self.opts.reconnect {
+            self.fail(cause);
+        }
+        End::Lost
+    }
+
+    async fn run_user(&self, i: usize, mut client: Client, rx: &mut mpsc::UnboundedReceiver<Cmd>) -> End {
         let rigor = self.opts.ack_mode == "rigor";
         // One timer per connection, re-armed at the session's next heartbeat.
         let heartbeat = tokio::time::sleep_until(client.session.poll_timeout().into());
@@ -344,44 +449,43 @@ impl Worker {
             loop {
                 match client.poll_event() {
                     Ok(Some(ev)) => {
-                        if !self.on_event(i, &mut client, ev, rigor) {
+                        if let Some(end) = self.on_event(i, &mut client, ev, rigor) {
                             let _ = client.flush().await;
-                            return;
+                            return end;
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
                         self.fail(format!("protocol: {e}"));
                         let _ = client.flush().await;
-                        return;
+                        return End::Told;
                     }
                 }
             }
             if client.flush().await.is_err() {
-                self.fail("write_failed".into());
-                return;
+                return self.lost("write_failed".into());
             }
             tokio::select! {
                 r = client.rd.read(&mut client.buf) => match r {
-                    Ok(0) => { self.fail("closed_without_close_frame".into()); return; }
+                    Ok(0) => return self.lost("closed_without_close_frame".into()),
                     Ok(n) => client.feed(n),
-                    Err(e) => { self.fail(format!("read: {e}")); return; }
+                    Err(e) => return self.lost(format!("read: {e}")),
                 },
                 cmd = rx.recv() => match cmd {
                     Some(Cmd::Send { key, to, chat_type, scheduled_us }) => {
-                        let run = &self.run_id;
-                        let frame = format!(
-                            "{{\"frameType\":0,\"id\":\"{key}\",\"method\":\"conversation.chat\",\"data\":{{\"chatType\":{chat_type},\"recvId\":\"{to}\",\"clientMsgId\":\"{run}-{key}\",\"msg\":{{\"mType\":0,\"t\":{scheduled_us},\"k\":{key}}}}}}}"
-                        );
+                        let frame = self.chat_frame(key, &to, chat_type, scheduled_us);
                         client.session.send(&frame);
+                        if self.opts.reconnect {
+                            self.users.borrow_mut()[i].unacked.insert(key, frame);
+                        }
                         let mut s = self.stats.borrow_mut();
                         s.c.sent += 1;
                         if self.opts.ack_mode != "none" {
                             s.sent_at.insert(key, scheduled_us);
                         }
                     }
-                    Some(Cmd::Drop) => return,
-                    Some(Cmd::Close) | None => { client.close().await; return; }
+                    Some(Cmd::Drop) => return End::Told,
+                    Some(Cmd::Close) | None => { client.close().await; return End::Told; }
                 },
                 _ = &mut heartbeat => {
                     client.session.handle_timeout(Instant::now());
@@ -391,29 +495,35 @@ impl Worker {
         }
     }
 
-    /// Handles one event; false ends the connection.
-    fn on_event(&self, i: usize, client: &mut Client, ev: Event, rigor: bool) -> bool {
+    /// The `conversation.chat` frame of message `key`.
+    fn chat_frame(&self, key: u64, to: &str, chat_type: u8, scheduled_us: u64) -> String {
+        let run = &self.run_id;
+        format!(
+            "{{\"frameType\":0,\"id\":\"{key}\",\"method\":\"conversation.chat\",\"data\":{{\"chatType\":{chat_type},\"recvId\":\"{to}\",\"clientMsgId\":\"{run}-{key}\",\"msg\":{{\"mType\":0,\"t\":{scheduled_us},\"k\":{key}}}}}}}"
+        )
+    }
+
+    /// Handles one event; `Some` ends the connection.
+    fn on_event(&self, i: usize, client: &mut Client, ev: Event, rigor: bool) -> Option<End> {
         let text = match ev {
             Event::Text(t) => t,
-            Event::Close { code, .. } => {
-                self.fail(format!("closed_by_server_{code}"));
-                return false;
-            }
-            _ => return true,
+            Event::Close { code, .. } => return Some(self.lost(format!("closed_by_server_{code}"))),
+            _ => return None,
         };
         let Ok(f) = serde_json::from_str::<FrameRef<'_>>(&text) else {
             self.fail("unparsable_frame".into());
-            return true;
+            return None;
         };
         match (f.frame_type, f.method) {
             (frame_type::ACK, _) => {
                 let now = unix_us();
+                let key = f.id.and_then(|id| id.parse::<u64>().ok());
+                if let Some(k) = key.filter(|_| self.opts.reconnect) {
+                    self.users.borrow_mut()[i].unacked.remove(&k);
+                }
                 let mut s = self.stats.borrow_mut();
                 s.c.acked += 1;
-                if let Some(at) =
-                    f.id.and_then(|id| id.parse::<u64>().ok())
-                        .and_then(|k| s.sent_at.remove(&k))
-                {
+                if let Some(at) = key.and_then(|k| s.sent_at.remove(&k)) {
                     record(&mut s.ack, now.saturating_sub(at));
                 }
             }
@@ -424,7 +534,7 @@ impl Worker {
                         let n = id.parse::<u64>().unwrap_or(u64::MAX);
                         if !self.users.borrow_mut()[i].push_ids.insert(n) {
                             self.stats.borrow_mut().c.resent += 1;
-                            return true;
+                            return None;
                         }
                     }
                 }
@@ -433,11 +543,18 @@ impl Worker {
                 }
             }
             (frame_type::DATA, Some(method::SYNC)) => {
-                let since = self.users.borrow_mut()[i].syncing_since.take();
+                let (since, lost_since) = {
+                    let mut users = self.users.borrow_mut();
+                    (users[i].syncing_since.take(), users[i].lost_since.take())
+                };
+                let now = unix_us();
+                let mut s = self.stats.borrow_mut();
                 if let Some(since) = since {
-                    let mut s = self.stats.borrow_mut();
-                    record(&mut s.reconnect, unix_us().saturating_sub(since));
+                    record(&mut s.reconnect, now.saturating_sub(since));
                     s.syncs_pending = s.syncs_pending.saturating_sub(1);
+                }
+                if let Some(lost) = lost_since {
+                    record(&mut s.back, now.saturating_sub(lost));
                 }
             }
             (frame_type::ERROR, _) => {
@@ -450,7 +567,7 @@ impl Worker {
             }
             _ => {}
         }
-        true
+        None
     }
 
     fn on_push(&self, i: usize, p: &PushRef<'_>) {
@@ -479,8 +596,10 @@ impl Worker {
             // A message from another run or worker: not ours to account.
             return;
         }
-        if !s.received.insert((i as u32, key)) {
-            if syncing {
+        if let Some(by_sync) = s.received.insert((i as u32, key), syncing) {
+            // A message both synced and pushed (its push was still on its way when the sync
+            // read it) is the overlap the protocol allows: clients keep one per seq.
+            if syncing || by_sync {
                 s.c.resync_overlap += 1;
             } else {
                 s.c.duplicated += 1;
@@ -526,12 +645,24 @@ impl Worker {
             let key = self.next_key.get();
             self.next_key.set(key + 1);
             let tx = self.users.borrow()[sender].tx.clone();
+            let scheduled_us = start_us + offset.as_micros() as u64;
             let Some(tx) = tx else {
-                self.stats.borrow_mut().c.skipped_offline += 1;
+                if self.opts.reconnect {
+                    // Written while offline: sent when the user is back.
+                    let frame = self.chat_frame(key, &to, chat_type, scheduled_us);
+                    self.users.borrow_mut()[sender].unacked.insert(key, frame);
+                    let mut s = self.stats.borrow_mut();
+                    s.expected.insert(key, deliveries);
+                    s.c.queued_offline += 1;
+                    if self.opts.ack_mode != "none" {
+                        s.sent_at.insert(key, scheduled_us);
+                    }
+                } else {
+                    self.stats.borrow_mut().c.skipped_offline += 1;
+                }
                 continue;
             };
             self.stats.borrow_mut().expected.insert(key, deliveries);
-            let scheduled_us = start_us + offset.as_micros() as u64;
             let _ = tx.send(Cmd::Send {
                 key,
                 to,
@@ -547,12 +678,17 @@ impl Worker {
         while Instant::now() < until {
             {
                 let s = self.stats.borrow();
-                if s.syncs_pending == 0 && s.expected.values().all(|v| *v == 0) {
+                if s.syncs_pending == 0 && s.expected.values().all(|v| *v == 0) && self.unacked() == 0 {
                     return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Messages not acked yet (reconnect mode; 0 otherwise).
+    pub fn unacked(&self) -> u64 {
+        self.users.borrow().iter().map(|u| u.unacked.len() as u64).sum()
     }
 
     /// Expected deliveries not seen.
@@ -660,6 +796,7 @@ impl Worker {
             ("ack", &s.ack),
             ("e2e", &s.e2e),
             ("reconnect", &s.reconnect),
+            ("reconnect_after_loss", &s.back),
         ] {
             if !h.is_empty() {
                 out.put_hist(name, h);
@@ -678,6 +815,10 @@ impl Worker {
             ("errors", c.errors),
             ("connected", c.connected),
             ("skipped_offline", c.skipped_offline),
+            ("lost", c.lost),
+            ("reconnected", c.reconnected),
+            ("resent_unacked", c.resent_unacked),
+            ("queued_offline", c.queued_offline),
         ] {
             out.counters.insert(k.into(), v);
         }
@@ -685,6 +826,7 @@ impl Worker {
             .insert("missing".into(), s.expected.values().map(|v| u64::from(*v)).sum());
         out.counters
             .insert("messages_scheduled".into(), s.expected.len() as u64);
+        out.counters.insert("unacked".into(), self.unacked());
         out.failures = s.failures.clone();
         out.series = self.series.borrow().clone();
         out

@@ -200,6 +200,12 @@ struct Common {
     /// No live progress output.
     #[arg(long)]
     quiet: bool,
+    /// Behave like a client across a server restart: a connection the server closes (1012) or
+    /// that breaks is opened again, synced, and its unacked messages (and those written while
+    /// offline) are sent again; `unacked` at the end must be 0, and `reconnect_after_loss` says
+    /// how long users were away.
+    #[arg(long)]
+    reconnect: bool,
     /// Internal: this process is worker N of a `--procs` run.
     #[arg(long, hide = true)]
     worker_index: Option<u32>,
@@ -282,10 +288,11 @@ fn main() -> ExitCode {
     }
     if !report.correct() {
         eprintln!(
-            "\n!!! CORRECTNESS FAILURE: missing {} duplicated {} out_of_order {} !!!\n",
+            "\n!!! CORRECTNESS FAILURE: missing {} duplicated {} out_of_order {} unacked {} !!!\n",
             report.counters.get("missing").copied().unwrap_or(0),
             report.counters.get("duplicated").copied().unwrap_or(0),
-            report.counters.get("out_of_order").copied().unwrap_or(0)
+            report.counters.get("out_of_order").copied().unwrap_or(0),
+            report.counters.get("unacked").copied().unwrap_or(0)
         );
         return ExitCode::from(3);
     }
@@ -435,6 +442,7 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
         drain: Duration::from_secs_f64(c.drain),
         worker: index,
         progress: !c.quiet,
+        reconnect: c.reconnect,
     };
     if !["none", "only", "rigor"].contains(&opts.ack_mode.as_str()) {
         return Err(format!("unknown --ack-mode {}", opts.ack_mode));

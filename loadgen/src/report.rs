@@ -237,7 +237,7 @@ pub struct Report {
 impl Report {
     /// Whether the correctness counters are clean.
     pub fn correct(&self) -> bool {
-        ["missing", "duplicated", "out_of_order"]
+        ["missing", "duplicated", "out_of_order", "unacked"]
             .iter()
             .all(|k| self.counters.get(*k).copied().unwrap_or(0) == 0)
     }
@@ -248,13 +248,13 @@ impl Report {
         let _ = writeln!(s, "\n== {} ({:.1} s) ==", self.scenario, self.duration_s);
         let _ = writeln!(
             s,
-            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "latency ms", "count", "p50", "p90", "p99", "p99.9", "p99.99", "max", "mean"
         );
         for (name, l) in &self.latency {
             let _ = writeln!(
                 s,
-                "{:<12} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                "{:<20} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
                 name, l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.p9999_ms, l.max_ms, l.mean_ms
             );
         }

@@ -450,6 +450,19 @@ impl Client {
         }
     }
 
+    /// Every JSON frame until the server closes, and the close code.
+    pub fn recv_until_close(&mut self) -> (Vec<Value>, u16) {
+        let mut frames = Vec::new();
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => frames.push(serde_json::from_str(t.as_str()).unwrap()),
+                Ok(Message::Close(f)) => return (frames, f.map_or(1005, |f| u16::from(f.code))),
+                Ok(_) => continue,
+                Err(e) => panic!("connection ended without a close frame: {e}"),
+            }
+        }
+    }
+
     /// Acks a push (rigor mode).
     pub fn ack(&mut self, push: &Value) {
         self.send(&json!({"frameType": 2, "id": push["id"]}));
