@@ -43,6 +43,8 @@ pub(crate) struct Conn {
     canceller: RefCell<Option<Canceller>>,
     /// The reader has finished (or was aborted): the writer flushes what it can and exits.
     done: Cell<bool>,
+    /// Requests handed to the request task and not finished.
+    running: Cell<u32>,
 }
 
 impl Conn {
@@ -91,6 +93,22 @@ impl Conn {
     pub fn close_with(&self, shard: &Shard, code: u16, reason: &str) {
         self.session.borrow_mut().close(shard.now(), code, reason);
         self.after(shard);
+    }
+
+    /// The gateway is stopping: new requests are refused; those read already still run.
+    pub fn stop(&self, shard: &Shard) {
+        self.session.borrow_mut().stop();
+        self.after(shard);
+    }
+
+    /// Every request read has been answered (a stopping gateway closes it then).
+    pub fn idle(&self) -> bool {
+        self.running.get() == 0 && self.session.borrow().queued_requests() == 0
+    }
+
+    /// Our close frame is queued.
+    pub fn close_sent(&self) -> bool {
+        self.session.borrow().close_sent()
     }
 
     /// Drops the connection now: cancels the read, lets the writer exit.
@@ -181,6 +199,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: T
         scheduled_tick: Cell::new(None),
         canceller: RefCell::new(Some(canceller)),
         done: Cell::new(false),
+        running: Cell::new(0),
     });
     shard.register(&conn);
     if let Some((code, reason)) = recheck(shard.shared.pipeline.as_ref(), &protocol).await {
@@ -293,7 +312,10 @@ async fn forward_requests(shard: &Rc<Shard>, conn: &Rc<Conn>, requests: &Request
         let Some(req) = next else {
             break;
         };
-        let _ = requests.send(Box::new(req)).await;
+        conn.running.set(conn.running.get() + 1);
+        if requests.send(Box::new(req)).await.is_err() {
+            conn.running.set(conn.running.get() - 1);
+        }
     }
     if conn.has_received() {
         shard.acked.borrow_mut().insert(conn.id);
@@ -306,6 +328,7 @@ async fn request_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut queue: tokio::sync::
     // Requests already read are carried out even if the client has gone: it sent them.
     while let Some(req) = queue.recv().await {
         handle_request(&shard, &conn, *req).await;
+        conn.running.set(conn.running.get().saturating_sub(1));
     }
 }
 

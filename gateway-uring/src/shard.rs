@@ -502,6 +502,29 @@ fn run_shard(
         shard.stopping.set(true);
         accept_canceller.cancel();
         let conns: Vec<Rc<Conn>> = shard.conns.borrow().values().cloned().collect();
+        // New requests are refused; each connection is closed once those it had read are
+        // answered (their acks reach the client), or when the grace is over.
+        for c in &conns {
+            c.stop(&shard);
+        }
+        let until = Instant::now() + shard.shared.cfg.close_grace;
+        loop {
+            let mut waiting = false;
+            for c in &conns {
+                if c.close_sent() {
+                    continue;
+                }
+                if c.idle() {
+                    c.close_with(&shard, close::SERVICE_RESTART, "service restart: reconnect and sync");
+                } else {
+                    waiting = true;
+                }
+            }
+            if !waiting || Instant::now() >= until {
+                break;
+            }
+            monoio::time::sleep(DRAIN_EVERY).await;
+        }
         for c in &conns {
             c.close_with(&shard, close::SERVICE_RESTART, "service restart: reconnect and sync");
         }
@@ -517,6 +540,9 @@ fn run_shard(
         monoio::time::sleep(Duration::from_millis(20)).await;
     });
 }
+
+/// While a stopping shard waits for requests to finish, how often it looks.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// Refusals being written at once per shard; more are closed without an answer.
 const MAX_REFUSALS_IN_FLIGHT: usize = 256;

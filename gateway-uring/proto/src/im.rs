@@ -121,6 +121,17 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The frame id the answer echoes, if the request has one.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            Self::Ping => None,
+            Self::Ack { id } => Some(id),
+            Self::Chat { id, .. } | Self::MarkRead { id, .. } | Self::Sync { id, .. } => id.as_deref(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawFrame {

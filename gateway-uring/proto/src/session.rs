@@ -84,6 +84,8 @@ pub struct Session {
     counters: Option<Arc<Counters>>,
     /// Output bytes last added to the counters' `outbound_bytes` (see [`Self::account`]).
     accounted: usize,
+    /// The gateway is stopping ([`Self::stop`]): new requests are refused.
+    stopping: bool,
 }
 
 impl Session {
@@ -102,6 +104,7 @@ impl Session {
             requests: VecDeque::new(),
             counters: None,
             accounted: 0,
+            stopping: false,
         }
     }
 
@@ -207,11 +210,27 @@ impl Session {
                     }
                 }
             }
+            Ok(other) if self.stopping => {
+                let e = error_frame(
+                    other.id(),
+                    ErrorCode::Unavailable.as_str(),
+                    "the server is restarting: send it again once reconnected",
+                );
+                self.send(now, &e);
+            }
             Ok(other) => self.requests.push_back(other),
             Err(e) => {
                 self.send(now, &e.to_frame());
             }
         }
+    }
+
+    /// The gateway is stopping: requests read from now on are answered `service_unavailable`
+    /// and not carried out (the client sends them again once it has reconnected), while those
+    /// already queued still are; the driver closes with 1012 once they are answered
+    /// ([`Self::queued_requests`] is 0 and none is running), so their acks reach the client.
+    pub fn stop(&mut self) {
+        self.stopping = true;
     }
 
     /// The next request for the pipeline, in the order the client sent them.
@@ -599,6 +618,31 @@ mod tests {
         let out = texts(&s.take_output());
         assert_eq!(out.len(), 1);
         assert!(out[0].contains("invalid_json"), "{out:?}");
+    }
+
+    #[test]
+    fn a_stopping_session_refuses_new_requests_and_keeps_the_queued_ones() {
+        let t0 = Instant::now();
+        let mut s = Session::new(cfg(), t0);
+        s.handle_bytes(t0, &client_text(r#"{"id":"1","method":"conversation.sync"}"#));
+        s.stop();
+        s.handle_bytes(t0, &client_text(r#"{"id":"2","method":"conversation.sync"}"#));
+        s.handle_bytes(t0, &client_text(r#"{"frameType":1}"#));
+        assert!(matches!(s.poll_request(), Some(Request::Sync { id: Some(id), .. }) if id == "1"));
+        assert!(
+            s.poll_request().is_none(),
+            "the request after the stop is not carried out"
+        );
+        let out = texts(&s.take_output());
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(
+            out[0].contains(r#""id":"2""#) && out[0].contains("service_unavailable"),
+            "{out:?}"
+        );
+        assert!(
+            out[1].contains(r#""frameType":1"#),
+            "heartbeats are still answered: {out:?}"
+        );
     }
 
     #[test]

@@ -87,6 +87,8 @@ const WHEEL_SLOTS: usize = 1024;
 /// After the shutdown's close grace, how long closes may take to complete before the thread
 /// exits anyway.
 const EXIT_WAIT: Duration = Duration::from_secs(1);
+/// While a stopping shard waits for requests to finish, how often it looks.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// Where a connection is in its life.
 enum Phase {
@@ -969,6 +971,38 @@ impl DirectShard {
         Ok(())
     }
 
+    /// A graceful stop's first step: every session refuses new requests (`first`), and each
+    /// one whose queued requests are all answered is closed with 1012, so that the acks of what
+    /// it had read reach the client first. True once none is left waiting.
+    fn drain(&self, core: &mut Core, first: bool) -> bool {
+        let now = self.now();
+        let mut waiting = false;
+        for key in core.conns.keys() {
+            let Some(conn) = core.conns.get_mut(key) else { continue };
+            let Phase::Open(open) = &mut conn.phase else {
+                // Not upgraded yet: nothing of theirs is running.
+                if first {
+                    self.teardown(core, key);
+                }
+                continue;
+            };
+            if first {
+                open.session.stop();
+            }
+            if open.session.close_sent() {
+                continue;
+            }
+            if open.busy || open.session.queued_requests() > 0 {
+                waiting = true;
+                continue;
+            }
+            open.session
+                .close(now, close::SERVICE_RESTART, "service restart: reconnect and sync");
+            self.after_session(core, key);
+        }
+        !waiting
+    }
+
     fn shut_down(&self, core: &mut Core) {
         for key in core.conns.keys() {
             self.close_with(core, key, close::SERVICE_RESTART, "service restart: reconnect and sync");
@@ -986,6 +1020,8 @@ impl DirectShard {
         let mut cqes = Vec::with_capacity(1024);
         let mut next_tick = self.epoch + Duration::from_millis(self.tick_ms);
         let mut stop_at: Option<Instant> = None;
+        // While stopping: until when connections may finish their requests, and the next look.
+        let mut draining: Option<(Instant, Instant)> = None;
         // SAFETY (for the eventfd reads below): `eventfd_buf` is 8 bytes leaked for the
         // thread's lifetime, so a read in flight never outlives it.
         unsafe {
@@ -1019,14 +1055,28 @@ impl DirectShard {
                 next_tick = now + Duration::from_millis(self.tick_ms);
             }
             if self.stopping.get() {
-                match stop_at {
-                    None => {
-                        self.shut_down(core);
-                        stop_at = Some(now + self.shared.cfg.close_grace);
+                match (stop_at, draining) {
+                    (None, None) => {
+                        let done = self.drain(core, true);
+                        draining = Some((now + self.shared.cfg.close_grace, now + DRAIN_EVERY));
+                        if done {
+                            stop_at = Some(now + self.shared.cfg.close_grace);
+                        }
                     }
-                    Some(at) if now >= at + EXIT_WAIT => return Ok(()),
-                    Some(at) if now >= at => self.abort_all(core),
-                    Some(_) => {}
+                    (None, Some((until, next))) if now >= next => {
+                        // Past `until`, whatever still runs is closed anyway (its client sends
+                        // it again after reconnecting; a chat is stored once).
+                        if self.drain(core, false) || now >= until {
+                            self.shut_down(core);
+                            stop_at = Some(now + self.shared.cfg.close_grace);
+                        } else {
+                            draining = Some((until, now + DRAIN_EVERY));
+                        }
+                    }
+                    (None, Some(_)) => {}
+                    (Some(at), _) if now >= at + EXIT_WAIT => return Ok(()),
+                    (Some(at), _) if now >= at => self.abort_all(core),
+                    (Some(_), _) => {}
                 }
                 if core.conns.is_empty() {
                     return Ok(());
