@@ -357,7 +357,8 @@ impl Default for AuthConfig {
 }
 
 impl AuthConfig {
-    fn limits(&self) -> LoginLimits {
+    /// The login and registration limits it sets (these reload live).
+    pub fn limits(&self) -> LoginLimits {
         let limit = |free| AttemptLimit {
             free,
             max_block_ms: i64::try_from(self.max_block_secs.saturating_mul(1000)).unwrap_or(i64::MAX),

@@ -5,7 +5,9 @@
 //! - A file that fails to parse or validate is refused: one error line says why (naming the
 //!   key), and the running configuration stays, every part of it.
 //! - Settings that can change live take effect at once: `log_level`, `trace_sampling` (new
-//!   traces);
+//!   traces); the `[auth]` attempt limits (`login_attempts_per_account`,
+//!   `login_attempts_per_address`, `registrations_per_address`, `max_block_secs`,
+//!   `window_secs`: the next attempt follows them);
 //!   `chat.require_friendship` and `group.max_members` (the services: the next request follows
 //!   them); `idle_timeout_secs`, `max_frame_bytes` and `max_outbound_bytes` (the gateway: for
 //!   connections opened from then on; open ones keep theirs, so none is dropped).
@@ -143,6 +145,10 @@ fn apply(old: &Config, next: &Config, targets: &Targets, log: Option<&LogHandle>
             services.social.set_max_group_members(next.group.max_members);
             live.push("group.max_members");
         }
+        if old.auth.limits() != next.auth.limits() {
+            services.users.set_limits(next.auth.limits());
+            live.push("auth attempt limits");
+        }
     }
     if let Some(gateway) = &targets.gateway {
         let limits = |c: &Config| (c.idle_timeout_secs, c.max_frame_bytes, c.max_outbound_bytes);
@@ -172,6 +178,12 @@ fn needs_restart(old: &Config, next: &Config) -> Vec<String> {
         c.trace_sampling = old.trace_sampling;
         c.chat = old.chat.clone();
         c.group = old.group.clone();
+        // Of [auth], the attempt limits are live; the bcrypt threads and queue are not.
+        c.auth = crate::config::AuthConfig {
+            hash_threads: c.auth.hash_threads,
+            hash_queue: c.auth.hash_queue,
+            ..old.auth.clone()
+        };
         (c.idle_timeout_secs, c.max_frame_bytes, c.max_outbound_bytes) =
             (old.idle_timeout_secs, old.max_frame_bytes, old.max_outbound_bytes);
         format!("{c:#?}")
@@ -212,6 +224,10 @@ mod tests {
         let mut next = old.clone();
         next.chat.require_friendship = !old.chat.require_friendship;
         next.idle_timeout_secs += 1;
+        assert!(needs_restart(&old, &next).is_empty(), "live settings only");
+        next.auth.login_attempts_per_account += 1;
+        next.auth.window_secs += 1;
+        next.trace_sampling = 0.5;
         assert!(needs_restart(&old, &next).is_empty(), "live settings only");
         next.bcrypt_cost += 1;
         next.auth.hash_queue += 1;

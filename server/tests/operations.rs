@@ -216,6 +216,29 @@ fn a_reload_changes_live_settings_keeps_connections_and_refuses_a_bad_file_whole
     b.send_text(&big);
     assert_eq!(b.expect_close().0, 1009, "a new connection has the new limit");
 
+    // The [auth] attempt limits are live: with one free login attempt per account, the fourth
+    // wrong one is refused 429 (with the five free ones of the start it would not be).
+    let wrong = |s: &Server| {
+        s.post(
+            "/v1/users/login",
+            &serde_json::json!({"username": "bob", "password": "wrong horse"}),
+            None,
+        )
+    };
+    assert_eq!(wrong(&s).0, 401);
+    assert_eq!(wrong(&s).0, 401, "five free attempts at start");
+    reload(&s, "applied", || {
+        std::fs::write(
+            &file,
+            "max_frame_bytes = 256\n[chat]\nrequire_friendship = true\n[auth]\nlogin_attempts_per_account = 1\n",
+        )
+        .unwrap();
+        s.signal("HUP");
+    });
+    assert_eq!(wrong(&s).0, 401, "the third attempt, past the one free, starts a block");
+    let (st, v) = wrong(&s);
+    assert_eq!((st, v["code"].as_str()), (429, Some("too_many_attempts")), "{v}");
+
     // The file is watched too: a change without a signal applies.
     reload(&s, "applied", || {
         std::fs::write(&file, "[chat]\nrequire_friendship = false\n").unwrap();

@@ -26,6 +26,7 @@ use crate::error::ServiceError;
 pub use sai_pipeline::client::address_key;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Counters tracked per limit (accounts or addresses).
@@ -56,9 +57,40 @@ struct Entry {
     last: i64,
 }
 
+/// An [`AttemptLimit`] that a configuration reload can change while it is read.
+struct LiveLimit {
+    free: AtomicU32,
+    max_block_ms: AtomicI64,
+    window_ms: AtomicI64,
+}
+
+impl LiveLimit {
+    fn new(l: AttemptLimit) -> Self {
+        Self {
+            free: AtomicU32::new(l.free),
+            max_block_ms: AtomicI64::new(l.max_block_ms),
+            window_ms: AtomicI64::new(l.window_ms),
+        }
+    }
+
+    fn set(&self, l: AttemptLimit) {
+        self.free.store(l.free, Ordering::Relaxed);
+        self.max_block_ms.store(l.max_block_ms, Ordering::Relaxed);
+        self.window_ms.store(l.window_ms, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> AttemptLimit {
+        AttemptLimit {
+            free: self.free.load(Ordering::Relaxed),
+            max_block_ms: self.max_block_ms.load(Ordering::Relaxed),
+            window_ms: self.window_ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Attempt counters of one kind of key (account names or addresses).
 pub struct Attempts<K> {
-    limit: AttemptLimit,
+    limit: LiveLimit,
     entries: quick_cache::sync::Cache<K, Arc<Mutex<Entry>>>,
 }
 
@@ -66,14 +98,21 @@ impl<K: Eq + Hash + Clone> Attempts<K> {
     /// Counters for `limit`.
     pub fn new(limit: AttemptLimit) -> Self {
         Self {
-            limit,
+            limit: LiveLimit::new(limit),
             entries: quick_cache::sync::Cache::new(TRACKED_KEYS),
         }
     }
 
+    /// Changes the limit (a configuration reload): the next attempt of every key follows it;
+    /// blocks already started run out as they were.
+    pub fn set_limit(&self, limit: AttemptLimit) {
+        self.limit.set(limit);
+    }
+
     /// Counts an attempt by `key` at `now_ms`, or refuses it with the seconds to wait.
     pub fn begin(&self, key: &K, now_ms: i64) -> Result<(), ServiceError> {
-        if self.limit.free == 0 {
+        let limit = self.limit.get();
+        if limit.free == 0 {
             return Ok(());
         }
         let entry = match self.entries.get_or_insert_with(key, || Ok::<_, ()>(Arc::default())) {
@@ -84,16 +123,14 @@ impl<K: Eq + Hash + Clone> Attempts<K> {
         if now_ms < e.blocked_until {
             return Err(too_many(e.blocked_until - now_ms));
         }
-        if now_ms - e.last >= self.limit.window_ms {
+        if now_ms - e.last >= limit.window_ms {
             e.attempts = 0;
         }
         e.last = now_ms;
         e.attempts = e.attempts.saturating_add(1);
-        if e.attempts > self.limit.free {
-            let doublings = (e.attempts - self.limit.free - 1).min(30);
-            let block = BASE_BLOCK_MS
-                .saturating_mul(1 << doublings)
-                .min(self.limit.max_block_ms);
+        if e.attempts > limit.free {
+            let doublings = (e.attempts - limit.free - 1).min(30);
+            let block = BASE_BLOCK_MS.saturating_mul(1 << doublings).min(limit.max_block_ms);
             e.blocked_until = now_ms + block;
         }
         Ok(())
@@ -105,7 +142,7 @@ impl<K: Eq + Hash + Clone> Attempts<K> {
         if let Some(entry) = self.entries.get(key) {
             let mut e = entry.lock().unwrap_or_else(|p| p.into_inner());
             e.attempts = e.attempts.saturating_sub(1);
-            if e.attempts <= self.limit.free {
+            if e.attempts <= self.limit.get().free {
                 e.blocked_until = 0;
             }
         }
@@ -166,6 +203,13 @@ impl LoginThrottle {
             addresses: Attempts::new(limits.address),
             registrations: Attempts::new(limits.register),
         }
+    }
+
+    /// Changes every limit (a configuration reload); the counts so far are kept.
+    pub fn set(&self, limits: LoginLimits) {
+        self.accounts.set_limit(limits.account);
+        self.addresses.set_limit(limits.address);
+        self.registrations.set_limit(limits.register);
     }
 }
 

@@ -109,6 +109,12 @@ impl UserService {
         })
     }
 
+    /// Changes the login and registration limits (a configuration reload): the next attempt
+    /// follows them; the counts so far and the blocks already started are kept.
+    pub fn set_limits(&self, limits: LoginLimits) {
+        self.throttle.set(limits);
+    }
+
     /// Tells `peers` of every account invalidated here.
     pub fn set_peers(&self, peers: Arc<dyn crate::cache::CachePeers>) {
         self.peers.set(peers);
