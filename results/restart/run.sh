@@ -4,6 +4,9 @@
 #   embedded  the embedded default (SQLite) gets SIGTERM (clients closed with 1012), and once it
 #             has exited a new one starts on the same ports and data: downtime is its stop
 #             plus its start.
+#   takeover  the embedded default replaced with `sai-im --take-over`: the new process binds
+#             the same ports beside the running one, stops it, and serves once it has let go
+#             of the data directory: no connection is refused meanwhile.
 #   gateway   a cluster (one services process on MySQL and Redis, one gateway, gRPC flows): a
 #             replacement gateway starts beside the running one on the same port
 #             (SO_REUSEPORT), then the old one gets SIGTERM: zero downtime, clients reconnect at
@@ -12,7 +15,7 @@
 # message is acked and delivered exactly once (missing, duplicated, unacked all 0). Output per
 # mode: <mode>/ (summary.json, series.csv, charts), <mode>.txt (loadgen's table),
 # <mode>.events (when the restart steps happened, loadgen-relative).
-#   results/restart/run.sh [embedded] [gateway]
+#   results/restart/run.sh [embedded] [takeover] [gateway]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/sai-im
@@ -50,18 +53,33 @@ load() {
     T0=$(now)
 }
 
-embedded() {
-    MODE=embedded
-    local d=/tmp/bench-restart-embedded
+# Waits for the load to end, stops the processes named, says how it went.
+finish() {
+    local rc=0
+    wait $LOAD || rc=$?
+    kill -TERM "$@"; wait "$@" || true
+    echo "$MODE: loadgen exit $rc"; cat "$OUT/$MODE.events"
+    return $rc
+}
+
+# Starts the embedded default on data dir $d (seeded) as $OLD, and the load against it.
+embedded_under_load() {
     rm -rf "$d"; mkdir -p "$d"
-    local args=(--data-dir "$d" --require-friendship false --ws-listen 127.0.0.1:18080
+    args=(--data-dir "$d" --require-friendship false --ws-listen 127.0.0.1:18080
         --http-listen 127.0.0.1:18081 --grpc-listen 127.0.0.1:18082)
     "$BIN" --data-dir "$d" admin seed-users --count "$USERS" --prefix load > /dev/null
     "$BIN" "${args[@]}" > "$d/out-1" 2> "$d/err-1" &
-    local pid=$!
-    ready "$d/out-1" $pid
+    OLD=$!
+    ready "$d/out-1" $OLD
     load 127.0.0.1:18080 "$d"
     sleep "$AT"
+}
+
+embedded() {
+    MODE=embedded
+    local d=/tmp/bench-restart-embedded args
+    embedded_under_load
+    local pid=$OLD
     {
         echo "$(since) SIGTERM to the server"
         kill -TERM $pid; wait $pid || true
@@ -71,11 +89,23 @@ embedded() {
         ready "$d/out-2" $pid
         echo "$(since) the new server is ready"
     } > "$OUT/$MODE.events"
-    local rc=0
-    wait $LOAD || rc=$?
-    kill -TERM $pid; wait $pid || true
-    echo "embedded: loadgen exit $rc"; cat "$OUT/$MODE.events"
-    return $rc
+    finish $pid
+}
+
+takeover() {
+    MODE=takeover
+    local d=/tmp/bench-restart-takeover args
+    embedded_under_load
+    {
+        echo "$(since) the new server starts with --take-over"
+        "$BIN" "${args[@]}" --take-over > "$d/out-2" 2> "$d/err-2" &
+        new=$!
+        ready "$d/out-2" $new
+        echo "$(since) the new server is ready"
+        wait $OLD || true
+        echo "$(since) the old server has exited"
+    } > "$OUT/$MODE.events"
+    finish $new
 }
 
 gateway() {
@@ -111,15 +141,13 @@ gateway() {
         echo "$(since) the old gateway exited"
     } > "$OUT/$MODE.events"
     local rc=0
-    wait $LOAD || rc=$?
-    kill -TERM $new $services; wait $new $services || true
+    finish $new $services || rc=$?
     mysql -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS sai_restart_$tag" 2>/dev/null || true
-    echo "gateway: loadgen exit $rc"; cat "$OUT/$MODE.events"
     return $rc
 }
 
 status=0
-for mode in "${@:-embedded gateway}"; do
+for mode in "${@:-embedded takeover gateway}"; do
     for m in $mode; do
         "$m" || status=1
     done

@@ -218,6 +218,10 @@ pub struct Overrides {
     /// starts, and followed by every process after it.
     #[arg(long, env = "SAI_TRACE_SAMPLING", global = true)]
     pub trace_sampling: Option<f64>,
+    /// The embedded default: replace the server running on this data directory without
+    /// downtime (bind its ports beside it, stop it, then serve).
+    #[arg(long, global = true)]
+    pub take_over: bool,
 }
 
 /// The effective settings.
@@ -312,6 +316,9 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// The share of new traces recorded.
     pub trace_sampling: f64,
+    /// Replace the embedded server running on the data directory (a flag, not a file key).
+    #[serde(skip)]
+    pub take_over: bool,
     /// Chat policy (`[chat]` table).
     pub chat: ChatConfig,
     /// Groups (`[group]` table).
@@ -498,6 +505,7 @@ impl Default for Config {
             log_level: None,
             otlp_endpoint: None,
             trace_sampling: 1.0,
+            take_over: false,
             chat: ChatConfig::default(),
             group: GroupConfig::default(),
             auth: AuthConfig::default(),
@@ -596,6 +604,7 @@ impl Config {
         if let Some(r) = o.trace_sampling {
             c.trace_sampling = r;
         }
+        c.take_over = o.take_over;
         c.validate()?;
         Ok(c)
     }

@@ -8,6 +8,7 @@
 //! - [`server`]: wires one deployment (the embedded default: SQLite, the services, the gateway
 //!   and the in-process pipeline flows between them), or one process of a cluster (`services`,
 //!   `gateway`, `task`), and runs it until shutdown.
+//! - [`takeover`]: one embedded server per data directory, and `--take-over` to replace it.
 //! - [`trace`]: OpenTelemetry traces over OTLP: one trace per chat message, across processes.
 
 mod config;
@@ -15,6 +16,7 @@ mod logs;
 mod metrics;
 mod reload;
 mod server;
+mod takeover;
 mod trace;
 
 use clap::Parser;

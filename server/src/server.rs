@@ -7,6 +7,7 @@
 use crate::config::{Config, ReadBitmaps};
 use crate::metrics::Metrics;
 use crate::reload;
+use crate::takeover::{DataDirLock, Deferred};
 use crate::trace;
 use opentelemetry::trace::SpanKind;
 use prometheus_client::registry::Registry;
@@ -31,6 +32,7 @@ use sai_storage::ReadMarkSink;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +88,26 @@ pub async fn run(
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), ServerError> {
     let keys = jwt_keys(&cfg)?;
+    // One process per data directory: its store is the only appender (see `takeover`).
+    let lock = if cfg.take_over {
+        None
+    } else {
+        let lock = DataDirLock::acquire(&cfg.data_dir).map_err(|e| ServerError::Config(e.to_string()))?;
+        // The ports are shared (SO_REUSEPORT) only with a successor started with --take-over:
+        // any other process already on them makes this one fail to start.
+        for (what, addr) in [
+            ("WebSocket", cfg.ws_listen),
+            ("HTTP", cfg.http_listen),
+            ("gRPC", cfg.grpc_listen),
+        ] {
+            if addr.port() != 0 {
+                std::net::TcpListener::bind(addr).map_err(io(format!("binding {what} {addr}")))?;
+            }
+        }
+        Some(lock)
+    };
     let traces = start_traces(&cfg, "all")?;
-    let store = open_storage(&cfg).await?;
+    let apis = Apis::bind(&cfg, true).await?;
     let mut metrics = Metrics::new("all");
     // The gateway's index and inboxes come first: the services send through them.
     let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
@@ -97,14 +117,33 @@ pub async fn run(
     metrics.gateway(gateway.stats());
     let pushes = trace::deliveries(gateway.outbound(), "push", SpanKind::Consumer);
     let outbound = Arc::new(Outbound::new(gateway.route_lookup(), pushes));
-    let services = build_services(&cfg, keys, &store, outbound, None, &mut metrics)?;
-    // Ports of its own: its SQLite store assumes one process, and a second one started on
-    // the same ports fails to bind instead of sharing them.
-    let apis = Apis::bind(&cfg, false).await?;
-    let pipeline = metrics.pipeline(Arc::new(InProcessPipeline::new(services.clone())));
-    let gateway = gateway
-        .start(cfg.ws_listen, pipeline)
-        .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))?;
+    let start_gateway = |gateway: sai_gateway::Prepared, pipeline| {
+        gateway
+            .start(cfg.ws_listen, pipeline)
+            .map_err(io(format!("starting gateway on {}", cfg.ws_listen)))
+    };
+    let (gateway, _lock, store, services) = match lock {
+        Some(lock) => {
+            let store = open_storage(&cfg).await?;
+            let services = build_services(&cfg, keys, &store, outbound, None, &mut metrics)?;
+            let pipeline = metrics.pipeline(Arc::new(InProcessPipeline::new(services.clone())));
+            (start_gateway(gateway, pipeline)?, lock, store, services)
+        }
+        None => {
+            // Taking over: connections are taken (their upgrades wait) while the running
+            // server drains and lets go of the data directory.
+            let deferred = Deferred::default();
+            let gateway = start_gateway(gateway, metrics.pipeline(Arc::new(deferred.clone())))?;
+            let wait = Duration::from_secs(cfg.shutdown_timeout_secs + 5);
+            let lock = DataDirLock::take_over(&cfg.data_dir, wait)
+                .await
+                .map_err(|e| ServerError::Config(e.to_string()))?;
+            let store = open_storage(&cfg).await?;
+            let services = build_services(&cfg, keys, &store, outbound, None, &mut metrics)?;
+            deferred.set(Arc::new(InProcessPipeline::new(services.clone())));
+            (gateway, lock, store, services)
+        }
+    };
     reload::watch(
         source,
         cfg.clone(),

@@ -96,19 +96,33 @@ fn metrics_count_what_the_gateway_and_the_pipeline_did() {
 fn spawn_piped(name: &str, args: &[&str]) -> (std::process::Child, String, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("sai-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let (child, ready) = spawn_in(&dir, args);
+    (child, ready, dir)
+}
+
+/// The `key=value` of a ready line.
+fn ready_field(ready: &str, key: &str) -> String {
+    ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} in {ready}"))
+        .to_string()
+}
+
+/// An embedded server on the data dir `dir` with `args` (free ports unless they name theirs):
+/// the child and its ready line.
+fn spawn_in(dir: &std::path::Path, args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sai-im"))
         .args(args)
         .args(["--shards", "1", "--bcrypt-cost", "4"])
-        .args([
-            "--ws-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-        ])
+        .args(
+            ["--ws-listen", "--http-listen", "--grpc-listen"]
+                .into_iter()
+                .filter(|flag| !args.contains(flag))
+                .flat_map(|flag| [flag, "127.0.0.1:0"]),
+        )
         .arg("--data-dir")
-        .arg(&dir)
+        .arg(dir)
         .env_remove("RUST_LOG")
         // Spans, when exported, go out every 100 ms instead of 5 s.
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
@@ -120,7 +134,7 @@ fn spawn_piped(name: &str, args: &[&str]) -> (std::process::Child, String, std::
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut ready)
         .unwrap();
-    (child, ready, dir)
+    (child, ready)
 }
 
 #[test]
@@ -259,13 +273,7 @@ fn a_graceful_stop_closes_clients_with_1012_and_a_stuck_one_is_cut_at_the_deadli
     // A client that never answers the close holds the stop for the close grace (3 s); with a
     // 1 s deadline the process exits at the deadline, with status 1.
     let (mut child, ready, dir) = spawn_piped("deadline", &["--shutdown-timeout-secs", "1"]);
-    let field = |k: &str| {
-        ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap()
-            .to_string()
-    };
+    let field = |k: &str| ready_field(&ready, k);
     let http = Server::attach(&format!("http://{}", field("http")));
     let (_, tb) = http.user("bob");
     let stuck = Client::connect(&field("ws"), &tb).unwrap();
@@ -286,7 +294,7 @@ fn a_graceful_stop_closes_clients_with_1012_and_a_stuck_one_is_cut_at_the_deadli
 }
 
 /// The embedded default keeps its ports to itself (its SQLite store assumes one process): a
-/// second server on the same HTTP port fails to start, unlike cluster processes, which share.
+/// second server on the same HTTP port fails to start, unless it takes over (`--take-over`).
 #[test]
 fn a_second_embedded_server_on_the_same_ports_fails_to_start() {
     let s = Server::start(&[]);
@@ -342,13 +350,7 @@ fn a_chat_message_is_one_trace_and_its_log_lines_name_it() {
         stderr.read_to_string(&mut log).unwrap();
         log
     });
-    let field = |k: &str| {
-        ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("{k} in {ready}"))
-            .to_string()
-    };
+    let field = |k: &str| ready_field(&ready, k);
     let http = Server::attach(&format!("http://{}", field("http")));
     let (alice, ta) = http.user("alice");
     let (bob, tb) = http.user("bob");
@@ -500,4 +502,98 @@ fn a_graceful_restart_with_messages_in_flight_acks_what_it_stored_and_loses_noth
         acked.len(),
         resent.len()
     );
+}
+
+/// `--take-over`: a new embedded server on the same data directory and ports replaces the
+/// running one. From its start to its ready line no connection to the WebSocket or HTTP port is
+/// refused; the old one closes its clients with 1012 and exits 0; they reconnect to the same
+/// address and find their messages, and seqs go on. A plain second start is refused.
+#[test]
+fn an_embedded_server_taken_over_refuses_no_connection_and_keeps_its_data() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (mut old, ready, dir) = spawn_piped("takeover", &["--require-friendship", "false"]);
+    let field = |k: &str| ready_field(&ready, k);
+    let (ws, http, grpc) = (field("ws"), field("http"), field("grpc"));
+    let api = Server::attach(&format!("http://{http}"));
+    let (_, ta) = api.user("alice");
+    let (bob, tb) = api.user("bob");
+    let mut a = Client::connect(&ws, &ta).unwrap();
+    a.chat(&bob, "t1", "before");
+    assert_eq!(a.recv()["data"]["seq"], 1);
+
+    // Connections to both ports, every 2 ms, for the whole hand-over.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (made, refused) = (
+        std::sync::Arc::new(AtomicU64::new(0)),
+        std::sync::Arc::new(AtomicU64::new(0)),
+    );
+    let prober = {
+        let (stop, made, refused) = (stop.clone(), made.clone(), refused.clone());
+        let addrs: Vec<std::net::SocketAddr> = [&ws, &http].iter().map(|a| a.parse().unwrap()).collect();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for addr in &addrs {
+                    match std::net::TcpStream::connect(addr) {
+                        Ok(_) => made.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => refused.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let (mut new, new_ready) = spawn_in(
+        &dir,
+        &[
+            "--take-over",
+            "--require-friendship",
+            "false",
+            "--ws-listen",
+            &ws,
+            "--http-listen",
+            &http,
+            "--grpc-listen",
+            &grpc,
+        ],
+    );
+    assert!(new_ready.starts_with("sai-im ready "), "{new_ready:?}");
+    assert_eq!(
+        a.expect_close().0,
+        1012,
+        "the old server's clients are told to come back"
+    );
+    assert!(old.wait().unwrap().success(), "the old server stops gracefully");
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    prober.join().unwrap();
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "no connection refused during the hand-over"
+    );
+    assert!(made.load(Ordering::Relaxed) > 10);
+
+    // Back on the same address: the messages and the seqs are the old server's.
+    let mut a = Client::connect(&ws, &ta).unwrap();
+    a.chat(&bob, "t2", "after");
+    assert_eq!(a.recv()["data"]["seq"], 2);
+    let mut b = Client::connect(&ws, &tb).unwrap();
+    let (pushes, _) = b.sync(serde_json::json!({}));
+    let ids: Vec<&str> = pushes
+        .iter()
+        .map(|p| p["data"]["clientMsgId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["t1", "t2"]);
+
+    // Without --take-over, a second server on the data directory does not start.
+    let (mut second, second_ready) = spawn_in(&dir, &[]);
+    assert_eq!(second_ready, "", "no ready line");
+    assert_eq!(second.wait().unwrap().code(), Some(1));
+    let mut err = String::new();
+    second.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("--take-over"), "{err}");
+    let _ = Command::new("kill").arg("-TERM").arg(new.id().to_string()).status();
+    assert!(new.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
 }
