@@ -40,7 +40,7 @@ use sai_pipeline::message::{ChatAck, ChatRequest, SyncPage};
 use sai_proto::stats::Counters;
 use sai_storage::{
     Appended, BitmapWrite, ConversationHead, ConversationSummary, MemberState, MessageStore, NewMessage,
-    ReadBitmapCodec, ReadMark, ReadRecord, StoreResult, StoredMessage,
+    ReadBitmapCodec, ReadMark, ReadRecord, StoreResult, StoredMessage, WriteStats,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -159,8 +159,12 @@ impl Metrics {
         })
     }
 
-    /// `inner`, timed per call (`sai_store_call_seconds`), its appends counted.
+    /// `inner`, timed per call (`sai_store_call_seconds`), its appends counted, and its
+    /// batching writer's work exported (`sai_store_write_*`) when it has one.
     pub fn store(&mut self, inner: Arc<dyn MessageStore>) -> Arc<dyn MessageStore> {
+        if let Some(stats) = inner.write_stats() {
+            self.registry.register_collector(Box::new(WriteCollector(stats)));
+        }
         let seconds = call_histograms();
         let (stored, deduplicated) = (Counter::default(), Counter::default());
         self.registry.register(
@@ -456,6 +460,39 @@ impl Collector for RedisCollector {
     }
 }
 
+/// The store's batching writer: batches, the jobs in them, and its queue.
+#[derive(Debug)]
+struct WriteCollector(Arc<WriteStats>);
+
+impl Collector for WriteCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        for (name, help, value) in [
+            (
+                "sai_store_write_batches",
+                "Batches the store's writer wrote",
+                &s.batches,
+            ),
+            (
+                "sai_store_write_jobs",
+                "Appends and received positions in those batches (per batch: the mean batch size)",
+                &s.jobs,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value.load(Relaxed)).encode(m)?;
+        }
+        let m = encoder.encode_descriptor(
+            "sai_store_write_queue",
+            "Jobs left waiting in the store writer's queue when it took its last batch",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(s.queued.load(Relaxed) as i64).encode(m)
+    }
+}
+
 // ---- pipeline -------------------------------------------------------------------------------
 
 /// A [`Ws2Ms`] that times each call of the one it wraps.
@@ -542,6 +579,10 @@ impl TimedStore {
 
 #[async_trait::async_trait]
 impl MessageStore for TimedStore {
+    fn write_stats(&self) -> Option<Arc<WriteStats>> {
+        self.inner.write_stats()
+    }
+
     async fn append(&self, msg: NewMessage) -> StoreResult<Appended> {
         let r = self.timed("append", self.inner.append(msg)).await;
         match &r {

@@ -68,6 +68,16 @@ fn metrics_count_what_the_gateway_and_the_pipeline_did() {
     );
     assert_eq!(sum(&m, "sai_messages_stored_total", &[]), 5.0);
     assert_eq!(sum(&m, "sai_messages_deduplicated_total", &[]), 1.0);
+    // The store's writer logged the six appends (and any received positions) in batches.
+    let (batches, jobs) = (
+        sum(&m, "sai_store_write_batches_total", &[]),
+        sum(&m, "sai_store_write_jobs_total", &[]),
+    );
+    assert!(
+        batches >= 1.0 && jobs >= 6.0 && jobs >= batches,
+        "{batches} batches of {jobs} jobs"
+    );
+    assert_eq!(sum(&m, "sai_store_write_queue", &[]), 0.0, "nothing waits once idle");
     assert_eq!(sum(&m, "sai_store_call_seconds_count", &["call=\"append\""]), 6.0);
     assert!(sum(&m, "process_resident_memory_bytes", &[]) > 1e6);
     assert!(sum(&m, "process_open_fds", &[]) > 0.0);

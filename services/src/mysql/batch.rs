@@ -23,6 +23,7 @@
 use super::{message_from_row, retrying, unavailable, Key, Log, MySqlPool};
 use sai_storage::{Appended, NewMessage, StoreError, StoreResult, StoredMessage};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// Appends waiting for the writer.
@@ -41,11 +42,12 @@ pub(super) struct Job {
 }
 
 /// Starts the writer on the current runtime; it ends when every sender is gone.
-pub(super) fn start(pool: MySqlPool, log: Log) -> mpsc::Sender<Job> {
+pub(super) fn start(pool: MySqlPool, log: Log, stats: Arc<sai_storage::WriteStats>) -> mpsc::Sender<Job> {
     let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
     tokio::spawn(async move {
         let mut jobs = Vec::with_capacity(BATCH);
         while rx.recv_many(&mut jobs, BATCH).await > 0 {
+            stats.batch(jobs.len(), rx.len());
             write(&pool, &log, std::mem::take(&mut jobs)).await;
         }
     });

@@ -34,6 +34,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::Row;
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod batch;
@@ -190,6 +191,8 @@ pub struct MySqlStore {
     pool: MySqlPool,
     /// The batch writer's queue (see [`batch`]).
     appender: tokio::sync::mpsc::Sender<batch::Job>,
+    /// What the batch writer does (metrics).
+    write_stats: Arc<sai_storage::WriteStats>,
     log: Log,
 }
 
@@ -226,8 +229,14 @@ impl MySqlStore {
             Some(u) => Log::Mongo(std::sync::Arc::new(mongo::MongoLog::open(u).await?)),
         };
         same_log(&pool, &log).await?;
-        let appender = batch::start(pool.clone(), log.clone());
-        Ok(Self { pool, appender, log })
+        let write_stats = Arc::new(sai_storage::WriteStats::default());
+        let appender = batch::start(pool.clone(), log.clone(), write_stats.clone());
+        Ok(Self {
+            pool,
+            appender,
+            log,
+            write_stats,
+        })
     }
 
     /// Closes the pool (and the chat log's connections).
@@ -721,6 +730,10 @@ impl UserStore for MySqlStore {
 
 #[async_trait]
 impl MessageStore for MySqlStore {
+    fn write_stats(&self) -> Option<Arc<sai_storage::WriteStats>> {
+        Some(self.write_stats.clone())
+    }
+
     async fn append(&self, m: NewMessage) -> StoreResult<Appended> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.appender

@@ -158,6 +158,8 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// Queue of the message writer thread.
     messages: mpsc::Sender<writer::Job>,
+    /// What the writer does (metrics).
+    write_stats: Arc<sai_storage::WriteStats>,
     /// Logged records not merged yet: the read barrier.
     log: Arc<merge::Shared>,
     /// Taken by [`Self::close`].
@@ -196,6 +198,7 @@ impl SqliteStore {
             writer,
             reader,
             messages: started.jobs,
+            write_stats: started.stats,
             log: started.shared,
             threads: Arc::new(Mutex::new(Some((started.thread, checkpointer)))),
             points: Arc::new(point::PointReads::new(path)),
@@ -620,6 +623,10 @@ impl UserStore for SqliteStore {
 
 #[async_trait]
 impl MessageStore for SqliteStore {
+    fn write_stats(&self) -> Option<Arc<sai_storage::WriteStats>> {
+        Some(self.write_stats.clone())
+    }
+
     async fn append(&self, m: NewMessage) -> StoreResult<Appended> {
         self.to_writer(|reply| writer::Job::Append(m, reply)).await
     }

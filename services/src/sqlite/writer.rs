@@ -27,7 +27,7 @@ use super::keys::KeyFilter;
 use super::log::{self, AppendError, Record};
 use super::merge::{self, Shared};
 use rusqlite::{params, Connection, OptionalExtension};
-use sai_storage::{Appended, NewMessage, StoreError, StoreResult, StoredMessage};
+use sai_storage::{Appended, NewMessage, StoreError, StoreResult, StoredMessage, WriteStats};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -71,6 +71,7 @@ struct SeqCache {
 /// The writer's queue, the state it shares with the merger and readers, and its thread.
 pub(super) struct Started {
     pub(super) jobs: mpsc::Sender<Job>,
+    pub(super) stats: Arc<WriteStats>,
     pub(super) shared: Arc<Shared>,
     pub(super) thread: std::thread::JoinHandle<()>,
 }
@@ -89,15 +90,22 @@ pub(super) fn start(path: &Path) -> StoreResult<Started> {
     let mut filter = KeyFilter::load(&conn).map_err(unavailable)?;
     let (jobs, rx) = mpsc::channel(QUEUE);
     let writer_shared = shared.clone();
+    let stats = Arc::new(WriteStats::default());
+    let writer_stats = stats.clone();
     let thread = std::thread::Builder::new()
         .name("sai-sqlite-writer".into())
         .spawn(move || {
-            run(&conn, &mut filter, rx, &writer_shared);
+            run(&conn, &mut filter, rx, &writer_shared, &writer_stats);
             writer_shared.stop();
             let _ = merger.join();
         })
         .map_err(|e| StoreError::Unavailable(format!("starting the writer thread: {e}")))?;
-    Ok(Started { jobs, shared, thread })
+    Ok(Started {
+        jobs,
+        stats,
+        shared,
+        thread,
+    })
 }
 
 /// A connection of the writer or the merger. WAL and NORMAL as the pools; a 64 MiB page cache
@@ -115,7 +123,7 @@ fn open(path: &Path) -> StoreResult<Connection> {
     Ok(conn)
 }
 
-fn run(conn: &Connection, filter: &mut KeyFilter, mut rx: mpsc::Receiver<Job>, shared: &Shared) {
+fn run(conn: &Connection, filter: &mut KeyFilter, mut rx: mpsc::Receiver<Job>, shared: &Shared, stats: &WriteStats) {
     let mut seqs = SeqCache { max: HashMap::new() };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut stop = false;
@@ -140,6 +148,7 @@ fn run(conn: &Connection, filter: &mut KeyFilter, mut rx: mpsc::Receiver<Job>, s
             }
         }
         last_len = batch.len();
+        stats.batch(batch.len(), rx.len());
         if let Some(i) = batch.iter().position(|j| matches!(j, Job::Stop)) {
             // Jobs behind the stop were sent after close(): refuse them.
             for j in batch.drain(i..) {

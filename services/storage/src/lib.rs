@@ -394,9 +394,36 @@ pub trait SocialStore: Send + Sync + 'static {
     async fn set_group_role(&self, group_id: &str, user_id: &str, role: &str) -> StoreResult<bool>;
 }
 
+/// What a store's batching writer does, for metrics: relaxed counters the writer adds to once
+/// per batch and a scrape reads.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    /// Batches written.
+    pub batches: std::sync::atomic::AtomicU64,
+    /// Jobs (appends, received positions) in them: divided by `batches`, the mean batch size.
+    pub jobs: std::sync::atomic::AtomicU64,
+    /// Jobs left waiting in the writer's queue when it took its last batch.
+    pub queued: std::sync::atomic::AtomicU64,
+}
+
+impl WriteStats {
+    /// The writer took a batch of `jobs`, leaving `queued` behind.
+    pub fn batch(&self, jobs: usize, queued: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.batches.fetch_add(1, Relaxed);
+        self.jobs.fetch_add(jobs as u64, Relaxed);
+        self.queued.store(queued as u64, Relaxed);
+    }
+}
+
 /// Conversations and their messages.
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
+    /// The batching writer's counts, when the store has one (metrics).
+    fn write_stats(&self) -> Option<std::sync::Arc<WriteStats>> {
+        None
+    }
+
     /// Durably appends a message with the conversation's next seq, unless `(send_id,
     /// client_msg_id)` exists, in which case the original is returned and nothing is written.
     /// Returns only once the message is durable.
