@@ -20,6 +20,8 @@ pub mod frame_type {
     pub const NO_ACK: u8 = 3;
     /// An error.
     pub const ERROR: u8 = 9;
+    /// Every frame type.
+    pub const ALL: [u8; 5] = [DATA, PING, ACK, NO_ACK, ERROR];
 }
 
 #[derive(Serialize)]

@@ -25,6 +25,8 @@ pub mod method {
     pub const FRIEND_ACCEPTED: &str = "friend.accepted";
     /// Server-to-client message delivery.
     pub const PUSH: &str = "push";
+    /// Every method, both ways.
+    pub const ALL: [&str; 7] = [CHAT, SYNC, MARK_READ, READ, FRIEND_REQUEST, FRIEND_ACCEPTED, PUSH];
 }
 
 /// Longest accepted frame `id`, `recvId` or `clientMsgId`, in bytes.

@@ -43,6 +43,9 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// Every kind.
+    pub const ALL: [TokenError; 4] = [Self::Missing, Self::Malformed, Self::BadSignature, Self::Expired];
+
     /// Stable code.
     pub fn code(self) -> &'static str {
         match self {

@@ -9,8 +9,6 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 pub const INVALID_PAYLOAD: u16 = 1007;
 /// A frame or message larger than the configured limit.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
-/// The server hit an internal error it cannot recover this connection from.
-pub const INTERNAL_ERROR: u16 = 1011;
 /// The server is restarting (a graceful stop): reconnect, here or to another gateway, and sync.
 pub const SERVICE_RESTART: u16 = 1012;
 /// Another connection of the same user logged in and replaced this one (exclusive login).
@@ -23,3 +21,17 @@ pub const SLOW_CONSUMER: u16 = 4003;
 pub const TOKEN_REVOKED: u16 = 4004;
 /// The account was disabled.
 pub const ACCOUNT_DISABLED: u16 = 4005;
+
+/// Every code the gateway sends (`docs/protocol.md` lists them; a test holds the two together).
+pub const SENT: [u16; 10] = [
+    NORMAL,
+    PROTOCOL_ERROR,
+    INVALID_PAYLOAD,
+    MESSAGE_TOO_BIG,
+    SERVICE_RESTART,
+    REPLACED,
+    IDLE_TIMEOUT,
+    SLOW_CONSUMER,
+    TOKEN_REVOKED,
+    ACCOUNT_DISABLED,
+];

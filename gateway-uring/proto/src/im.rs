@@ -40,6 +40,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 10] = [
+        Self::InvalidJson,
+        Self::UnknownFrameType,
+        Self::UnknownMethod,
+        Self::MissingField,
+        Self::InvalidField,
+        Self::RecipientNotFound,
+        Self::UnsupportedChatType,
+        Self::UnsupportedMessageType,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
     /// The stable snake_case string.
     pub fn as_str(self) -> &'static str {
         match self {
