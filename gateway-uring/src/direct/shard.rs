@@ -971,6 +971,16 @@ impl DirectShard {
         Ok(())
     }
 
+    /// Takes the listener out of the port at once, so that while this shard drains, new
+    /// connections go to the port's other listeners (a replacement's) instead of queueing here
+    /// to be reset when the thread exits. `shutdown(SHUT_RD)` on a listening socket stops it
+    /// (the kernel unhashes it; the armed accept completes with an error).
+    fn stop_listening(&self) {
+        if let Err(e) = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Read) {
+            tracing::debug!(shard = self.idx, error = %e, "stopping the listener failed");
+        }
+    }
+
     /// A graceful stop's first step: every session refuses new requests (`first`), and each
     /// one whose queued requests are all answered is closed with 1012, so that the acks of what
     /// it had read reach the client first. True once none is left waiting.
@@ -1057,6 +1067,7 @@ impl DirectShard {
             if self.stopping.get() {
                 match (stop_at, draining) {
                     (None, None) => {
+                        self.stop_listening();
                         let done = self.drain(core, true);
                         draining = Some((now + self.shared.cfg.close_grace, now + DRAIN_EVERY));
                         if done {
