@@ -19,7 +19,7 @@
 //! most [`RECONNECT_FOR`]), `conversation.sync` fetches what was stored meanwhile, and every
 //! message not yet acked, including those written while offline, is sent again with its
 //! `clientMsgId` (the server stores it once). `reconnect_after_loss` is the time from the lost
-//! connection to the sync's answer; `unacked` (messages never acked at the end) must be 0, as
+//! connection to the sync's answer, `reconnect_retries` the attempts that failed meanwhile; `unacked` (messages never acked at the end) must be 0, as
 //! must `missing` and `duplicated`.
 
 use crate::client::{self, Client};
@@ -140,6 +140,8 @@ struct Counters {
     lost: u64,
     /// Reconnections that succeeded (reconnect mode).
     reconnected: u64,
+    /// Reconnection attempts that failed and were retried (reconnect mode).
+    reconnect_retries: u64,
     /// Messages sent again after a reconnect (reconnect mode).
     resent_unacked: u64,
     /// Messages written while offline, sent on reconnect (reconnect mode).
@@ -353,6 +355,7 @@ impl Worker {
                     Some(since) if unix_us().saturating_sub(since) < RECONNECT_FOR.as_micros() as u64 => {
                         // The server is not back yet: try again, 100 ms more each time, up to 1 s.
                         attempt += 1;
+                        self.stats.borrow_mut().c.reconnect_retries += 1;
                         tokio::time::sleep(Duration::from_millis((100 * attempt).min(1000))).await;
                         continue;
                     }
@@ -817,6 +820,7 @@ impl Worker {
             ("skipped_offline", c.skipped_offline),
             ("lost", c.lost),
             ("reconnected", c.reconnected),
+            ("reconnect_retries", c.reconnect_retries),
             ("resent_unacked", c.resent_unacked),
             ("queued_offline", c.queued_offline),
         ] {
