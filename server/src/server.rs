@@ -107,7 +107,7 @@ pub async fn run(
         Some(lock)
     };
     let traces = start_traces(&cfg, "all")?;
-    let apis = Apis::bind(&cfg, true).await?;
+    let apis = Apis::bind(&cfg)?;
     let mut metrics = Metrics::new("all");
     // The gateway's index and inboxes come first: the services send through them.
     let gateway = Gateway::prepare(sai_gateway::GatewayConfig {
@@ -258,7 +258,7 @@ pub async fn run_services(
         }
         None => None,
     };
-    let apis = Apis::bind(&cfg, true).await?;
+    let apis = Apis::bind(&cfg)?;
     let internal_l =
         listen(cfg.internal_listen).map_err(io(format!("binding the internal port {}", cfg.internal_listen)))?;
     reload::watch(
@@ -714,21 +714,10 @@ struct Serving {
 type Internal = (tokio::net::TcpListener, sai_cluster::pipeline::Server);
 
 impl Apis {
-    /// Binds the HTTP and gRPC ports; `shared`: with `SO_REUSEPORT` (see [`listen`]).
-    async fn bind(cfg: &Config, shared: bool) -> Result<Self, ServerError> {
-        let bind = |addr: SocketAddr| async move {
-            if shared {
-                listen(addr)
-            } else {
-                tokio::net::TcpListener::bind(addr).await
-            }
-        };
-        let http_l = bind(cfg.http_listen)
-            .await
-            .map_err(io(format!("binding HTTP {}", cfg.http_listen)))?;
-        let grpc_l = bind(cfg.grpc_listen)
-            .await
-            .map_err(io(format!("binding gRPC {}", cfg.grpc_listen)))?;
+    /// Binds the HTTP and gRPC ports, with `SO_REUSEPORT` (see [`listen`]).
+    fn bind(cfg: &Config) -> Result<Self, ServerError> {
+        let http_l = listen(cfg.http_listen).map_err(io(format!("binding HTTP {}", cfg.http_listen)))?;
+        let grpc_l = listen(cfg.grpc_listen).map_err(io(format!("binding gRPC {}", cfg.grpc_listen)))?;
         Ok(Self {
             http: http_l.local_addr().map_err(io("HTTP address"))?,
             grpc: grpc_l.local_addr().map_err(io("gRPC address"))?,
