@@ -515,7 +515,7 @@ fn run_shard(
                     continue;
                 }
                 if c.idle() {
-                    c.close_with(&shard, close::SERVICE_RESTART, "service restart: reconnect and sync");
+                    c.close_with(&shard, close::SERVICE_RESTART, close::SERVICE_RESTART_REASON);
                 } else {
                     waiting = true;
                 }
@@ -526,7 +526,7 @@ fn run_shard(
             monoio::time::sleep(DRAIN_EVERY).await;
         }
         for c in &conns {
-            c.close_with(&shard, close::SERVICE_RESTART, "service restart: reconnect and sync");
+            c.close_with(&shard, close::SERVICE_RESTART, close::SERVICE_RESTART_REASON);
         }
         // Give clients a moment to see the close frame, then drop whatever is left.
         let deadline = Instant::now() + shard.shared.cfg.close_grace;

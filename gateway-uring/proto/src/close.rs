@@ -11,6 +11,8 @@ pub const INVALID_PAYLOAD: u16 = 1007;
 pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// The server is restarting (a graceful stop): reconnect, here or to another gateway, and sync.
 pub const SERVICE_RESTART: u16 = 1012;
+/// The reason sent with [`SERVICE_RESTART`].
+pub const SERVICE_RESTART_REASON: &str = "service restart: reconnect and sync";
 /// Another connection of the same user logged in and replaced this one (exclusive login).
 pub const REPLACED: u16 = 4001;
 /// No traffic for the idle timeout.

@@ -985,7 +985,6 @@ impl DirectShard {
     /// one whose queued requests are all answered is closed with 1012, so that the acks of what
     /// it had read reach the client first. True once none is left waiting.
     fn drain(&self, core: &mut Core, first: bool) -> bool {
-        let now = self.now();
         let mut waiting = false;
         for key in core.conns.keys() {
             let Some(conn) = core.conns.get_mut(key) else { continue };
@@ -1006,16 +1005,14 @@ impl DirectShard {
                 waiting = true;
                 continue;
             }
-            open.session
-                .close(now, close::SERVICE_RESTART, "service restart: reconnect and sync");
-            self.after_session(core, key);
+            self.close_with(core, key, close::SERVICE_RESTART, close::SERVICE_RESTART_REASON);
         }
         !waiting
     }
 
     fn shut_down(&self, core: &mut Core) {
         for key in core.conns.keys() {
-            self.close_with(core, key, close::SERVICE_RESTART, "service restart: reconnect and sync");
+            self.close_with(core, key, close::SERVICE_RESTART, close::SERVICE_RESTART_REASON);
         }
     }
 
