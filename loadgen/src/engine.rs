@@ -418,13 +418,7 @@ impl Worker {
                             scheduled_us,
                         } = cmd
                         {
-                            let frame = self.chat_frame(key, &to, chat_type, scheduled_us);
-                            self.users.borrow_mut()[i].unacked.insert(key, frame);
-                            let mut s = self.stats.borrow_mut();
-                            s.c.queued_offline += 1;
-                            if self.opts.ack_mode != "none" {
-                                s.sent_at.insert(key, scheduled_us);
-                            }
+                            self.queue_offline(i, key, &to, chat_type, scheduled_us);
                         }
                     }
                     self.users.borrow_mut()[i].lost_since.get_or_insert_with(unix_us);
@@ -495,6 +489,17 @@ impl Worker {
                     heartbeat.as_mut().reset(client.session.poll_timeout().into());
                 }
             }
+        }
+    }
+
+    /// Keeps message `key` of user `i`, who is offline, to be sent when the user is back.
+    fn queue_offline(&self, i: usize, key: u64, to: &str, chat_type: u8, scheduled_us: u64) {
+        let frame = self.chat_frame(key, to, chat_type, scheduled_us);
+        self.users.borrow_mut()[i].unacked.insert(key, frame);
+        let mut s = self.stats.borrow_mut();
+        s.c.queued_offline += 1;
+        if self.opts.ack_mode != "none" {
+            s.sent_at.insert(key, scheduled_us);
         }
     }
 
@@ -652,14 +657,8 @@ impl Worker {
             let Some(tx) = tx else {
                 if self.opts.reconnect {
                     // Written while offline: sent when the user is back.
-                    let frame = self.chat_frame(key, &to, chat_type, scheduled_us);
-                    self.users.borrow_mut()[sender].unacked.insert(key, frame);
-                    let mut s = self.stats.borrow_mut();
-                    s.expected.insert(key, deliveries);
-                    s.c.queued_offline += 1;
-                    if self.opts.ack_mode != "none" {
-                        s.sent_at.insert(key, scheduled_us);
-                    }
+                    self.stats.borrow_mut().expected.insert(key, deliveries);
+                    self.queue_offline(sender, key, &to, chat_type, scheduled_us);
                 } else {
                     self.stats.borrow_mut().c.skipped_offline += 1;
                 }
