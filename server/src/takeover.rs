@@ -90,11 +90,11 @@ impl DataDirLock {
             return claim(file, &path);
         }
         let pid = holder(&mut file);
-        match pid.trim().parse::<i32>().ok().and_then(rustix::process::Pid::from_raw) {
+        match pid.parse::<i32>().ok().and_then(rustix::process::Pid::from_raw) {
             Some(p) => {
-                tracing::info!(pid = pid.trim(), "taking over: asking the running server to stop");
+                tracing::info!(pid = %pid, "taking over: asking the running server to stop");
                 if let Err(e) = rustix::process::kill_process(p, rustix::process::Signal::TERM) {
-                    tracing::warn!(pid = pid.trim(), error = %e, "could not signal the running server; waiting for it to stop");
+                    tracing::warn!(pid = %pid, error = %e, "could not signal the running server; waiting for it to stop");
                 }
             }
             None => tracing::warn!(holder = %pid, "the lock names no pid; waiting for its holder to stop"),
@@ -104,14 +104,14 @@ impl DataDirLock {
             if start.elapsed() >= wait {
                 return Err(LockError::NotReleased {
                     path,
-                    holder: pid.trim().to_string(),
+                    holder: pid,
                     waited: wait,
                 });
             }
             tokio::time::sleep(RETRY_EVERY).await;
         }
         tracing::info!(
-            pid = pid.trim(),
+            pid = %pid,
             waited_ms = start.elapsed().as_millis() as u64,
             "took over the data directory"
         );
@@ -144,7 +144,7 @@ fn try_lock(file: &File) -> bool {
 fn holder(file: &mut File) -> String {
     let mut s = String::new();
     let _ = file.rewind().and_then(|()| file.read_to_string(&mut s));
-    s
+    s.trim().to_string()
 }
 
 /// Writes this process's pid into the locked file.
@@ -231,7 +231,7 @@ mod tests {
         let first = DataDirLock::acquire(&dir).ok();
         assert!(first.is_some());
         match DataDirLock::acquire(&dir) {
-            Err(LockError::Held { holder, .. }) => assert_eq!(holder.trim(), std::process::id().to_string()),
+            Err(LockError::Held { holder, .. }) => assert_eq!(holder, std::process::id().to_string()),
             other => panic!("expected Held, got {:?}", other.err()),
         }
         drop(first);
