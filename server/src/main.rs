@@ -144,6 +144,8 @@ fn run_with(f: impl FnOnce(&tokio::runtime::Runtime) -> Result<(), server::Serve
             return ExitCode::FAILURE;
         }
     };
+    // Entered, so that what `f` builds before `block_on` (the signal handlers) finds it.
+    let _entered = rt.enter();
     match f(&rt) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -167,31 +169,49 @@ fn serve(cfg: Config, source: reload::Source) -> ExitCode {
 
 /// Resolves on Ctrl-C or SIGTERM, and from then on gives the graceful stop `deadline`: past
 /// it the process exits with status 1 whatever is still running.
-async fn shutdown_signal(deadline: std::time::Duration) {
-    wait_for_signal().await;
-    std::thread::spawn(move || {
-        std::thread::sleep(deadline);
-        eprintln!("sai-im: not stopped within {deadline:?} of the signal: exiting");
-        std::process::exit(1);
-    });
+///
+/// The handlers are installed when this is called (inside the runtime), not when the future is
+/// first polled: a signal sent as soon as the ready line is out must stop the process
+/// gracefully, not kill it with the default action.
+fn shutdown_signal(deadline: std::time::Duration) -> impl std::future::Future<Output = ()> {
+    let signalled = signal_received();
+    async move {
+        signalled.await;
+        std::thread::spawn(move || {
+            std::thread::sleep(deadline);
+            eprintln!("sai-im: not stopped within {deadline:?} of the signal: exiting");
+            std::process::exit(1);
+        });
+    }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+/// Installs the Ctrl-C and SIGTERM handlers now; the future resolves on the first of them.
+#[cfg(unix)]
+fn signal_received() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let int = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        match (int, term) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {},
+                    _ = term.recv() => {},
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
+            }
+            (Err(_), Err(_)) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+}
+
+#[cfg(not(unix))]
+fn signal_received() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -69,14 +69,16 @@ pub fn watch(source: Source, running: Config, targets: Targets, reloads: Reloads
     let Some(file) = source.file.clone() else {
         return;
     };
+    // Registered before the task first runs, so that a SIGHUP sent as soon as the process is
+    // ready reloads instead of killing it (the default action).
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: the config file is only watched");
+            None
+        }
+    };
     tokio::spawn(async move {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "no SIGHUP handler: the config file is only watched");
-                None
-            }
-        };
         let mut running = running;
         let mut seen = stamp(&file);
         let mut tick = tokio::time::interval(WATCH_EVERY);

@@ -154,7 +154,8 @@ fn json_logs_are_one_object_per_line_and_a_bad_level_is_refused() {
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let mut log = String::new();
     child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
-    assert!(child.wait().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {log}");
     let lines: Vec<Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
