@@ -5,6 +5,8 @@
 //! | `POST /v1/users/register` | - | `{"username","password","nickname"}` | `{"userId"}` |
 //! | `POST /v1/users/login` | - | `{"username","password"}` | `{"token","userId","expiresAt"}` |
 //! | `GET /v1/users/me` | bearer | - | `{"userId","username","nickname","createdAt"}` |
+//! | `GET /v1/users` | bearer | `username` | `{"users":[{"userId","username","nickname"}]}`: the user of that exact name, if any |
+//! | `GET /v1/users/{id}` | bearer | - | `{"userId","username","nickname"}` |
 //! | `POST /v1/users/logout` | bearer | - | 204; every token of the user is revoked, the live session closed with 4004 |
 //! | `POST /v1/users/me/password` | bearer | `{"currentPassword","newPassword"}` | `{"token","userId","expiresAt"}`; earlier tokens revoked (4004) |
 //! | `POST /v1/admin/users/{id}/disable` and `/enable` | admin token | - | 204; disabling closes the live session with 4005 |
@@ -80,6 +82,8 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/users/register", post(register))
         .route("/v1/users/login", post(login))
         .route("/v1/users/me", get(me))
+        .route("/v1/users", get(find_users))
+        .route("/v1/users/{id}", get(profile))
         .route("/v1/users/logout", post(logout))
         .route("/v1/users/me/password", post(change_password))
         .route("/v1/admin/users/{id}/disable", post(disable_user))
@@ -287,6 +291,31 @@ async fn me(State(s): State<Arc<Services>>, headers: HeaderMap) -> ApiResult {
         "createdAt": u.created_at,
     }))
     .into_response())
+}
+
+/// What any signed-in user may see of another: id, name and nickname.
+fn public_profile(u: &sai_storage::User) -> serde_json::Value {
+    json!({"userId": u.user_id, "username": u.username, "nickname": u.nickname})
+}
+
+/// `GET /v1/users?username=`: the user of exactly that name (an empty list when none), so
+/// that a client can find someone to befriend.
+async fn find_users(
+    State(s): State<Arc<Services>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    caller(&s, &headers).await?;
+    let name = q
+        .get("username")
+        .ok_or_else(|| ApiError(ServiceError::invalid("missing_field", "missing query username")))?;
+    let users: Vec<_> = s.users.by_name(name).await?.iter().map(public_profile).collect();
+    Ok(Json(json!({ "users": users })).into_response())
+}
+
+async fn profile(State(s): State<Arc<Services>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    caller(&s, &headers).await?;
+    Ok(Json(public_profile(&s.users.get(&id).await?)).into_response())
 }
 
 fn query_u64(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {

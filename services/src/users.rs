@@ -353,6 +353,11 @@ impl UserService {
         self.store.user_by_id(user_id).await?.ok_or_else(user_not_found)
     }
 
+    /// The user named exactly `username`: none or one.
+    pub async fn by_name(&self, username: &str) -> Result<Vec<User>, ServiceError> {
+        Ok(self.store.user_by_name(username).await?.into_iter().collect())
+    }
+
     /// Whether a user id exists (disabled accounts exist).
     pub async fn exists(&self, user_id: &str) -> Result<bool, ServiceError> {
         Ok(self.account(user_id).await?.is_some())
