@@ -56,6 +56,10 @@ SAI_ENGINE=direct cargo test --workspace --locked "$@"
 SAI_ENGINE=monoio cargo test --locked -p sai-im --tests "$@"
 SAI_ENGINE=direct SAI_TEST_DATABASE=mysql cargo test --locked -p sai-im --tests "$@"
 
+# The web client served by sai-im, through its whole story in headless Chromium (installed,
+# with Node.js and playwright-core, when missing).
+SAI_ENGINE=direct ./scripts/browser-test.sh
+
 # Benchmarks must keep compiling and running (one iteration each, no timing).
 cargo bench --locked -p sai-benches -p sai-bitmap -- --test
 

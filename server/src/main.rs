@@ -18,6 +18,7 @@ mod reload;
 mod server;
 mod takeover;
 mod trace;
+mod web;
 
 use clap::Parser;
 use config::{AdminCommand, Cli, Command, Config, LogFormat};

@@ -161,7 +161,7 @@ pub async fn run(
         engine: gateway.engine(),
         metrics,
     };
-    let apis = apis.serve(services, None, on_http);
+    let apis = apis.serve(services, None, on_http, Some(bound.ws.port()));
     on_ready(bound);
     tracing::info!(ws = %bound.ws, http = %bound.http, grpc = %bound.grpc, "sai-im ready");
 
@@ -278,7 +278,7 @@ pub async fn run_services(
         metrics,
     };
     let pipeline = PipelineService::new(ws2ms, hub.clone(), key);
-    let apis = apis.serve(services, Some((internal_l, pipeline)), on_http);
+    let apis = apis.serve(services, Some((internal_l, pipeline)), on_http, None);
     on_ready(bound);
     tracing::info!(http = %bound.http, grpc = %bound.grpc, internal = %bound.internal, "services ready");
     shutdown.await;
@@ -727,8 +727,15 @@ impl Apis {
     }
 
     /// Serves HTTP and gRPC (and the internal pipeline port, in a services process).
-    /// `metrics`, when given, is served at `/metrics` beside the HTTP API.
-    fn serve(self, services: Arc<Services>, internal: Option<Internal>, metrics: Option<Arc<Registry>>) -> Serving {
+    /// `metrics`, when given, is served at `/metrics` beside the HTTP API; so is the web
+    /// client when the process has a gateway (its WebSocket port `web`).
+    fn serve(
+        self,
+        services: Arc<Services>,
+        internal: Option<Internal>,
+        metrics: Option<Arc<Registry>>,
+        web: Option<u16>,
+    ) -> Serving {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
@@ -738,6 +745,9 @@ impl Apis {
             let mut app = sai_services::http::router(services.clone());
             if let Some(registry) = metrics {
                 app = app.merge(crate::metrics::router(registry));
+            }
+            if let Some(ws_port) = web {
+                app = app.merge(crate::web::router(ws_port));
             }
             let stop = wait(stop_rx.clone());
             // With the peer's address: login and registration are limited per address.

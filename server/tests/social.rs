@@ -768,3 +768,56 @@ fn presence_is_shown_to_friends_and_follows_the_connection() {
     );
     assert_eq!(code(&s.get(&format!("/v1/presence?userIds={bob}"), None)).0, 401);
 }
+
+#[test]
+fn users_are_found_by_exact_name_and_shown_without_their_secrets() {
+    let s = Server::start(&[]);
+    let (alice, ta) = s.user("alice");
+    let (bob, _) = s.user("bob");
+
+    let (st, v) = s.get("/v1/users?username=bob", Some(&ta));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"users": [{"userId": bob, "username": "bob", "nickname": "bob"}]})
+    );
+    let (st, v) = s.get("/v1/users?username=bo", Some(&ta));
+    assert_eq!((st, v), (200, json!({"users": []})), "exact names only");
+    let (st, v) = s.get(&format!("/v1/users/{alice}"), Some(&ta));
+    assert_eq!(st, 200);
+    assert_eq!(v, json!({"userId": alice, "username": "alice", "nickname": "alice"}));
+
+    assert_eq!(code(&s.get("/v1/users?username=bob", None)), (401, "missing_token"));
+    assert_eq!(code(&s.get("/v1/users", Some(&ta))), (400, "missing_field"));
+    assert_eq!(
+        code(&s.get("/v1/users/no-such-user", Some(&ta))),
+        (404, "user_not_found")
+    );
+}
+
+#[test]
+fn the_web_client_is_served_with_the_gateway_port_it_needs() {
+    let s = Server::start(&[]);
+    let page = |path: &str| {
+        let mut resp = ureq::get(format!("{}{path}", s.http)).call().unwrap();
+        let kind = resp.headers()["content-type"].to_str().unwrap().to_string();
+        (kind, resp.body_mut().read_to_string().unwrap())
+    };
+    let (kind, html) = page("/");
+    assert!(kind.starts_with("text/html"), "{kind}");
+    assert!(html.contains("/app.js") && html.contains("/app.css"));
+    let (kind, js) = page("/app.js");
+    assert!(kind.starts_with("text/javascript"), "{kind}");
+    assert!(js.contains("conversation.sync"));
+    assert!(page("/app.css").0.starts_with("text/css"));
+    let (_, client) = page("/client.json");
+    let client: Value = serde_json::from_str(&client).unwrap();
+    let ws_port =
+        s.ws.rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches("/ws")
+            .parse::<u64>()
+            .unwrap();
+    assert_eq!(client["wsPort"], ws_port, "{client} vs {}", s.ws);
+}
