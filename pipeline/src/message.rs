@@ -84,6 +84,7 @@ pub struct ChatRequest {
 
 /// A message as delivered to a client (`data` of a push frame).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Push {
     /// `si_<a>_<b>` for private chats (a < b), `sg_<groupId>` for groups.
@@ -103,6 +104,7 @@ pub struct Push {
     /// Milliseconds since the Unix epoch, assigned when stored.
     pub send_time: i64,
     /// The body, as the sender sent it.
+    #[cfg_attr(feature = "openapi", schema(value_type = serde_json::Value))]
     pub msg: Box<RawValue>,
 }
 

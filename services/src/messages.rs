@@ -34,7 +34,7 @@ pub struct Sent {
 }
 
 /// A message as history shows it: the push fields plus its delivery state.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryMessage {
     /// The message.
@@ -42,6 +42,7 @@ pub struct HistoryMessage {
     pub push: Push,
     /// Private chats, the caller's own messages: `sent`, `received` or `read`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, pattern = "^(sent|received|read)$")]
     pub status: Option<&'static str>,
     /// Groups: how many members have read it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,7 +50,7 @@ pub struct HistoryMessage {
 }
 
 /// Who has read one message.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Reads {
     /// Members (other than the sender, and who could see it) that read it.
@@ -61,7 +62,7 @@ pub struct Reads {
 }
 
 /// A conversation list entry.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConversationEntry {
     /// Conversation id.

@@ -176,7 +176,7 @@ impl Server {
 
     // ---- HTTP ----
 
-    fn agent() -> ureq::Agent {
+    pub fn agent() -> ureq::Agent {
         ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(20)))
