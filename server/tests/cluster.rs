@@ -916,6 +916,21 @@ fn through_kafka_read_bitmaps_are_the_task_processes_work_and_survive_its_kill_9
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    // One more receipt, which only the task running now can write (its predecessor may have
+    // finished the whole backlog before it was killed, leaving this one nothing to time).
+    let last = n + 1;
+    a.send(&json!({"frameType": 0, "id": "last", "method": "conversation.chat",
+        "data": {"chatType": 1, "recvId": gid, "clientMsgId": "gm-last", "msg": {"mType": 0, "content": "last"}}}));
+    assert_eq!(a.recv()["data"]["seq"], last);
+    read(&members[0], last);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reads(last) != [members[0].0.clone()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last receipt was never written"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Every process kind serves its metrics: the task timed its batches, the services the
     // receipts, the gateway holds the owner's connection.
     let t = task.metrics();
