@@ -50,6 +50,10 @@ for mode in none only rigor; do
         # seq order (loadgen counts any out-of-order delivery as a correctness failure).
         lg "$mode" group --groups 2 --size 50 --rate-per-group 100 --duration 3 --first-user 3200
         lg "$mode" storm --users 1000 --rate 300 --duration 3 --drop 0.3
+        # A capacity search over two worker processes stepping together (correctness only: the
+        # steps must have been judged on both workers' latencies, whatever the verdict).
+        lg "$mode" capacity --users 2000 --procs 2 --start-rate 400 --step-rate 400 --max-rate 800 --step-secs 1
+        grep -q "over 2 workers" "$DATA/lg.out" || { cat "$DATA/lg.out"; echo "smoke: no stepped capacity search"; exit 1; }
     fi
     stop_server
 done

@@ -771,6 +771,7 @@ impl Worker {
                 p99_ms: sum.p99_ms,
                 server_rss_kib: server.as_deref().map(rss_kib).unwrap_or(0),
                 loadgen_rss_kib: rss_kib("self"),
+                hist: crate::report::encode_hist(&sec),
             };
             (sent, acked, delivered, errors) = (s.c.sent, s.c.acked, s.c.delivered, s.c.errors);
             drop(s);

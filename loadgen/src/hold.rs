@@ -656,6 +656,8 @@ pub fn run(o: HoldOpts) -> Result<WorkerOut, String> {
             p99_ms: 0.0,
             server_rss_kib: server.as_deref().map(rss_kib).unwrap_or(0),
             loadgen_rss_kib: rss_kib("self"),
+            // One process: nothing to merge.
+            hist: None,
         };
         (last_pings, last_answers, last_failed) = (pings, answers, failed);
         if o.progress {

@@ -20,7 +20,7 @@ use engine::{Opts, Worker};
 use report::{Report, Summary, WorkerOut};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 
 /// The same allocator as the server: loadgen shares the machine's cores with it, so every
 /// microsecond it spends per message is one the server cannot use.
@@ -246,10 +246,6 @@ fn main() -> ExitCode {
     if let Some(i) = common.worker_index {
         return worker_main(&cli.cmd, &common, secret, i);
     }
-    if name == "capacity" && common.procs > 1 {
-        eprintln!("loadgen: capacity runs in one process (--procs 1)");
-        return ExitCode::from(2);
-    }
     let started_at = sys::unix_us() / 1_000_000;
     let t0 = Instant::now();
     let merged = if let Cmd::Hold { hold, threads, .. } = &cli.cmd {
@@ -269,7 +265,7 @@ fn main() -> ExitCode {
             }
         }
     } else {
-        match spawn_workers(&common) {
+        match spawn_workers(&cli.cmd, &common) {
             Ok(o) => o,
             Err(e) => {
                 eprintln!("loadgen: {e}");
@@ -324,25 +320,40 @@ fn run_hold(c: &Common, secret: String, hold: f64, threads: u32) -> Result<Worke
     })
 }
 
-/// Runs P copies of this command as workers and merges what they write.
-fn spawn_workers(common: &Common) -> Result<WorkerOut, String> {
+/// Runs P copies of this command as workers and merges what they write. A capacity search
+/// steps them together ([`coordinate_capacity`]): each step's verdict is taken on all workers'
+/// latencies merged, as if one process had sent the whole rate.
+fn spawn_workers(cmd: &Cmd, common: &Common) -> Result<WorkerOut, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = std::env::temp_dir().join(format!("loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let stepped = matches!(cmd, Cmd::Capacity { .. });
     let mut children = Vec::new();
     for i in 0..common.procs {
         let out = dir.join(format!("w{i}.json"));
-        let child = std::process::Command::new(&exe)
+        let mut command = std::process::Command::new(&exe);
+        command
             .args(&args)
             .arg("--worker-index")
             .arg(i.to_string())
             .arg("--worker-out")
-            .arg(&out)
-            .spawn()
-            .map_err(|e| format!("spawning worker {i}: {e}"))?;
+            .arg(&out);
+        if stepped {
+            command.stdin(Stdio::piped()).stdout(Stdio::piped());
+        }
+        let child = command.spawn().map_err(|e| format!("spawning worker {i}: {e}"))?;
         children.push((child, out));
     }
+    let search = if stepped {
+        let pipes: Vec<_> = children
+            .iter_mut()
+            .map(|(c, _)| (c.stdin.take(), c.stdout.take()))
+            .collect();
+        Some(coordinate_capacity(cmd, pipes)?)
+    } else {
+        None
+    };
     let mut merged = WorkerOut::default();
     for (i, (mut child, out)) in children.into_iter().enumerate() {
         let status = child.wait().map_err(|e| e.to_string())?;
@@ -351,7 +362,137 @@ fn spawn_workers(common: &Common) -> Result<WorkerOut, String> {
         merged.merge(w);
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some((steps, extra)) = search {
+        merged.steps = steps;
+        merged.extra.extend(extra);
+    }
     Ok(merged)
+}
+
+/// A capacity search over worker processes. Each worker connects its users and says `ready`;
+/// then for each step the coordinator sends every worker `step <total rate>` (each sends its
+/// share), and each answers `done <missing> <server CPU s> <own CPU s> <latency histogram>`
+/// once its step has drained. The step holds if the histograms merged have their p99 within
+/// the limit and nothing is missing; the first step that does not ends the search (`stop`).
+/// Returns the steps and the capacity figures for the summary.
+#[allow(clippy::type_complexity)]
+fn coordinate_capacity(
+    cmd: &Cmd,
+    pipes: Vec<(Option<std::process::ChildStdin>, Option<std::process::ChildStdout>)>,
+) -> Result<(Vec<serde_json::Value>, Vec<(String, f64)>), String> {
+    use std::io::{BufRead, Write};
+    let Cmd::Capacity {
+        start_rate,
+        step_rate,
+        max_rate,
+        p99_limit_ms,
+        group_size,
+        ..
+    } = cmd
+    else {
+        return Err("not a capacity search".into());
+    };
+    let fanout = if *group_size > 1 { (*group_size - 1) as f64 } else { 1.0 };
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Option<String>)>();
+    let mut inputs = Vec::new();
+    for (i, (stdin, stdout)) in pipes.into_iter().enumerate() {
+        let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
+            return Err(format!("worker {i} has no pipes"));
+        };
+        inputs.push(stdin);
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((i, Some(line))).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send((i, None));
+        });
+    }
+    let workers = inputs.len();
+    // One line from every worker, in worker order.
+    let gather = |what: &str| -> Result<Vec<String>, String> {
+        let mut lines: Vec<Option<String>> = vec![None; workers];
+        while lines.iter().any(Option::is_none) {
+            match rx.recv() {
+                Ok((i, Some(line))) => lines[i] = Some(line),
+                Ok((i, None)) => return Err(format!("worker {i} ended before {what}")),
+                Err(_) => return Err(format!("every worker ended before {what}")),
+            }
+        }
+        Ok(lines.into_iter().flatten().collect())
+    };
+    let tell = |inputs: &mut Vec<std::process::ChildStdin>, line: &str| {
+        for input in inputs.iter_mut() {
+            let _ = writeln!(input, "{line}").and_then(|()| input.flush());
+        }
+    };
+    gather("ready")?;
+    let mut steps = Vec::new();
+    let mut best = 0.0f64;
+    let mut rate = *start_rate;
+    while rate <= *max_rate {
+        let t = Instant::now();
+        tell(&mut inputs, &format!("step {rate}"));
+        let mut all = report::new_hist();
+        let (mut missing, mut server_cpu, mut loadgen_cpu) = (0u64, 0.0f64, 0.0f64);
+        for line in gather("its step")? {
+            let mut f = line.split(' ');
+            let (Some("done"), Some(m), Some(sc), Some(lc), Some(h)) =
+                (f.next(), f.next(), f.next(), f.next(), f.next())
+            else {
+                return Err(format!("a worker said {line:?}"));
+            };
+            missing += m.parse::<u64>().map_err(|e| e.to_string())?;
+            server_cpu += sc.parse::<f64>().map_err(|e| e.to_string())?;
+            loadgen_cpu += lc.parse::<f64>().map_err(|e| e.to_string())?;
+            let h = report::decode_hist(h).ok_or("a worker's histogram does not decode")?;
+            let _ = all.add(&h);
+        }
+        let s = Summary::of(&all);
+        let held = s.p99_ms <= *p99_limit_ms && missing == 0;
+        let server_us = server_cpu * 1e6 / (s.count.max(1) as f64);
+        let loadgen_cores = loadgen_cpu / t.elapsed().as_secs_f64().max(1e-9);
+        eprintln!(
+            "capacity step {rate:>9.0} msg/s ({:.0} deliveries/s) over {workers} workers: p99 {:.3} ms, \
+             missing {missing}, server {server_us:.0} us CPU/delivery, loadgen {loadgen_cores:.2} cores -> {}",
+            rate * fanout,
+            s.p99_ms,
+            if held { "held" } else { "exceeded" }
+        );
+        steps.push(serde_json::json!({"rate": rate, "deliveries_per_s": rate * fanout,
+            "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "max_ms": s.max_ms, "delivered": s.count,
+            "missing": missing, "held": held, "server_cpu_us_per_delivery": server_us,
+            "loadgen_cores": loadgen_cores}));
+        if !held {
+            break;
+        }
+        best = rate;
+        rate += step_rate;
+    }
+    tell(&mut inputs, "stop");
+    let extra = vec![
+        ("capacity_msgs_per_s".to_string(), best),
+        ("capacity_deliveries_per_s".to_string(), best * fanout),
+    ];
+    Ok((steps, extra))
+}
+
+/// A `--procs` capacity worker's step commands: stdin's lines, read on a thread of their own so
+/// that the worker's runtime (heartbeats, the sampler) keeps running while it waits.
+fn step_commands() -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn worker_main(cmd: &Cmd, common: &Common, secret: String, i: u32) -> ExitCode {
@@ -620,21 +761,46 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
             };
             let fanout = if size > 1 { (size - 1) as f64 } else { 1.0 };
             tokio::time::sleep(Duration::from_millis(300)).await;
+            // With --procs the coordinator picks each step's rate and judges it on every
+            // worker's latencies (`coordinate_capacity`); alone, this loop does both.
+            let mut commands = (workers > 1.0).then(step_commands);
+            if commands.is_some() {
+                println!("ready");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
             let mut rate = *start_rate;
             let mut best = 0.0f64;
             let mut all = report::new_hist();
-            while rate <= *max_rate {
+            loop {
+                match commands.as_mut() {
+                    None if rate > *max_rate => break,
+                    None => {}
+                    Some(rx) => match rx.recv().await.as_deref().and_then(|l| l.strip_prefix("step ")) {
+                        Some(r) => rate = r.parse().unwrap_or(0.0),
+                        None => break,
+                    },
+                }
                 let before = w.missing();
                 let (cpu_before, self_before) = (server_cpu(), sys::cpu_s("self"));
                 let t = Instant::now();
-                w.schedule(rate, Duration::from_secs_f64(*step_secs), &mut rng, &mut pick)
+                w.schedule(rate / workers, Duration::from_secs_f64(*step_secs), &mut rng, &mut pick)
                     .await;
                 let sent_s = t.elapsed().as_secs_f64();
                 w.drain().await;
                 let h = w.take_e2e();
                 let _ = all.add(&h);
-                let s = Summary::of(&h);
                 let missing = w.missing() - before;
+                if commands.is_some() {
+                    println!(
+                        "done {missing} {} {} {}",
+                        server_cpu() - cpu_before,
+                        sys::cpu_s("self") - self_before,
+                        report::encode_hist(&h).unwrap_or_default()
+                    );
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                    continue;
+                }
+                let s = Summary::of(&h);
                 let held = s.p99_ms <= *p99_limit_ms && missing == 0;
                 // Server CPU per message and loadgen's own share of the step (cores busy).
                 let step_wall = t.elapsed().as_secs_f64().max(1e-9);
@@ -659,8 +825,10 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
             }
             // The summary's e2e covers every step.
             w.put_e2e(all);
-            extra.insert("capacity_msgs_per_s".to_string(), best);
-            extra.insert("capacity_deliveries_per_s".to_string(), best * fanout);
+            if commands.is_none() {
+                extra.insert("capacity_msgs_per_s".to_string(), best);
+                extra.insert("capacity_deliveries_per_s".to_string(), best * fanout);
+            }
         }
         // Not tokio scenarios: `compare` runs in main, `hold` on its own threads.
         Cmd::Compare { .. } | Cmd::Hold { .. } => {}

@@ -98,6 +98,24 @@ pub struct Second {
     pub server_rss_kib: u64,
     /// This load generator's RSS (KiB).
     pub loadgen_rss_kib: u64,
+    /// The second's latency histogram ([`encode_hist`]), so that a `--procs` run merges the
+    /// workers' seconds exactly instead of taking the worst worker's percentiles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hist: Option<String>,
+}
+
+/// A histogram as text: V2-serialized, base64 (what [`WorkerOut`] and the `--procs` step
+/// reports carry between processes).
+pub fn encode_hist(h: &Histogram<u64>) -> Option<String> {
+    let mut buf = Vec::new();
+    V2Serializer::new().serialize(h, &mut buf).ok()?;
+    Some(base64::engine::general_purpose::STANDARD.encode(buf))
+}
+
+/// [`encode_hist`] read back.
+pub fn decode_hist(text: &str) -> Option<Histogram<u64>> {
+    let raw = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+    Deserializer::new().deserialize(&mut raw.as_slice()).ok()
 }
 
 /// What one worker process reports.
@@ -120,19 +138,14 @@ pub struct WorkerOut {
 impl WorkerOut {
     /// Stores a histogram.
     pub fn put_hist(&mut self, name: &str, h: &Histogram<u64>) {
-        let mut buf = Vec::new();
-        if V2Serializer::new().serialize(h, &mut buf).is_ok() {
-            self.hists
-                .insert(name.to_string(), base64::engine::general_purpose::STANDARD.encode(buf));
+        if let Some(text) = encode_hist(h) {
+            self.hists.insert(name.to_string(), text);
         }
     }
 
     /// Reads a histogram back.
     pub fn hist(&self, name: &str) -> Option<Histogram<u64>> {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(self.hists.get(name)?)
-            .ok()?;
-        Deserializer::new().deserialize(&mut raw.as_slice()).ok()
+        decode_hist(self.hists.get(name)?)
     }
 
     /// Merges another worker's output: histograms exactly, counters summed, the series summed
@@ -174,8 +187,21 @@ impl WorkerOut {
             m.acked += s.acked;
             m.delivered += s.delivered;
             m.errors += s.errors;
-            m.p50_ms = m.p50_ms.max(s.p50_ms);
-            m.p99_ms = m.p99_ms.max(s.p99_ms);
+            match s.hist.as_deref().and_then(decode_hist) {
+                // The second's latencies of all workers together.
+                Some(theirs) => {
+                    let mut all = m.hist.as_deref().and_then(decode_hist).unwrap_or_else(new_hist);
+                    let _ = all.add(&theirs);
+                    let sum = Summary::of(&all);
+                    (m.p50_ms, m.p99_ms) = (sum.p50_ms, sum.p99_ms);
+                    m.hist = encode_hist(&all);
+                }
+                // A worker without the histogram: the worst worker's percentiles.
+                None => {
+                    m.p50_ms = m.p50_ms.max(s.p50_ms);
+                    m.p99_ms = m.p99_ms.max(s.p99_ms);
+                }
+            }
             m.server_rss_kib = m.server_rss_kib.max(s.server_rss_kib);
             m.loadgen_rss_kib += s.loadgen_rss_kib;
         }
@@ -438,6 +464,39 @@ mod tests {
         wa.merge(wb);
         assert_eq!(Summary::of(&wa.hist("e2e").unwrap()), Summary::of(&all));
         assert_eq!(wa.counters["sent"], 11);
+    }
+
+    #[test]
+    fn workers_seconds_merge_their_histograms_not_their_worst_percentile() {
+        // Worker a: 99 fast samples; worker b: one slow one. Alone, b's p99 is the slow one;
+        // together the second's p99 is fast (1 of 100 samples is above it).
+        let (mut a, mut b) = (new_hist(), new_hist());
+        for _ in 0..99 {
+            record(&mut a, 1_000);
+        }
+        record(&mut b, 900_000);
+        let second = |h: &Histogram<u64>| {
+            let sum = Summary::of(h);
+            Second {
+                t: 3,
+                sent: h.len(),
+                p50_ms: sum.p50_ms,
+                p99_ms: sum.p99_ms,
+                hist: encode_hist(h),
+                ..Second::default()
+            }
+        };
+        let mut merged = WorkerOut::default();
+        for h in [&a, &b] {
+            merged.merge(WorkerOut {
+                series: vec![second(h)],
+                ..WorkerOut::default()
+            });
+        }
+        let s = &merged.series[3];
+        assert_eq!((s.t, s.sent), (3, 100));
+        assert!((s.p99_ms - 1.0).abs() < 0.01, "p99 {} ms", s.p99_ms);
+        assert!(Summary::of(&b).p99_ms > 899.0, "the slow worker alone");
     }
 
     #[test]
