@@ -67,6 +67,13 @@ cargo bench --locked -p sai-benches -p sai-bitmap -- --test
 SAI_ENGINE=direct ./scripts/smoke.sh
 SAI_ENGINE=monoio ./scripts/smoke.sh
 
+# The benchmark regression report (about two minutes): a short benchmark compared with
+# results/baseline/ci/, written to $BENCH_REPORT_DIR (default target/bench-report/report.md)
+# for CI to publish; fails on any correctness failure, and on a speed figure worse than the
+# reference beyond its noise band once scaled by the calibration measured in the same run.
+python3 scripts/test_bench_report.py
+./scripts/bench-report.sh
+
 # The cluster script: a services process and two gateways up (each prints its ready line), down.
 CLUSTER_DIR=$(mktemp -d /tmp/sai-cluster-ci.XXXXXX)
 SAI_CLUSTER_DIR=$CLUSTER_DIR ./scripts/cluster.sh up --gateways 2
