@@ -452,21 +452,14 @@ fn coordinate_capacity(
             let _ = all.add(&h);
         }
         let s = Summary::of(&all);
-        let held = s.p99_ms <= *p99_limit_ms && missing == 0;
-        let server_us = server_cpu * 1e6 / (s.count.max(1) as f64);
-        let loadgen_cores = loadgen_cpu / t.elapsed().as_secs_f64().max(1e-9);
-        eprintln!(
-            "capacity step {rate:>9.0} msg/s ({:.0} deliveries/s) over {workers} workers: p99 {:.3} ms, \
-             missing {missing}, server {server_us:.0} us CPU/delivery, loadgen {loadgen_cores:.2} cores -> {}",
-            rate * fanout,
-            s.p99_ms,
-            if held { "held" } else { "exceeded" }
-        );
-        steps.push(serde_json::json!({"rate": rate, "deliveries_per_s": rate * fanout,
-            "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "max_ms": s.max_ms, "delivered": s.count,
-            "missing": missing, "held": held, "server_cpu_us_per_delivery": server_us,
-            "loadgen_cores": loadgen_cores}));
-        if !held {
+        let step = Step {
+            rate,
+            fanout,
+            missing,
+            server_cpu_s: server_cpu,
+            loadgen_cores: loadgen_cpu / t.elapsed().as_secs_f64().max(1e-9),
+        };
+        if !step.judge(&s, *p99_limit_ms, &format!("over {workers} workers"), &mut steps) {
             break;
         }
         best = rate;
@@ -478,6 +471,43 @@ fn coordinate_capacity(
         ("capacity_deliveries_per_s".to_string(), best * fanout),
     ];
     Ok((steps, extra))
+}
+
+/// One capacity step's figures besides its latencies.
+struct Step {
+    rate: f64,
+    fanout: f64,
+    missing: u64,
+    server_cpu_s: f64,
+    loadgen_cores: f64,
+}
+
+impl Step {
+    /// Whether the step held (`latency`'s p99 within `limit_ms` and nothing missing): logged,
+    /// with `detail`, and added to `steps` for the summary.
+    fn judge(&self, latency: &Summary, limit_ms: f64, detail: &str, steps: &mut Vec<serde_json::Value>) -> bool {
+        let Step {
+            rate,
+            fanout,
+            missing,
+            loadgen_cores,
+            ..
+        } = *self;
+        let held = latency.p99_ms <= limit_ms && missing == 0;
+        let server_us = self.server_cpu_s * 1e6 / (latency.count.max(1) as f64);
+        eprintln!(
+            "capacity step {rate:>9.0} msg/s ({:.0} deliveries/s) {detail}: p99 {:.3} ms, \
+             missing {missing}, server {server_us:.0} us CPU/delivery, loadgen {loadgen_cores:.2} cores -> {}",
+            rate * fanout,
+            latency.p99_ms,
+            if held { "held" } else { "exceeded" }
+        );
+        steps.push(serde_json::json!({"rate": rate, "deliveries_per_s": rate * fanout,
+            "p50_ms": latency.p50_ms, "p99_ms": latency.p99_ms, "max_ms": latency.max_ms,
+            "delivered": latency.count, "missing": missing, "held": held,
+            "server_cpu_us_per_delivery": server_us, "loadgen_cores": loadgen_cores}));
+        held
+    }
 }
 
 /// A `--procs` capacity worker's step commands: stdin's lines, read on a thread of their own so
@@ -800,24 +830,20 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
                     let _ = std::io::Write::flush(&mut std::io::stdout());
                     continue;
                 }
-                let s = Summary::of(&h);
-                let held = s.p99_ms <= *p99_limit_ms && missing == 0;
                 // Server CPU per message and loadgen's own share of the step (cores busy).
-                let step_wall = t.elapsed().as_secs_f64().max(1e-9);
-                let server_us = (server_cpu() - cpu_before) * 1e6 / (s.count.max(1) as f64);
-                let loadgen_cores = (sys::cpu_s("self") - self_before) / step_wall;
-                eprintln!(
-                    "capacity step {rate:>9.0} msg/s ({:.0} deliveries/s): sent in {sent_s:.2} s, p99 {:.3} ms, \
-                     missing {missing}, server {server_us:.0} us CPU/delivery, loadgen {loadgen_cores:.2} cores -> {}",
-                    rate * fanout,
-                    s.p99_ms,
-                    if held { "held" } else { "exceeded" }
-                );
-                steps.push(serde_json::json!({"rate": rate, "deliveries_per_s": rate * fanout,
-                    "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "max_ms": s.max_ms, "delivered": s.count,
-                    "missing": missing, "held": held, "server_cpu_us_per_delivery": server_us,
-                    "loadgen_cores": loadgen_cores}));
-                if !held {
+                let step = Step {
+                    rate,
+                    fanout,
+                    missing,
+                    server_cpu_s: server_cpu() - cpu_before,
+                    loadgen_cores: (sys::cpu_s("self") - self_before) / t.elapsed().as_secs_f64().max(1e-9),
+                };
+                if !step.judge(
+                    &Summary::of(&h),
+                    *p99_limit_ms,
+                    &format!("sent in {sent_s:.2} s"),
+                    &mut steps,
+                ) {
                     break;
                 }
                 best = rate;
