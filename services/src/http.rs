@@ -30,7 +30,7 @@
 //! | `GET /openapi.json` | - | - | the OpenAPI document |
 //!
 //! The same API as an OpenAPI 3.1 document, generated from these handlers and the types they
-//! answer with ([`crate::openapi`]), is served at `GET /openapi.json`.
+//! answer with ([`openapi`]), is served at `GET /openapi.json`.
 //!
 //! Login and registration answer 429 `too_many_attempts` with `Retry-After` past their attempt
 //! limits, and 503 `server_busy` (also with `Retry-After`) when the bcrypt queue is full
@@ -231,31 +231,9 @@ pub struct LoginBody {
     password: Option<String>,
 }
 
-/// A signed-in session: the answer of login and of a password change.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionAnswer {
-    /// The JWT: `Authorization: Bearer` over HTTP, `Sec-WebSocket-Protocol` on the upgrade.
-    pub token: String,
-    /// Whose it is.
-    pub user_id: String,
-    /// Expiry, Unix seconds.
-    pub expires_at: i64,
-}
-
-impl From<crate::users::Session> for SessionAnswer {
-    fn from(s: crate::users::Session) -> Self {
-        Self {
-            token: s.token,
-            user_id: s.user_id,
-            expires_at: s.expires_at,
-        }
-    }
-}
-
 /// Logs in: a token.
 #[utoipa::path(post, path = "/v1/users/login", tag = "users", request_body = LoginBody,
-    responses((status = 200, description = "signed in", body = SessionAnswer)))]
+    responses((status = 200, description = "signed in", body = crate::users::Session)))]
 async fn login(State(s): State<Arc<Services>>, ClientAddr(from): ClientAddr, body: Bytes) -> ApiResult {
     let b: LoginBody = parse_body(&body)?;
     let session = s
@@ -266,7 +244,7 @@ async fn login(State(s): State<Arc<Services>>, ClientAddr(from): ClientAddr, bod
             from,
         )
         .await?;
-    Ok(Json(SessionAnswer::from(session)).into_response())
+    Ok(Json(session).into_response())
 }
 
 /// Compares in time that depends on the length only, not on where the first difference is.
@@ -298,7 +276,7 @@ pub struct PasswordBody {
 /// Changes the password: a new token; earlier ones are revoked (the live session closed with 4004).
 #[utoipa::path(post, path = "/v1/users/me/password", tag = "users", security(("bearer" = [])),
     request_body = PasswordBody,
-    responses((status = 200, description = "changed: a new session", body = SessionAnswer)))]
+    responses((status = 200, description = "changed: a new session", body = crate::users::Session)))]
 async fn change_password(State(s): State<Arc<Services>>, headers: HeaderMap, body: Bytes) -> ApiResult {
     let user_id = caller(&s, &headers).await?;
     let b: PasswordBody = parse_body(&body)?;
@@ -310,7 +288,7 @@ async fn change_password(State(s): State<Arc<Services>>, headers: HeaderMap, bod
             required(&b.new_password, "newPassword")?,
         )
         .await?;
-    Ok(Json(SessionAnswer::from(session)).into_response())
+    Ok(Json(session).into_response())
 }
 
 /// Disables an account (admin token): it cannot log in, its tokens are refused, its live
@@ -982,10 +960,12 @@ async fn healthz() -> Json<Health> {
 /// This API as an OpenAPI 3.1 document (generated from the handlers above, built once).
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "the OpenAPI document", body = Object, content_type = "application/json")))]
-async fn openapi_json() -> Response {
-    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let doc = DOC.get_or_init(|| openapi().to_json().unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
+async fn openapi_json() -> ApiResult {
+    static DOC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| openapi().to_json().ok());
+    // A document that does not serialize is a bug: 500 `internal_error`, like any other.
+    let doc = doc.as_deref().ok_or(ApiError(ServiceError::Internal))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], doc).into_response())
 }
 
 /// Every route with its handler, each path and method taken from the handler's `utoipa::path`

@@ -17,14 +17,15 @@ pub const MIN_PASSWORD_CHARS: usize = 8;
 /// Longest nickname, in characters.
 pub const MAX_NICKNAME_CHARS: usize = 64;
 
-/// A successful login.
-#[derive(Debug, Clone)]
+/// A successful login (also the HTTP answer of login and of a password change).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct Session {
-    /// The JWT.
+    /// The JWT: `Authorization: Bearer` over HTTP, `Sec-WebSocket-Protocol` on the upgrade.
     pub token: String,
     /// Whose it is.
     pub user_id: String,
-    /// Expiry, seconds since the epoch.
+    /// Expiry, Unix seconds.
     pub expires_at: i64,
 }
 
