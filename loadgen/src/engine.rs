@@ -19,8 +19,8 @@
 //! most [`RECONNECT_FOR`]), `conversation.sync` fetches what was stored meanwhile, and every
 //! message not yet acked, including those written while offline, is sent again with its
 //! `clientMsgId` (the server stores it once). `reconnect_after_loss` is the time from the lost
-//! connection to the sync's answer, `reconnect_retries` the attempts that failed meanwhile; `unacked` (messages never acked at the end) must be 0, as
-//! must `missing` and `duplicated`.
+//! connection to the sync's answer, `reconnect_retries` the attempts that failed meanwhile;
+//! `unacked` (messages never acked at the end) must be 0, as must `missing` and `duplicated`.
 
 use crate::client::{self, Client};
 use crate::report::{new_hist, record, Second, Summary, WorkerOut};

@@ -11,8 +11,8 @@ const INDEX: &str = include_str!("../../web/index.html");
 const SCRIPT: &str = include_str!("../../web/app.js");
 const STYLE: &str = include_str!("../../web/app.css");
 
-/// A file of the client. `no-cache`: a browser revalidates, so an upgraded server's page is
-/// never mixed with a cached script of the old one.
+/// A file of the client. `no-cache` (and no validator): a browser fetches it again each time,
+/// so an upgraded server's page is never mixed with a cached script of the old one.
 fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     ([(CONTENT_TYPE, content_type), (CACHE_CONTROL, "no-cache")], body)
 }
