@@ -27,6 +27,8 @@ pub enum ConnectError {
     Http(u16),
     /// Anything else (address in use, reset, ...).
     Io(String),
+    /// A peer server refused the session (its cause, e.g. `mqtt_subscribe_refused`).
+    Peer(String),
 }
 
 impl ConnectError {
@@ -37,6 +39,7 @@ impl ConnectError {
             Self::Timeout => "timeout".into(),
             Self::Http(s) => format!("http_{s}"),
             Self::Io(e) => format!("io: {e}"),
+            Self::Peer(e) => e.clone(),
         }
     }
 }
@@ -77,21 +80,7 @@ async fn connect_inner(
     heartbeat: Duration,
     rigor: bool,
 ) -> Result<Client, ConnectError> {
-    let io = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
-        _ => ConnectError::Io(e.to_string()),
-    };
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(io)?;
-    if let Some(ip) = src {
-        sock.bind(SocketAddr::new(ip, 0)).map_err(io)?;
-    }
-    let mut stream: TcpStream = sock.connect(addr).await.map_err(io)?;
-    let _ = stream.set_nodelay(true);
+    let mut stream = tcp(addr, src).await?;
     stream
         .write_all(upgrade_request(addr, token).as_bytes())
         .await
@@ -118,6 +107,30 @@ async fn connect_inner(
     session.handle_bytes(&head[end..]);
     let (rd, wr) = stream.into_split();
     Ok(Client { rd, wr, session, buf })
+}
+
+/// A TCP connection to `addr` (from `src` when given), Nagle off.
+pub async fn tcp(addr: SocketAddr, src: Option<IpAddr>) -> Result<TcpStream, ConnectError> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(io)?;
+    if let Some(ip) = src {
+        sock.bind(SocketAddr::new(ip, 0)).map_err(io)?;
+    }
+    let stream = sock.connect(addr).await.map_err(io)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// An I/O error as a connect failure.
+pub fn io(e: std::io::Error) -> ConnectError {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+        _ => ConnectError::Io(e.to_string()),
+    }
 }
 
 /// The upgrade request for `addr` with `token` as the subprotocol.

@@ -23,6 +23,7 @@
 //! `unacked` (messages never acked at the end) must be 0, as must `missing` and `duplicated`.
 
 use crate::client::{self, Client};
+use crate::peer::{self, PeerClient, PeerConfig, PeerEvent, Target};
 use crate::report::{new_hist, record, Second, Summary, WorkerOut};
 use crate::sys::{rss_kib, unix_us, Rng};
 use hdrhistogram::Histogram;
@@ -78,6 +79,20 @@ pub struct Opts {
     pub progress: bool,
     /// Reconnect, sync and resend when the server drops a connection (restart runs).
     pub reconnect: bool,
+    /// The server kind: SAI-IM or a peer.
+    pub target: Target,
+    /// Peers: each session's settings but the user and its groups.
+    pub peer: PeerConfig,
+    /// Peers: the groups of this worker; local user `i` is a member of `groups[i / group_size]`.
+    pub groups: Vec<String>,
+    /// Members per group (0: no groups).
+    pub group_size: u64,
+}
+
+/// A connection to either kind of server.
+enum Conn {
+    Sai(Client),
+    Peer(PeerClient),
 }
 
 /// The longest a reconnecting user keeps trying.
@@ -338,18 +353,24 @@ impl Worker {
                 say_done(&mut done);
                 return;
             };
-            let c = client::connect(
-                ws,
-                self.src(i),
-                &self.token(i),
-                self.opts.connect_timeout,
-                seed,
-                self.opts.heartbeat,
-                self.opts.ack_mode == "rigor",
-            )
-            .await;
+            let c = match self.opts.target {
+                Target::Sai => client::connect(
+                    ws,
+                    self.src(i),
+                    &self.token(i),
+                    self.opts.connect_timeout,
+                    seed,
+                    self.opts.heartbeat,
+                    self.opts.ack_mode == "rigor",
+                )
+                .await
+                .map(Conn::Sai),
+                t => peer::connect(t, ws, self.src(i), self.peer_config(i), self.opts.connect_timeout)
+                    .await
+                    .map(Conn::Peer),
+            };
             let lost_since = self.users.borrow()[i].lost_since;
-            let mut client = match c {
+            let mut conn = match c {
                 Ok(c) => c,
                 Err(e) => match lost_since {
                     Some(since) if unix_us().saturating_sub(since) < RECONNECT_FOR.as_micros() as u64 => {
@@ -381,7 +402,7 @@ impl Worker {
                     s.c.reconnected += 1;
                 }
             }
-            if sync_on_connect || lost_since.is_some() {
+            if let (Conn::Sai(client), true) = (&mut conn, sync_on_connect || lost_since.is_some()) {
                 let known = self.users.borrow()[i].last_seq.clone();
                 let f = serde_json::json!({"frameType": 0, "id": "sync", "method": "conversation.sync",
                                            "data": {"conversations": known}});
@@ -392,7 +413,7 @@ impl Worker {
             {
                 let mut users = self.users.borrow_mut();
                 let u = &mut users[i];
-                if lost_since.is_some() {
+                if let (Conn::Sai(client), Some(_)) = (&mut conn, lost_since) {
                     for frame in u.unacked.values() {
                         client.session.send(frame);
                     }
@@ -403,7 +424,10 @@ impl Worker {
             }
             say_done(&mut done);
             let mut rx = rx;
-            let end = self.run_user(i, client, &mut rx).await;
+            let end = match conn {
+                Conn::Sai(client) => self.run_user(i, client, &mut rx).await,
+                Conn::Peer(client) => self.run_peer(i, client, &mut rx).await,
+            };
             self.users.borrow_mut()[i].tx = None;
             self.stats.borrow_mut().c.open -= 1;
             match end {
@@ -492,6 +516,96 @@ impl Worker {
         }
     }
 
+    /// The peer session settings of local user `i`.
+    fn peer_config(&self, i: usize) -> PeerConfig {
+        let user = self.user_id(i);
+        let group = (self.opts.group_size > 0)
+            .then(|| self.opts.groups.get(i / self.opts.group_size as usize).cloned())
+            .flatten();
+        let login = self.opts.peer.login.clone();
+        let login = match self.opts.target {
+            // XMPP users log in as themselves; MQTT and NATS share one broker account, if any.
+            Target::Xmpp => login.map(|(_, p)| (user.clone(), p)),
+            _ => login.filter(|(u, _)| !u.is_empty()),
+        };
+        PeerConfig {
+            user,
+            groups: group.into_iter().collect(),
+            login,
+            ..self.opts.peer.clone()
+        }
+    }
+
+    /// [`Self::run_user`] for a peer server: the same commands and accounting, the peer's codec.
+    async fn run_peer(&self, i: usize, mut c: PeerClient, rx: &mut mpsc::UnboundedReceiver<Cmd>) -> End {
+        let me: Rc<str> = Rc::from(self.user_id(i).as_str());
+        let every = self.opts.heartbeat;
+        let mut keepalive = tokio::time::interval_at((Instant::now() + every).into(), every);
+        loop {
+            for e in std::mem::take(&mut c.events) {
+                match e {
+                    PeerEvent::Acked(key) => self.on_ack(i, Some(key)),
+                    PeerEvent::Delivery(p) => self.on_peer_delivery(i, &me, &p),
+                    PeerEvent::Failed(cause) => self.fail(cause),
+                    PeerEvent::Ready => {}
+                }
+            }
+            if c.flush().await.is_err() {
+                return self.lost("write_failed".into());
+            }
+            tokio::select! {
+                r = c.rd.read(&mut c.buf) => match r {
+                    Ok(0) => return self.lost("closed_by_server".into()),
+                    Ok(n) => if let Err(e) = c.feed(n) {
+                        self.fail(e);
+                        let _ = c.flush().await;
+                        return End::Told;
+                    },
+                    Err(e) => return self.lost(format!("read: {e}")),
+                },
+                cmd = rx.recv() => match cmd {
+                    Some(Cmd::Send { key, to, chat_type, scheduled_us }) => {
+                        let group = chat_type == 1;
+                        let conversation = if group { format!("{to}/{me}") } else { me.to_string() };
+                        let body = peer::payload(scheduled_us, key, &me, &conversation);
+                        c.codec.send(key, &to, group, body.as_bytes(), &mut c.out);
+                        let mut s = self.stats.borrow_mut();
+                        s.c.sent += 1;
+                        if self.opts.ack_mode != "none" {
+                            s.sent_at.insert(key, scheduled_us);
+                        }
+                    }
+                    Some(Cmd::Drop) => return End::Told,
+                    Some(Cmd::Close) | None => { c.close().await; return End::Told; }
+                },
+                _ = keepalive.tick() => c.codec.keepalive(&mut c.out),
+            }
+        }
+    }
+
+    /// A message from a peer server: its payload says who sent it in which conversation; a
+    /// group message echoed to its sender is not a delivery.
+    fn on_peer_delivery(&self, i: usize, me: &str, payload: &[u8]) {
+        let Ok(p) = serde_json::from_slice::<peer::Payload<'_>>(payload) else {
+            self.fail("unparsable_message".into());
+            return;
+        };
+        if p.s == me {
+            return;
+        }
+        // Keys grow in send order, and each conversation has one sender: a key below one seen
+        // is a message overtaken.
+        self.delivered(
+            i,
+            p.c,
+            p.k,
+            MsgBody {
+                t: Some(p.t),
+                k: Some(p.k),
+            },
+        );
+    }
+
     /// Keeps message `key` of user `i`, who is offline, to be sent when the user is back.
     fn queue_offline(&self, i: usize, key: u64, to: &str, chat_type: u8, scheduled_us: u64) {
         let frame = self.chat_frame(key, to, chat_type, scheduled_us);
@@ -523,18 +637,7 @@ impl Worker {
             return None;
         };
         match (f.frame_type, f.method) {
-            (frame_type::ACK, _) => {
-                let now = unix_us();
-                let key = f.id.and_then(|id| id.parse::<u64>().ok());
-                if let Some(k) = key.filter(|_| self.opts.reconnect) {
-                    self.users.borrow_mut()[i].unacked.remove(&k);
-                }
-                let mut s = self.stats.borrow_mut();
-                s.c.acked += 1;
-                if let Some(at) = key.and_then(|k| s.sent_at.remove(&k)) {
-                    record(&mut s.ack, now.saturating_sub(at));
-                }
-            }
+            (frame_type::ACK, _) => self.on_ack(i, f.id.and_then(|id| id.parse::<u64>().ok())),
             (frame_type::DATA, Some(method::PUSH)) => {
                 if rigor {
                     if let Some(id) = f.id {
@@ -578,18 +681,37 @@ impl Worker {
         None
     }
 
-    fn on_push(&self, i: usize, p: &PushRef<'_>) {
+    /// The server acked message `key` of user `i`.
+    fn on_ack(&self, i: usize, key: Option<u64>) {
         let now = unix_us();
+        if let Some(k) = key.filter(|_| self.opts.reconnect) {
+            self.users.borrow_mut()[i].unacked.remove(&k);
+        }
+        let mut s = self.stats.borrow_mut();
+        s.c.acked += 1;
+        if let Some(at) = key.and_then(|k| s.sent_at.remove(&k)) {
+            record(&mut s.ack, now.saturating_sub(at));
+        }
+    }
+
+    fn on_push(&self, i: usize, p: &PushRef<'_>) {
         let body: MsgBody = serde_json::from_str(p.msg.get()).unwrap_or(MsgBody { t: None, k: None });
+        self.delivered(i, p.conversation_id, p.seq, body);
+    }
+
+    /// User `i` got message `body`, number `seq` of `conversation`: counted as delivered (or
+    /// duplicated, out of order, synced), with its end-to-end latency.
+    fn delivered(&self, i: usize, conversation: &str, seq: u64, body: MsgBody) {
+        let now = unix_us();
         let syncing = {
             let mut users = self.users.borrow_mut();
             let u = &mut users[i];
-            let last = match u.last_seq.get_mut(p.conversation_id) {
+            let last = match u.last_seq.get_mut(conversation) {
                 Some(last) => last,
-                None => u.last_seq.entry(p.conversation_id.to_string()).or_insert(0),
+                None => u.last_seq.entry(conversation.to_string()).or_insert(0),
             };
-            let ooo = p.seq < *last;
-            *last = (*last).max(p.seq);
+            let ooo = seq < *last;
+            *last = (*last).max(seq);
             let syncing = u.syncing_since.is_some();
             if ooo && !syncing {
                 self.stats.borrow_mut().c.out_of_order += 1;

@@ -12,11 +12,13 @@ mod client;
 mod compare;
 mod engine;
 mod hold;
+mod peer;
 mod report;
 mod sys;
 
 use clap::{Args, Parser, Subcommand};
 use engine::{Opts, Worker};
+use peer::Target;
 use report::{Report, Summary, WorkerOut};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -140,10 +142,28 @@ enum Cmd {
 
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// Gateway address; several, comma-separated, spread the users over a cluster's gateways
-    /// (user i on gateway i mod n).
-    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',', num_args = 1..)]
+    /// The server: SAI-IM's gateway, or a peer to compare it with (same scenario, schedule and
+    /// counters): XMPP over WebSocket (ejabberd), MQTT 3.1.1 (Mosquitto), NATS (JetStream acks).
+    #[arg(long, value_enum, default_value_t = Target::Sai)]
+    target: Target,
+    /// Server address; several, comma-separated, spread the users over a cluster's gateways
+    /// (user i on gateway i mod n). Default per target: sai 127.0.0.1:8080, xmpp
+    /// 127.0.0.1:5280 (path /ws), mqtt 127.0.0.1:1883, nats 127.0.0.1:4222.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
     ws: Vec<SocketAddr>,
+    /// Peers: password (XMPP: every user's; MQTT and NATS: with --peer-user).
+    #[arg(long, env = "LOADGEN_PEER_PASSWORD", hide_env_values = true)]
+    peer_password: Option<String>,
+    /// MQTT and NATS: the account every connection logs in with (none by default).
+    #[arg(long)]
+    peer_user: Option<String>,
+    /// XMPP: the server's domain.
+    #[arg(long, default_value = "localhost")]
+    xmpp_domain: String,
+    /// XMPP: register each user in-band (XEP-0077) before logging in; an existing account is
+    /// fine.
+    #[arg(long)]
+    xmpp_register: bool,
     /// HTTP API base URL (used by `group` to create groups).
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     http: String,
@@ -216,7 +236,7 @@ struct Common {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (common, name) = match &cli.cmd {
+    let (mut common, name) = match &cli.cmd {
         Cmd::Compare {
             baseline,
             new,
@@ -229,7 +249,17 @@ fn main() -> ExitCode {
         Cmd::Capacity { common, .. } => (common.clone(), "capacity"),
         Cmd::Hold { common, .. } => (common.clone(), "hold"),
     };
+    if common.ws.is_empty() {
+        if let Ok(a) = common.target.default_addr().parse() {
+            common.ws.push(a);
+        }
+    }
+    if let Err(e) = peer_args(name, &common) {
+        eprintln!("loadgen: {e}");
+        return ExitCode::from(2);
+    }
     let secret = match (&common.jwt_secret, &common.data_dir) {
+        _ if common.target != Target::Sai => String::new(),
         (Some(s), _) => s.clone(),
         (None, Some(d)) => match std::fs::read_to_string(d.join("jwt.secret")) {
             Ok(s) => s.trim().to_string(),
@@ -293,6 +323,30 @@ fn main() -> ExitCode {
         return ExitCode::from(3);
     }
     ExitCode::SUCCESS
+}
+
+/// What a peer target cannot do: SAI-IM's sync (storm, reconnect), io_uring `hold`, rigor acks.
+fn peer_args(scenario: &str, c: &Common) -> Result<(), String> {
+    if c.target == Target::Sai {
+        return Ok(());
+    }
+    let t = c.target.name();
+    if matches!(scenario, "storm" | "hold") || c.reconnect {
+        return Err(format!(
+            "--target {t}: `{scenario}`{} needs SAI-IM's conversation.sync; peers run connect, chat, group and capacity",
+            if c.reconnect { " --reconnect" } else { "" }
+        ));
+    }
+    if !["none", "only"].contains(&c.ack_mode.as_str()) {
+        return Err(format!(
+            "--target {t}: --ack-mode is `only` (the server acks each send) or `none`, not {}",
+            c.ack_mode
+        ));
+    }
+    if c.target == Target::Xmpp && c.peer_password.is_none() {
+        return Err("--target xmpp needs --peer-password (every user's password)".into());
+    }
+    Ok(())
 }
 
 /// `hold`: one process, `threads` threads, direct descriptors.
@@ -596,7 +650,7 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
         }
         _ => share(c.users, workers, index),
     };
-    let opts = Opts {
+    let mut opts = Opts {
         ws: c.ws.clone(),
         http: c.http.clone(),
         jwt_secret: secret,
@@ -614,15 +668,45 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
         worker: index,
         progress: !c.quiet,
         reconnect: c.reconnect,
+        target: c.target,
+        peer: peer::PeerConfig {
+            user: String::new(),
+            groups: Vec::new(),
+            acked: c.ack_mode == "only",
+            keepalive: Duration::from_secs_f64(c.heartbeat.max(0.1)),
+            login: c
+                .peer_password
+                .clone()
+                .map(|p| (c.peer_user.clone().unwrap_or_default(), p)),
+            domain: c.xmpp_domain.clone(),
+            register: c.xmpp_register,
+        },
+        groups: Vec::new(),
+        group_size: 0,
     };
     if !["none", "only", "rigor"].contains(&opts.ack_mode.as_str()) {
         return Err(format!("unknown --ack-mode {}", opts.ack_mode));
     }
-    let group_ids = match cmd {
-        Cmd::Group { size, .. } => create_groups(&opts, *size)?,
-        Cmd::Capacity { group_size, .. } if *group_size > 1 => create_groups(&opts, *group_size)?,
-        _ => Vec::new(),
+    let size = match cmd {
+        Cmd::Group { size, .. } => *size,
+        Cmd::Capacity { group_size, .. } if *group_size > 1 => *group_size,
+        _ => 0,
     };
+    let group_ids = match (size, opts.target) {
+        (0, _) => Vec::new(),
+        (_, Target::Sai) => create_groups(&opts, size)?,
+        // A peer's group is a topic, subject or room: named, not created.
+        _ => (0..opts.users / size)
+            .map(|g| format!("{}g{}", opts.prefix, opts.first_user + g * size))
+            .collect(),
+    };
+    if opts.target == Target::Nats && opts.peer.acked {
+        let login = opts.peer.login.clone().filter(|(u, _)| !u.is_empty());
+        let addr = opts.ws.first().copied().ok_or("no server address")?;
+        peer::nats::ensure_stream(addr, login.as_ref())?;
+    }
+    opts.groups = group_ids.clone();
+    opts.group_size = size;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
