@@ -108,15 +108,20 @@ def ratio_chart(rows):
 
 def capacity_chart(ref, now):
     """p99 per capacity step, reference and now."""
+    return steps_chart([("reference", "#888", ref), ("now", "#3864d8", now)])
+
+
+def steps_chart(series):
+    """p99 per capacity step of each (name, colour, capacity summary) in `series`."""
     w, h, left, bottom = 760, 320, 60, 40
-    series = [("reference", "#888", ref), ("now", "#3864d8", now)]
     pts = [(s["rate"], s["p99_ms"]) for _, _, cap in series if cap for s in cap.get("steps", [])]
     if not pts:
         return None
     xmax = max(p[0] for p in pts) * 1.05
-    ymax = max(max(p[1] for p in pts), 50) * 1.1
+    # Steps far over the limit are drawn at the top edge (up to 4x the limit is shown).
+    ymax = min(max(max(p[1] for p in pts), 50), 200) * 1.1
     X = lambda v: left + v / xmax * (w - left - 20)
-    Y = lambda v: h - bottom - v / ymax * (h - bottom - 30)
+    Y = lambda v: h - bottom - min(v, ymax) / ymax * (h - bottom - 30)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
            f'<text x="{w/2}" y="18" text-anchor="middle" font-size="14">capacity search: p99 e2e per step (limit dashed)</text>',
            f'<line x1="{left}" y1="{Y(50)}" x2="{w-20}" y2="{Y(50)}" stroke="#c0392b" stroke-dasharray="5,4"/>',

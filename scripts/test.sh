@@ -66,6 +66,9 @@ cargo bench --locked -p sai-benches -p sai-bitmap -- --test
 # Load-generator smoke on both engines: correctness counters only.
 SAI_ENGINE=direct ./scripts/smoke.sh
 SAI_ENGINE=monoio ./scripts/smoke.sh
+# loadgen's peer targets against Mosquitto, nats-server and ejabberd (started here on ports of
+# their own, ejabberd installed when missing): every scenario they support, correctness only.
+./scripts/peers.sh smoke
 
 # The benchmark regression report (about two minutes): a short benchmark compared with
 # results/baseline/ci/, written to $BENCH_REPORT_DIR (default target/bench-report/report.md)

@@ -1050,6 +1050,7 @@ fn build_report(name: &str, cmd: &Cmd, c: &Common, m: &WorkerOut, started_at: u6
     let mut params = params;
     if let Some(o) = params.as_object_mut() {
         o.insert("ack_mode".into(), c.ack_mode.clone().into());
+        o.insert("target".into(), c.target.name().into());
         o.insert("procs".into(), c.procs.into());
         o.insert("src_addrs".into(), source_addresses(cmd, c).into());
         o.insert("seed".into(), c.seed.into());
