@@ -126,7 +126,7 @@ bench() {
     local users=${USERS:-2000}
     cargo build --release --locked -p sai-im -p loadgen
     local bin=target/release/sai-im lg=target/release/loadgen
-    local data
+    # Globals: the EXIT trap runs after this function has returned.
     data=$(mktemp -d /tmp/sai-peers-bench.XXXXXX)
     server=
     trap 'stop_sai; for p in mqtt nats xmpp; do stop_one $p; done; rm -rf "$data"' EXIT
@@ -195,8 +195,8 @@ bench() {
 
 smoke() {
     cargo build --release --locked -p loadgen
-    local lg=target/release/loadgen log
-    log=$(mktemp /tmp/sai-peers-smoke.XXXXXX)
+    local lg=target/release/loadgen
+    log=$(mktemp /tmp/sai-peers-smoke.XXXXXX) # global: the EXIT trap uses it
     trap 'for p in mqtt nats xmpp; do stop_one $p; done; rm -f "$log"' EXIT
     rm -rf "$DIR"
     for p in mqtt nats xmpp; do
