@@ -108,12 +108,13 @@ pub trait Codec {
     fn close(&mut self, out: &mut Vec<u8>);
 }
 
-/// The codec for `target` (not [`Target::Sai`], which has its own client).
-pub fn codec(target: Target, cfg: PeerConfig) -> Box<dyn Codec> {
+/// The codec for `target`; none for [`Target::Sai`], which has its own client.
+pub fn codec(target: Target, cfg: PeerConfig) -> Option<Box<dyn Codec>> {
     match target {
-        Target::Mqtt => Box::new(mqtt::Mqtt::new(cfg)),
-        Target::Nats => Box::new(nats::Nats::new(cfg)),
-        Target::Xmpp | Target::Sai => Box::new(xmpp::Xmpp::new(cfg)),
+        Target::Mqtt => Some(Box::new(mqtt::Mqtt::new(cfg))),
+        Target::Nats => Some(Box::new(nats::Nats::new(cfg))),
+        Target::Xmpp => Some(Box::new(xmpp::Xmpp::new(cfg))),
+        Target::Sai => None,
     }
 }
 
@@ -193,13 +194,14 @@ pub async fn connect(
     cfg: PeerConfig,
     timeout: Duration,
 ) -> Result<PeerClient, ConnectError> {
+    let codec = codec(target, cfg).ok_or_else(|| ConnectError::Peer("not_a_peer".into()))?;
     tokio::time::timeout(timeout, async move {
         let stream = client::tcp(addr, src).await?;
         let (rd, wr) = stream.into_split();
         let mut c = PeerClient {
             rd,
             wr,
-            codec: codec(target, cfg),
+            codec,
             buf: vec![0u8; client::READ_BUF].into_boxed_slice(),
             out: Vec::new(),
             events: Vec::new(),

@@ -293,7 +293,10 @@ impl Xmpp {
             "iq" if matches!(el.attr("type"), Some("get" | "set")) => {
                 // Pings and anything else asked of us: answered, so the server keeps us.
                 let id = el.attr("id").unwrap_or("");
-                let to = el.attr("from").map(|f| format!(" to='{f}'")).unwrap_or_default();
+                let to = el
+                    .attr("from")
+                    .map(|f| format!(" to='{}'", quick_xml::escape::escape(f)))
+                    .unwrap_or_default();
                 let id = quick_xml::escape::escape(id);
                 self.stanza(&format!("<iq type='result' id='{id}'{to}/>"));
             }
