@@ -224,6 +224,20 @@ pub async fn connect(
     .unwrap_or(Err(ConnectError::Timeout))
 }
 
+/// The settings the codecs' tests start from: user `load1` in group `g0`, no login.
+#[cfg(test)]
+pub fn test_config(acked: bool) -> PeerConfig {
+    PeerConfig {
+        user: "load1".into(),
+        groups: vec!["g0".into()],
+        acked,
+        keepalive: Duration::from_secs(20),
+        login: None,
+        domain: String::new(),
+        register: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,19 +148,7 @@ impl Codec for Mqtt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    fn cfg(acked: bool) -> PeerConfig {
-        PeerConfig {
-            user: "load1".into(),
-            groups: vec!["g0".into()],
-            acked,
-            keepalive: Duration::from_secs(20),
-            login: None,
-            domain: String::new(),
-            register: false,
-        }
-    }
+    use crate::peer::test_config as cfg;
 
     fn bytes(p: Packet) -> Vec<u8> {
         let mut out = Vec::new();

@@ -212,15 +212,7 @@ mod tests {
     use super::*;
 
     fn nats(acked: bool) -> Nats {
-        Nats::new(PeerConfig {
-            user: "load1".into(),
-            groups: vec!["g0".into()],
-            acked,
-            keepalive: Duration::from_secs(20),
-            login: None,
-            domain: String::new(),
-            register: false,
-        })
+        Nats::new(crate::peer::test_config(acked))
     }
 
     #[test]

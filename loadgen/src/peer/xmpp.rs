@@ -410,7 +410,6 @@ impl Codec for Xmpp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn a_frame_parses_into_names_attributes_children_and_unescaped_text() {
@@ -453,13 +452,10 @@ mod tests {
     #[test]
     fn a_session_registers_authenticates_binds_enables_acks_joins_and_maps_acks_to_keys() {
         let mut x = Xmpp::new(PeerConfig {
-            user: "load1".into(),
-            groups: vec!["g0".into()],
-            acked: true,
-            keepalive: Duration::from_secs(20),
             login: Some(("load1".into(), "pw".into())),
             domain: "localhost".into(),
             register: true,
+            ..crate::peer::test_config(true)
         });
         let mut out = Vec::new();
         x.start(&mut out);
@@ -545,11 +541,9 @@ mod tests {
         let cfg = PeerConfig {
             user: "u".into(),
             groups: vec![],
-            acked: false,
-            keepalive: Duration::from_secs(20),
             login: Some(("u".into(), "bad".into())),
             domain: "localhost".into(),
-            register: false,
+            ..crate::peer::test_config(false)
         };
         let mut x = Xmpp::new(cfg.clone());
         let (mut out, mut ev) = (Vec::new(), Vec::new());
