@@ -133,11 +133,12 @@ pub fn io(e: std::io::Error) -> ConnectError {
     }
 }
 
-/// The upgrade request for `addr` with `token` as the subprotocol.
-pub fn upgrade_request(addr: SocketAddr, token: &str) -> String {
+/// The upgrade request of `/ws` on `host` with `protocol` as the subprotocol (SAI-IM: the
+/// token; XMPP: `xmpp`).
+pub fn upgrade_request(host: impl std::fmt::Display, protocol: &str) -> String {
     format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {token}\r\n\r\n"
+        "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n"
     )
 }
 

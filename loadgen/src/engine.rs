@@ -83,7 +83,8 @@ pub struct Opts {
     pub target: Target,
     /// Peers: each session's settings but the user and its groups.
     pub peer: PeerConfig,
-    /// Peers: the groups of this worker; local user `i` is a member of `groups[i / group_size]`.
+    /// The groups of this worker (created over HTTP on SAI-IM, named for a peer); local user
+    /// `i` is a member of `groups[i / group_size]`.
     pub groups: Vec<String>,
     /// Members per group (0: no groups).
     pub group_size: u64,
@@ -499,11 +500,7 @@ impl Worker {
                         if self.opts.reconnect {
                             self.users.borrow_mut()[i].unacked.insert(key, frame);
                         }
-                        let mut s = self.stats.borrow_mut();
-                        s.c.sent += 1;
-                        if self.opts.ack_mode != "none" {
-                            s.sent_at.insert(key, scheduled_us);
-                        }
+                        self.count_sent(key, scheduled_us);
                     }
                     Some(Cmd::Drop) => return End::Told,
                     Some(Cmd::Close) | None => { client.close().await; return End::Told; }
@@ -569,11 +566,7 @@ impl Worker {
                         let conversation = if group { format!("{to}/{me}") } else { me.to_string() };
                         let body = peer::payload(scheduled_us, key, &me, &conversation);
                         c.codec.send(key, &to, group, body.as_bytes(), &mut c.out);
-                        let mut s = self.stats.borrow_mut();
-                        s.c.sent += 1;
-                        if self.opts.ack_mode != "none" {
-                            s.sent_at.insert(key, scheduled_us);
-                        }
+                        self.count_sent(key, scheduled_us);
                     }
                     Some(Cmd::Drop) => return End::Told,
                     Some(Cmd::Close) | None => { c.close().await; return End::Told; }
@@ -604,6 +597,16 @@ impl Worker {
                 k: Some(p.k),
             },
         );
+    }
+
+    /// Message `key`, scheduled at `scheduled_us`, went to the server: counted, and awaiting its
+    /// ack unless the server sends none.
+    fn count_sent(&self, key: u64, scheduled_us: u64) {
+        let mut s = self.stats.borrow_mut();
+        s.c.sent += 1;
+        if self.opts.ack_mode != "none" {
+            s.sent_at.insert(key, scheduled_us);
+        }
     }
 
     /// Keeps message `key` of user `i`, who is offline, to be sent when the user is back.

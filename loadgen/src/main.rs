@@ -692,7 +692,8 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
         Cmd::Capacity { group_size, .. } if *group_size > 1 => *group_size,
         _ => 0,
     };
-    let group_ids = match (size, opts.target) {
+    opts.group_size = size;
+    opts.groups = match (size, opts.target) {
         (0, _) => Vec::new(),
         (_, Target::Sai) => create_groups(&opts, size)?,
         // A peer's group is a topic, subject or room: named, not created.
@@ -705,15 +706,13 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
         let addr = opts.ws.first().copied().ok_or("no server address")?;
         peer::nats::ensure_stream(addr, login.as_ref())?;
     }
-    opts.groups = group_ids.clone();
-    opts.group_size = size;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let local = tokio::task::LocalSet::new();
     let cmd = cmd.clone();
-    Ok(local.block_on(&rt, async move { scenario(cmd, opts, w, group_ids).await }))
+    Ok(local.block_on(&rt, async move { scenario(cmd, opts, w).await }))
 }
 
 /// Creates this worker's groups over HTTP (owner = first member) and returns their ids.
@@ -755,7 +754,7 @@ fn rss_delta(pid: Option<u32>, before: u64) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) -> WorkerOut {
+async fn scenario(cmd: Cmd, opts: Opts, workers: f64) -> WorkerOut {
     let n = opts.users as usize;
     let server_pid = opts.server_pid;
     let mut rng = Rng::new(opts.seed);
@@ -816,7 +815,7 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
             ..
         } => {
             let size = *size as usize;
-            let gids: Vec<Rc<str>> = group_ids.iter().map(|g| Rc::from(g.as_str())).collect();
+            let gids: Vec<Rc<str>> = w.opts.groups.iter().map(|g| Rc::from(g.as_str())).collect();
             let g_n = gids.len().max(1);
             tokio::time::sleep(Duration::from_millis(300)).await;
             let rate = rate_per_group * gids.len() as f64;
@@ -863,7 +862,7 @@ async fn scenario(cmd: Cmd, opts: Opts, workers: f64, group_ids: Vec<String>) ->
         } => {
             // Private pairs, or (with --group-size) a random member of a random group.
             let size = *group_size as usize;
-            let gids: Vec<Rc<str>> = group_ids.iter().map(|g| Rc::from(g.as_str())).collect();
+            let gids: Vec<Rc<str>> = w.opts.groups.iter().map(|g| Rc::from(g.as_str())).collect();
             let mut pick = |rng: &mut Rng| {
                 if size > 1 && !gids.is_empty() {
                     let g = rng.below(gids.len() as u64) as usize;

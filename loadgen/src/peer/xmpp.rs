@@ -325,14 +325,7 @@ impl Xmpp {
 
 impl Codec for Xmpp {
     fn start(&mut self, out: &mut Vec<u8>) {
-        out.extend_from_slice(
-            format!(
-                "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: xmpp\r\n\r\n",
-                self.cfg.domain
-            )
-            .as_bytes(),
-        );
+        out.extend_from_slice(crate::client::upgrade_request(&self.cfg.domain, "xmpp").as_bytes());
     }
 
     fn feed(&mut self, data: &[u8], out: &mut Vec<u8>, ev: &mut Vec<PeerEvent>) -> Result<(), String> {
