@@ -22,31 +22,21 @@ cargo build --release --locked -p sai-im -p loadgen
 BIN=target/release/sai-im
 LG=target/release/loadgen
 DATA=$(mktemp -d /tmp/sai-bench.XXXXXX)
-SERVER_PID=
-stop_server() { [ -n "$SERVER_PID" ] && { kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }; SERVER_PID=; }
-trap 'stop_server; rm -rf "$DATA"' EXIT
+. scripts/lib/sai-server.sh
+trap 'sai_stop; rm -rf "$DATA"' EXIT
 rm -rf "$RUNS"
 mkdir -p "$RUNS"
 
 "$BIN" --data-dir "$DATA/seed" admin seed-users --count 2000 --prefix bench > /dev/null
-start_server() {
-    rm -rf "$DATA/run"
-    cp -r "$DATA/seed" "$DATA/run"
-    "$BIN" --data-dir "$DATA/run" --require-friendship false \
-        --ws-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 > "$DATA/ready" 2> "$DATA/server.log" &
-    SERVER_PID=$!
-    for _ in $(seq 600); do grep -q "sai-im ready" "$DATA/ready" && break; sleep 0.05; done
-    WS=$(grep -o 'ws=[^ ]*' "$DATA/ready" | cut -d= -f2 || true)
-    HTTP=http://$(grep -o 'http=[^ ]*' "$DATA/ready" | cut -d= -f2 || true)
-    [ -n "$WS" ] || { echo "server did not start"; cat "$DATA/ready" "$DATA/server.log"; exit 1; }
-}
 lg() { # name, loadgen args...
     local name=$1; shift
-    start_server
+    rm -rf "$DATA/run"
+    cp -r "$DATA/seed" "$DATA/run"
+    sai_start "$BIN" "$DATA/run"
     # loadgen exits 3 on a correctness failure: the report still gets written, and fails.
     "$LG" "$@" --ws "$WS" --http "$HTTP" --data-dir "$DATA/run" --prefix bench --ack-mode only \
         --server-pid "$SERVER_PID" --quiet --out "$RUNS/$name" > "$RUNS/$name.txt" 2>&1 || true
-    stop_server
+    sai_stop
     grep -E "^(verdict|e2e |rate   capacity_msgs_per_s)" "$RUNS/$name.txt" || true
 }
 

@@ -17,6 +17,7 @@
 # XMPP_PORT (15280, ejabberd's XMPP over WebSocket at /ws); state in PEERS_DIR (/tmp/sai-peers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/sai-server.sh
 export PATH=$PATH:/usr/sbin:/sbin
 DIR=${PEERS_DIR:-/tmp/sai-peers}
 MQTT_PORT=${MQTT_PORT:-11883}
@@ -128,8 +129,7 @@ bench() {
     local bin=target/release/sai-im lg=target/release/loadgen
     # Globals: the EXIT trap runs after this function has returned.
     data=$(mktemp -d /tmp/sai-peers-bench.XXXXXX)
-    server=
-    trap 'stop_sai; for p in mqtt nats xmpp; do stop_one $p; done; rm -rf "$data"' EXIT
+    trap 'sai_stop; for p in mqtt nats xmpp; do stop_one $p; done; rm -rf "$data"' EXIT
     # ONLY="xmpp nats" measures those again and keeps the other runs.
     local only=${ONLY:-sai-none sai-only sai-rigor mqtt nats xmpp}
     for t in $only; do rm -rf "${out:?}/$t"; done
@@ -160,21 +160,14 @@ bench() {
         grep -E "^(verdict|e2e |handshake |rate   (capacity_msgs_per_s|connect_per_s))" "$out/$label/$name.txt" |
             sed "s/^/  $label $name: /" || true
     }
-    stop_sai() { [ -n "$server" ] && { kill -TERM "$server" 2> /dev/null || true; wait "$server" 2> /dev/null || true; }; server=; }
     for mode in none only rigor; do
         [[ " $only " == *" sai-$mode "* ]] || continue
         for line in "${scenarios[@]}"; do
             rm -rf "$data/run"
             cp -r "$data/seed" "$data/run"
-            "$bin" --data-dir "$data/run" --require-friendship false --ack-mode "$mode" \
-                --ws-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 > "$data/ready" 2> "$data/server.log" &
-            server=$!
-            for _ in $(seq 600); do grep -q "sai-im ready" "$data/ready" && break; sleep 0.05; done
-            local ws http
-            ws=$(grep -o 'ws=[^ ]*' "$data/ready" | cut -d= -f2)
-            http=http://$(grep -o 'http=[^ ]*' "$data/ready" | cut -d= -f2)
-            run sai "sai-$mode" "$line" --ws "$ws" --http "$http" --data-dir "$data/run" --ack-mode "$mode" --server-pid "$server"
-            stop_sai
+            sai_start "$bin" "$data/run" --ack-mode "$mode"
+            run sai "sai-$mode" "$line" --ws "$WS" --http "$HTTP" --data-dir "$data/run" --ack-mode "$mode" --server-pid "$SERVER_PID"
+            sai_stop
         done
     done
     rm -rf "$DIR"

@@ -11,21 +11,10 @@ cargo build $FLAG --locked -p sai-im -p loadgen
 BIN=target/$PROFILE/sai-im
 LG=target/$PROFILE/loadgen
 DATA=$(mktemp -d /tmp/sai-smoke.XXXXXX)
-SERVER_PID=
-stop_server() { [ -n "$SERVER_PID" ] && { kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }; SERVER_PID=; }
-trap 'stop_server; rm -rf "$DATA"' EXIT
+. scripts/lib/sai-server.sh
+trap 'sai_stop; rm -rf "$DATA"' EXIT
 
 "$BIN" --data-dir "$DATA" --bcrypt-cost 4 admin seed-users --count 4000 --prefix smoke
-
-start_server() { # $1 = ack mode
-    "$BIN" --data-dir "$DATA" --ack-mode "$1" --require-friendship false \
-        --ws-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 > "$DATA/ready" 2> "$DATA/server.log" &
-    SERVER_PID=$!
-    for _ in $(seq 200); do grep -q "sai-im ready" "$DATA/ready" && break; sleep 0.05; done
-    WS=$(grep -o 'ws=[^ ]*' "$DATA/ready" | cut -d= -f2)
-    HTTP=http://$(grep -o 'http=[^ ]*' "$DATA/ready" | cut -d= -f2)
-    [ -n "$WS" ] || { echo "server did not start"; cat "$DATA/server.log"; exit 1; }
-}
 
 lg() { # ack mode, loadgen args...
     local mode=$1; shift
@@ -37,7 +26,7 @@ lg() { # ack mode, loadgen args...
 }
 
 for mode in none only rigor; do
-    start_server "$mode"
+    sai_start "$BIN" "$DATA" --ack-mode "$mode"
     echo "--- ack mode $mode"
     lg "$mode" chat --users 3000 --connect-rate 3000 --rate 500 --duration 3
     if [ "$mode" = only ]; then
@@ -55,6 +44,6 @@ for mode in none only rigor; do
         lg "$mode" capacity --users 2000 --procs 2 --start-rate 400 --step-rate 400 --max-rate 800 --step-secs 1
         grep -q "over 2 workers" "$DATA/lg.out" || { cat "$DATA/lg.out"; echo "smoke: no stepped capacity search"; exit 1; }
     fi
-    stop_server
+    sai_stop
 done
 echo "smoke: ok"
