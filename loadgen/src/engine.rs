@@ -519,11 +519,10 @@ impl Worker {
         let group = (self.opts.group_size > 0)
             .then(|| self.opts.groups.get(i / self.opts.group_size as usize).cloned())
             .flatten();
-        let login = self.opts.peer.login.clone();
         let login = match self.opts.target {
             // XMPP users log in as themselves; MQTT and NATS share one broker account, if any.
-            Target::Xmpp => login.map(|(_, p)| (user.clone(), p)),
-            _ => login.filter(|(u, _)| !u.is_empty()),
+            Target::Xmpp => self.opts.peer.login.clone().map(|(_, p)| (user.clone(), p)),
+            _ => self.opts.peer.login.clone(),
         };
         PeerConfig {
             user,

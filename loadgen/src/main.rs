@@ -674,10 +674,13 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
             groups: Vec::new(),
             acked: c.ack_mode == "only",
             keepalive: Duration::from_secs_f64(c.heartbeat.max(0.1)),
-            login: c
-                .peer_password
-                .clone()
-                .map(|p| (c.peer_user.clone().unwrap_or_default(), p)),
+            // XMPP: each user logs in as itself (the name is filled in per user); MQTT and NATS:
+            // one broker account for every connection, when given.
+            login: match (&c.peer_user, &c.peer_password) {
+                (_, Some(p)) if c.target == Target::Xmpp => Some((String::new(), p.clone())),
+                (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                _ => None,
+            },
             domain: c.xmpp_domain.clone(),
             register: c.xmpp_register,
         },
@@ -702,9 +705,8 @@ fn run_worker(cmd: &Cmd, c: &Common, secret: String, index: u32, workers: u32) -
             .collect(),
     };
     if opts.target == Target::Nats && opts.peer.acked {
-        let login = opts.peer.login.clone().filter(|(u, _)| !u.is_empty());
         let addr = opts.ws.first().copied().ok_or("no server address")?;
-        peer::nats::ensure_stream(addr, login.as_ref())?;
+        peer::nats::ensure_stream(addr, opts.peer.login.as_ref())?;
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
